@@ -1,0 +1,5 @@
+import sys
+
+from hq.broker.main import main
+
+sys.exit(main())

@@ -1,0 +1,408 @@
+"""The broker's logic, without sockets: requests in, chunks out to workers, replies back.
+
+Everything here is driven by three calls that take the time as an argument
+(:meth:`Scheduler.on_client`, :meth:`Scheduler.on_worker`, :meth:`Scheduler.tick`), and
+produces messages in two outboxes that the socket loop sends. Unit tests drive it with a
+fake clock and no ZeroMQ at all.
+
+Scheduling rules (PROTOCOL.md, "Broker behaviour"):
+
+* A request is split into *jobs*: one per chunk of a batched command, one otherwise.
+* Each client has a FIFO of jobs; clients with queued jobs take turns, one job per turn
+  (round robin), and a client whose queue was empty joins at the front. So a client's
+  10,000-hash batch delays another client's single lookup by at most the chunks already
+  running on the workers.
+* A worker holds at most ``worker_credit`` jobs. It is expired when nothing has been heard
+  from it for ``heartbeat_liveness`` heartbeat intervals; its jobs go back to the front of
+  their clients' queues (lookups and reports are idempotent, so running one twice is safe).
+* Queues are bounded per client and in total: over the bound a request is refused with
+  BUSY at once. A request not answered within ``request_timeout_s`` is answered
+  UNAVAILABLE. Replies for requests that are done, or from workers that do not hold the
+  job, are dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+
+from hq import protocol as p
+
+log = logging.getLogger(__name__)
+
+
+class PendingRequest:
+    __slots__ = ("client_id", "request_id", "command", "results", "remaining", "started", "deadline", "done", "items")
+
+    def __init__(self, client_id, request_id, command, n_jobs, items, now, timeout_s):
+        self.client_id = client_id
+        self.request_id = request_id
+        self.command = command
+        self.results = [None] * n_jobs
+        self.remaining = n_jobs
+        self.items = items
+        self.started = now
+        self.deadline = now + timeout_s
+        self.done = False
+
+
+class Job:
+    __slots__ = ("job_id", "request", "index", "command", "credentials", "body", "worker_id")
+
+    def __init__(self, job_id, request, index, command, credentials, body):
+        self.job_id = job_id
+        self.request = request
+        self.index = index
+        self.command = command
+        self.credentials = credentials
+        self.body = body
+        self.worker_id = None
+
+
+class Worker:
+    __slots__ = ("worker_id", "info", "expiry", "last_sent", "jobs", "credit", "served")
+
+    def __init__(self, worker_id, info, credit, now, expiry):
+        self.worker_id = worker_id
+        self.info = info
+        self.credit = credit
+        self.expiry = expiry
+        self.last_sent = now
+        self.jobs = {}
+        self.served = 0
+
+    @property
+    def name(self) -> str:
+        return str(self.info.get("name") or self.worker_id.hex())
+
+
+class RunningStats:
+    """Count, total, max, mean and stdev of durations (Welford), as hashserv's get-stats."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.num = 0
+        self.total = 0.0
+        self.max = 0.0
+        self._mean = 0.0
+        self._m2 = 0.0
+
+    def add(self, value: float):
+        self.num += 1
+        self.total += value
+        self.max = max(self.max, value)
+        delta = value - self._mean
+        self._mean += delta / self.num
+        self._m2 += delta * (value - self._mean)
+
+    def as_dict(self) -> dict:
+        stdev = math.sqrt(self._m2 / (self.num - 1)) if self.num > 1 else 0.0
+        return {
+            "num": self.num,
+            "total_time": self.total,
+            "max_time": self.max,
+            "average": self._mean,
+            "stdev": stdev,
+        }
+
+
+class Scheduler:
+    def __init__(
+        self,
+        *,
+        heartbeat_interval_s: float = 0.5,
+        heartbeat_liveness: int = 3,
+        request_timeout_s: float = 10.0,
+        max_client_jobs: int = 4096,
+        max_queued_jobs: int = 65536,
+        worker_credit: int = 1,
+        now: float = 0.0,
+    ):
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.heartbeat_liveness = heartbeat_liveness
+        self.request_timeout_s = request_timeout_s
+        self.max_client_jobs = max_client_jobs
+        self.max_queued_jobs = max_queued_jobs
+        self.worker_credit = worker_credit
+        self.started = now
+
+        self.to_clients: list = []  # outbox: [client_id, *frames]
+        self.to_workers: list = []  # outbox: [worker_id, *frames]
+
+        self.workers: dict = {}  # worker_id -> Worker
+        self.free_slots: deque = deque()  # worker ids, one entry per free credit
+        self.queues: dict = {}  # client_id -> deque[Job]
+        self.turns: deque = deque()  # client ids with queued jobs, in round-robin order
+        self.queued_jobs = 0
+        self.pending: dict = {}  # (client_id, request_id) -> PendingRequest, oldest first
+        self.jobs: dict = {}  # job_id -> Job, dispatched and not yet answered
+        self._next_job = 0
+        self.counters: dict = {}
+        self.request_stats = RunningStats()
+
+    # --- helpers ------------------------------------------------------------------------
+    def count(self, name: str, n: int = 1):
+        self.counters[name] = self.counters.get(name, 0) + n
+
+    def _reply(self, client_id, frames):
+        self.to_clients.append([client_id, *frames])
+
+    def _error(self, client_id, request_id, code, message):
+        self.count(f"errors.{code}")
+        self._reply(client_id, p.encode_error(request_id, code, message))
+
+    def _expiry(self, now):
+        return now + self.heartbeat_interval_s * self.heartbeat_liveness
+
+    # --- clients ------------------------------------------------------------------------
+    def on_client(self, frames: list, now: float):
+        """A message from the frontend: [client_id, protocol, request_id, command, ...]."""
+        client_id = frames[0]
+        try:
+            request = p.decode_request(frames[1:])
+        except p.ProtocolError as exc:
+            self.count("requests.malformed")
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("bad request from %s: %s", client_id.hex(), exc.message)
+            self._error(client_id, exc.request_id, exc.code, exc.message)
+            return
+        command = request.command
+        self.count("requests." + command.decode())
+        if command in p.BROKER_COMMANDS:
+            self._broker_command(client_id, request, now)
+            return
+        key = (client_id, request.request_id)
+        if key in self.pending:
+            self._error(client_id, request.request_id, p.E_BAD_REQUEST, "request id already in use")
+            return
+        group = p.BATCH_GROUP_FRAMES.get(command)
+        body = request.body
+        if group is None:
+            bodies = [body]
+            items = 1
+        else:
+            bodies = [body[i : i + group] for i in range(0, len(body), group)]
+            items = sum(p.count_items(b[-1]) for b in bodies)
+        queue = self.queues.get(client_id)
+        queued_here = len(queue) if queue else 0
+        if (
+            queued_here + len(bodies) > self.max_client_jobs
+            or self.queued_jobs + len(bodies) > self.max_queued_jobs
+        ):
+            self._error(client_id, request.request_id, p.E_BUSY, "broker queue full, retry later")
+            return
+        pending = PendingRequest(
+            client_id, request.request_id, command, len(bodies), items, now, self.request_timeout_s
+        )
+        self.pending[key] = pending
+        if queue is None:
+            # A client with nothing queued goes to the front of the turn order: its
+            # request waits only for the chunks already running, never for the rest of
+            # a big batch that another client queued earlier.
+            queue = self.queues[client_id] = deque()
+            self.turns.appendleft(client_id)
+        for index, chunk in enumerate(bodies):
+            self._next_job += 1
+            queue.append(
+                Job(b"%x" % self._next_job, pending, index, command, request.credentials, chunk)
+            )
+        self.queued_jobs += len(bodies)
+        self.dispatch(now)
+
+    def _broker_command(self, client_id, request, now):
+        if request.command == p.STATS:
+            body = [p.encode_json(self.stats(now))]
+        else:  # RESET_STATS: answer with the values before the reset, as hashserv does
+            body = [p.encode_json(self.stats(now))]
+            self.counters = {}
+            self.request_stats.reset()
+        self._reply(client_id, p.encode_reply(request.request_id, p.OK, body))
+
+    def _finish(self, pending: PendingRequest, now: float, frames: list):
+        pending.done = True
+        del self.pending[(pending.client_id, pending.request_id)]
+        self.request_stats.add(now - pending.started)
+        self._reply(pending.client_id, frames)
+
+    # --- workers ------------------------------------------------------------------------
+    def on_worker(self, frames: list, now: float):
+        """A message from the backend: [worker_id, HQW01, kind, ...]."""
+        worker_id = frames[0]
+        try:
+            kind, fields = p.decode_worker_message(frames[1:])
+        except p.ProtocolError as exc:
+            self.count("workers.malformed")
+            log.warning("bad message from worker %s: %s", worker_id.hex(), exc.message)
+            return
+        worker = self.workers.get(worker_id)
+        if kind == p.READY:
+            if worker is not None:
+                self._drop_worker(worker, "registered again")
+            self._add_worker(worker_id, fields, now)
+        elif worker is None:
+            # Unknown (expired, or this broker restarted): make it register again.
+            if kind == p.REPLY:
+                self.count("replies.stale")
+            if kind != p.DISCONNECT:
+                self.to_workers.append([worker_id, *p.DISCONNECT_MESSAGE])
+            return
+        elif kind == p.REPLY:
+            worker.expiry = self._expiry(now)
+            self._job_done(worker, *fields, now)
+        elif kind == p.HEARTBEAT:
+            worker.expiry = self._expiry(now)
+        elif kind == p.DISCONNECT:
+            self._drop_worker(worker, "disconnected")
+        self.dispatch(now)
+
+    def _add_worker(self, worker_id, info, now):
+        credit = self.worker_credit
+        worker = Worker(worker_id, info, credit, now, self._expiry(now))
+        self.workers[worker_id] = worker
+        self.free_slots.extend([worker_id] * credit)
+        self.count("workers.registered")
+        log.info("worker %s registered (pid %s)", worker.name, info.get("pid"))
+
+    def _drop_worker(self, worker: Worker, why: str):
+        del self.workers[worker.worker_id]
+        jobs = list(worker.jobs.values())
+        worker.jobs.clear()
+        for job in reversed(jobs):  # back to the front of their queues, in order
+            del self.jobs[job.job_id]
+            job.worker_id = None
+            if not job.request.done:
+                self._requeue_front(job)
+        self.count("workers.dropped")
+        if jobs:
+            self.count("jobs.redispatched", len(jobs))
+        log.info("worker %s %s; %d job(s) re-dispatched", worker.name, why, len(jobs))
+
+    def _requeue_front(self, job: Job):
+        client_id = job.request.client_id
+        queue = self.queues.get(client_id)
+        if queue is None:
+            queue = self.queues[client_id] = deque()
+        if not queue:
+            self.turns.appendleft(client_id)
+        queue.appendleft(job)
+        self.queued_jobs += 1
+
+    def _job_done(self, worker: Worker, job_id: bytes, status: int, body: list, now: float):
+        job = worker.jobs.pop(job_id, None)
+        if job is None:
+            self.count("replies.stale")  # redispatched elsewhere, or from before a restart
+            return
+        del self.jobs[job_id]
+        worker.served += 1
+        self.free_slots.append(worker.worker_id)
+        pending = job.request
+        if pending.done:
+            return
+        if status != p.OK:
+            self.count(f"errors.{status}")
+            self._finish(pending, now, p.encode_reply(pending.request_id, status, body))
+            return
+        pending.results[job.index] = body
+        pending.remaining -= 1
+        if pending.remaining == 0:
+            if len(pending.results) == 1:
+                reply_body = pending.results[0]
+            else:
+                reply_body = [frame for part in pending.results for frame in part]
+            self.count("items." + pending.command.decode(), pending.items)
+            self._finish(pending, now, p.encode_reply(pending.request_id, p.OK, reply_body))
+
+    # --- dispatch and time ----------------------------------------------------------------
+    def dispatch(self, now: float):
+        """Give queued jobs to free workers, one job per client turn."""
+        free, turns, queues = self.free_slots, self.turns, self.queues
+        while free and turns:
+            worker = self.workers.get(free[0])
+            if worker is None or len(worker.jobs) >= worker.credit:
+                free.popleft()  # slot of a dropped worker
+                continue
+            client_id = turns.popleft()
+            queue = queues[client_id]
+            job = queue.popleft()
+            self.queued_jobs -= 1
+            if queue:
+                turns.append(client_id)
+            else:
+                del queues[client_id]
+            if job.request.done:
+                continue  # its request failed or timed out; the worker slot stays free
+            free.popleft()
+            job.worker_id = worker.worker_id
+            worker.jobs[job.job_id] = job
+            self.jobs[job.job_id] = job
+            worker.last_sent = now
+            self.to_workers.append(
+                [worker.worker_id, *p.encode_job(job.job_id, job.command, job.credentials, job.body)]
+            )
+
+    def tick(self, now: float):
+        """Heartbeats, worker expiry and request timeouts. Call at least every interval."""
+        for worker in list(self.workers.values()):
+            if now >= worker.expiry:
+                self._drop_worker(worker, "expired (no heartbeat)")
+            elif now - worker.last_sent >= self.heartbeat_interval_s:
+                worker.last_sent = now
+                self.to_workers.append([worker.worker_id, *p.HEARTBEAT_MESSAGE])
+        while self.pending:
+            pending = next(iter(self.pending.values()))
+            if pending.deadline > now:
+                break
+            self.count("requests.timed_out")
+            self.count(f"errors.{p.E_UNAVAILABLE}")
+            self._finish(
+                pending,
+                now,
+                p.encode_error(pending.request_id, p.E_UNAVAILABLE, "no worker answered in time"),
+            )
+        self.dispatch(now)
+
+    def next_wakeup(self, now: float) -> float:
+        """Seconds until tick() has something to do."""
+        wake = now + self.heartbeat_interval_s
+        for worker in self.workers.values():
+            wake = min(wake, worker.expiry, worker.last_sent + self.heartbeat_interval_s)
+        if self.pending:
+            wake = min(wake, next(iter(self.pending.values())).deadline)
+        return max(0.0, wake - now)
+
+    def drop_client_replies(self, n: int = 1):
+        self.count("replies.dropped", n)
+
+    # --- stats --------------------------------------------------------------------------
+    def stats(self, now: float) -> dict:
+        return {
+            "requests": self.request_stats.as_dict(),
+            "broker": {
+                "uptime_s": now - self.started,
+                "queued_jobs": self.queued_jobs,
+                "inflight_jobs": len(self.jobs),
+                "pending_requests": len(self.pending),
+                "clients_queued": len(self.queues),
+                "counters": dict(self.counters),
+            },
+            "workers": [
+                {
+                    "name": w.name,
+                    "pid": w.info.get("pid"),
+                    "inflight": len(w.jobs),
+                    "served": w.served,
+                    "settings": w.info.get("settings"),
+                }
+                for w in self.workers.values()
+            ],
+        }
+
+    def shutdown(self, now: float):
+        """Answer every pending request UNAVAILABLE and tell workers to re-register."""
+        for pending in list(self.pending.values()):
+            self._finish(pending, now, p.encode_error(pending.request_id, p.E_UNAVAILABLE, "broker stopping"))
+        for worker_id in list(self.workers):
+            self.to_workers.append([worker_id, *p.DISCONNECT_MESSAGE])

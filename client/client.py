@@ -1,0 +1,391 @@
+"""Synchronous hq client: DEALER socket, request ids, deadlines, pipelined batches."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import time
+
+import zmq
+
+from hq import protocol as p
+
+DEFAULT_TIMEOUT_S = 30.0
+#: Requests of one batch call kept in flight at once.
+DEFAULT_WINDOW = 4
+#: Items per request of a batch call (several chunks: the broker spreads them over workers).
+DEFAULT_REQUEST_ITEMS = 8 * p.DEFAULT_CHUNK_ITEMS
+#: Chunks one request may carry (each GET chunk is two frames).
+_MAX_CHUNKS = (p.MAX_FRAMES - 4) // 2
+_BACKOFF_START_S = 0.05
+_BACKOFF_MAX_S = 1.0
+
+
+class InvokeError(Exception):
+    """The server refused the request (the reference client's ``InvokeError``)."""
+
+    def __init__(self, message: str, code: int = 0):
+        super().__init__(message)
+        self.code = code
+
+
+class _Outstanding:
+    __slots__ = ("index", "command", "body", "deadline", "attempt_deadline", "resend_at", "backoff", "decode")
+
+    def __init__(self, index, command, body, decode, now, timeout_s, attempt_s):
+        self.index = index
+        self.command = command
+        self.body = body
+        self.decode = decode
+        self.deadline = now + timeout_s
+        self.attempt_deadline = now + attempt_s
+        self.resend_at = None
+        self.backoff = _BACKOFF_START_S
+
+
+class Client:
+    """A connection to an hq broker. Not thread-safe; fork-safe (rebuilt in a child)."""
+
+    def __init__(
+        self,
+        address: str,
+        username: str | None = None,
+        password: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        chunk_items: int = p.DEFAULT_CHUNK_ITEMS,
+        request_items: int = DEFAULT_REQUEST_ITEMS,
+        window: int = DEFAULT_WINDOW,
+    ):
+        if not address.startswith(("tcp://", "ipc://", "inproc://")):
+            raise ValueError(f"hq address must be tcp://, ipc:// or inproc://, not {address!r}")
+        if not 1 <= chunk_items <= p.MAX_CHUNK_ITEMS:
+            raise ValueError(f"chunk_items must be 1-{p.MAX_CHUNK_ITEMS}")
+        self.address = address
+        self.username = username
+        self.password = password
+        self.timeout = float(timeout)
+        self.chunk_items = chunk_items
+        self.request_items = max(chunk_items, min(request_items, p.MAX_BATCH_ITEMS))
+        self.window = window
+        self._pid = None
+        self._ctx = None
+        self._socket = None
+        self._ids = itertools.count(1)
+        self.stale_replies = 0  # replies discarded because no call was waiting for them
+
+    # --- connection -------------------------------------------------------------------
+    def _sock(self) -> zmq.Socket:
+        if self._pid != os.getpid():
+            # New process (fork): never touch the parent's context or socket in the child.
+            self._pid = os.getpid()
+            self._ctx = zmq.Context()
+            self._socket = None
+        if self._socket is None:
+            sock = self._ctx.socket(zmq.DEALER)
+            sock.linger = 0
+            sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_FRAME_BYTES)
+            sock.setsockopt(zmq.RECONNECT_IVL, 100)
+            sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+            try:
+                sock.connect(self.address)
+            except zmq.ZMQError as exc:
+                sock.close()
+                raise ConnectionError(f"cannot connect to {self.address}: {exc}") from None
+            self._socket = sock
+        return self._socket
+
+    def _reset_socket(self) -> None:
+        """Drop the socket and everything queued on it (Lazy Pirate): stale replies go too."""
+        if self._socket is not None and self._pid == os.getpid():
+            self._socket.close(linger=0)
+        self._socket = None
+
+    def close(self) -> None:
+        if self._pid == os.getpid():
+            self._reset_socket()
+            if self._ctx is not None:
+                self._ctx.term()
+        self._ctx = None
+        self._socket = None
+        self._pid = None
+
+    disconnect = close
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # --- the exchange engine ---------------------------------------------------------
+    def _send(self, request_id: bytes, entry: _Outstanding) -> None:
+        try:
+            self._sock().send_multipart(p.encode_request(request_id, entry.command, entry.body), zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # pipe full: the attempt deadline will resend
+        except zmq.ZMQError as exc:
+            raise ConnectionError(f"send to {self.address} failed: {exc}") from None
+
+    def _exchange(self, requests) -> list:
+        """Send ``(command, body, decode)`` requests pipelined; return decoded replies in order.
+
+        A reply that is not for an outstanding request id is discarded. A retryable error
+        (busy, no worker, storage) is retried with backoff; silence for a third of the
+        timeout rebuilds the socket and resends; a request unanswered when its deadline
+        passes raises ConnectionError.
+        """
+        results: list = []
+        outstanding: dict = {}
+        source = iter(requests)
+        exhausted = False
+        attempt_s = max(self.timeout / 3.0, min(self.timeout, 1.0))
+        while True:
+            now = time.monotonic()
+            while not exhausted and len(outstanding) < self.window:
+                try:
+                    command, body, decode = next(source)
+                except StopIteration:
+                    exhausted = True
+                    break
+                entry = _Outstanding(len(results), command, body, decode, now, self.timeout, attempt_s)
+                results.append(None)
+                request_id = b"%x" % next(self._ids)
+                outstanding[request_id] = entry
+                self._send(request_id, entry)
+            if not outstanding:
+                return results
+            wake = min(
+                min(e.deadline, e.resend_at if e.resend_at is not None else e.attempt_deadline)
+                for e in outstanding.values()
+            )
+            sock = self._sock()
+            try:
+                ready = sock.poll(max(0, int((wake - now) * 1000) + 1), zmq.POLLIN)
+            except zmq.ZMQError as exc:
+                raise ConnectionError(f"poll failed: {exc}") from None
+            if ready:
+                self._receive(sock, outstanding, results)
+            now = time.monotonic()
+            for request_id, entry in list(outstanding.items()):
+                if now >= entry.deadline:
+                    self._reset_socket()
+                    raise ConnectionError(
+                        f"no answer from hq at {self.address} within {self.timeout:g} s"
+                    )
+                if entry.resend_at is not None and now >= entry.resend_at:
+                    self._resend(outstanding, request_id, entry, now, attempt_s)
+            if any(now >= e.attempt_deadline and e.resend_at is None for e in outstanding.values()):
+                self._reset_socket()
+                for request_id, entry in list(outstanding.items()):
+                    self._resend(outstanding, request_id, entry, now, attempt_s)
+
+    def _resend(self, outstanding, request_id, entry, now, attempt_s):
+        del outstanding[request_id]
+        new_id = b"%x" % next(self._ids)
+        entry.resend_at = None
+        entry.attempt_deadline = now + attempt_s
+        outstanding[new_id] = entry
+        self._send(new_id, entry)
+
+    def _receive(self, sock, outstanding: dict, results: list) -> None:
+        while True:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except zmq.ZMQError as exc:
+                raise ConnectionError(f"receive failed: {exc}") from None
+            try:
+                reply = p.decode_reply(frames)
+            except p.ProtocolError:
+                self.stale_replies += 1  # not something we asked for: ignore it
+                continue
+            entry = outstanding.get(reply.request_id)
+            if entry is None:
+                self.stale_replies += 1
+                continue
+            if reply.status == p.OK:
+                try:
+                    results[entry.index] = entry.decode(reply.body)
+                except (p.ProtocolError, ValueError, IndexError, TypeError) as exc:
+                    self._reset_socket()
+                    raise ConnectionError(f"malformed reply from hq: {exc}") from None
+                del outstanding[reply.request_id]
+            elif reply.status in p.RETRYABLE_STATUSES:
+                now = time.monotonic()
+                entry.resend_at = now + entry.backoff
+                entry.backoff = min(entry.backoff * 2, _BACKOFF_MAX_S)
+                if entry.resend_at >= entry.deadline:
+                    raise ConnectionError(
+                        f"hq could not serve the request: {p.error_text(reply.body)} "
+                        f"({p.STATUS_NAMES.get(reply.status, reply.status)})"
+                    )
+            elif reply.status in (p.E_INVALID, p.E_FORBIDDEN, p.E_UNAUTHORIZED):
+                raise InvokeError(p.error_text(reply.body), reply.status)
+            else:
+                # Malformed request, unknown command, wrong version: the two sides do not
+                # speak the same protocol. For a build that is a transport failure.
+                raise ConnectionError(
+                    f"hq rejected the request: {p.error_text(reply.body)} "
+                    f"({p.STATUS_NAMES.get(reply.status, reply.status)})"
+                )
+
+    def _call(self, command: bytes, body=(), decode=lambda body: body):
+        return self._exchange([(command, list(body), decode)])[0]
+
+    # --- batching -----------------------------------------------------------------------
+    def _batches(self, pairs):
+        """Group (method, taskhash) pairs into GET requests of chunk frame pairs."""
+        body: list = []
+        counts: list = []
+        items_in_request = 0
+        method = None
+        chunk: list = []
+
+        def close_chunk():
+            nonlocal chunk, items_in_request
+            if chunk:
+                body.extend((method.encode("utf-8"), p.pack_items(chunk)))
+                counts.append(len(chunk))
+                items_in_request += len(chunk)
+                chunk = []
+
+        for m, taskhash in pairs:
+            if m != method or len(chunk) >= self.chunk_items:
+                close_chunk()
+                full = items_in_request + self.chunk_items > self.request_items
+                if body and (full or len(counts) >= _MAX_CHUNKS):
+                    yield p.GET, body, _unihash_decoder(counts)
+                    body, counts, items_in_request = [], [], 0
+                method = m
+            chunk.append(taskhash)
+        close_chunk()
+        if body:
+            yield p.GET, body, _unihash_decoder(counts)
+
+    def _exists_batches(self, unihashes):
+        body: list = []
+        counts: list = []
+        chunk: list = []
+        for unihash in unihashes:
+            chunk.append(unihash)
+            if len(chunk) >= self.chunk_items:
+                body.append(p.pack_items(chunk))
+                counts.append(len(chunk))
+                chunk = []
+                if sum(counts) + self.chunk_items > self.request_items:
+                    yield p.EXISTS, body, _flags_decoder(counts)
+                    body, counts = [], []
+        if chunk:
+            body.append(p.pack_items(chunk))
+            counts.append(len(chunk))
+        if body:
+            yield p.EXISTS, body, _flags_decoder(counts)
+
+    # --- BitBake hashserv client API ------------------------------------------------------
+    def ping(self) -> dict:
+        self._call(p.PING)
+        return {"alive": True}
+
+    def get_unihash(self, method: str, taskhash: str):
+        return self.get_unihash_batch([(method, taskhash)])[0]
+
+    def get_unihash_batch(self, args) -> list:
+        """Unihash or None for each (method, taskhash) of an iterable, in order."""
+        out: list = []
+        for part in self._exchange(self._batches(args)):
+            out.extend(part)
+        return out
+
+    def unihash_exists(self, unihash: str) -> bool:
+        return self.unihash_exists_batch([unihash])[0]
+
+    def unihash_exists_batch(self, unihashes) -> list:
+        out: list = []
+        for part in self._exchange(self._exists_batches(unihashes)):
+            out.extend(part)
+        return out
+
+    def get_taskhash(self, method: str, taskhash: str, all_properties: bool = False):
+        if not all_properties:
+            unihash = self.get_unihash(method, taskhash)
+            if unihash is None:
+                return None
+            return {"taskhash": taskhash, "method": method, "unihash": unihash}
+        return self._call(p.GET_FULL, [_enc(method), _enc(taskhash)], _json_body)
+
+    def get_outhash(self, method: str, outhash: str, taskhash: str, with_unihash: bool = True):
+        body = [_enc(method), _enc(outhash), _enc(taskhash), p.encode_flag(with_unihash)]
+        return self._call(p.GET_OUTHASH, body, _json_body)
+
+    def report_unihash(self, taskhash: str, method: str, outhash: str, unihash: str, extra={}) -> dict:
+        body = [_enc(method), _enc(taskhash), _enc(outhash), _enc(unihash)]
+        fields = {k: v for k, v in (extra or {}).items() if k in p.REPORT_EXTRA_FIELDS and v is not None}
+        if fields:
+            body.append(p.encode_json(fields))
+        unihash_now = self._call(p.REPORT, body, _unihash_body)
+        return {"taskhash": taskhash, "method": method, "unihash": unihash_now}
+
+    def report_unihash_equiv(self, taskhash: str, method: str, unihash: str, extra={}) -> dict:
+        body = [_enc(method), _enc(taskhash), _enc(unihash)]
+        unihash_now = self._call(p.REPORT_EQUIV, body, _unihash_body)
+        return {"taskhash": taskhash, "method": method, "unihash": unihash_now}
+
+    def get_stats(self) -> dict:
+        return self._call(p.STATS, (), _json_body)
+
+    def reset_stats(self) -> dict:
+        return self._call(p.RESET_STATS, (), _json_body)
+
+
+def _enc(value) -> bytes:
+    if value is None:
+        return b""
+    return str(value).encode("utf-8")
+
+
+def _json_body(body: list):
+    return json.loads(bytes(body[0]))
+
+
+def _unihash_body(body: list) -> str:
+    value = bytes(body[0]).decode("ascii")
+    if not p.is_unihash(value):
+        raise ValueError("malformed unihash in reply")
+    return value
+
+
+def _unihash_decoder(counts: list):
+    def decode(body: list) -> list:
+        if len(body) != len(counts):
+            raise ValueError(f"reply has {len(body)} chunks, expected {len(counts)}")
+        out: list = []
+        for frame, n in zip(body, counts):
+            out.extend(p.unpack_unihashes(frame, n))
+        return out
+
+    return decode
+
+
+def _flags_decoder(counts: list):
+    def decode(body: list) -> list:
+        if len(body) != len(counts):
+            raise ValueError(f"reply has {len(body)} chunks, expected {len(counts)}")
+        out: list = []
+        for frame, n in zip(body, counts):
+            out.extend(p.unpack_flags(frame, n))
+        return out
+
+    return decode
+
+
+def create_client(address: str, username=None, password=None, timeout: float = DEFAULT_TIMEOUT_S, **kwargs) -> Client:
+    """The client for an hq broker at ``tcp://HOST:PORT`` or ``ipc://PATH``."""
+    return Client(address, username=username, password=password, timeout=timeout, **kwargs)

@@ -1,0 +1,172 @@
+"""Daemon options with one precedence: flag > HQ_* environment variable > config file > default.
+
+Each daemon declares its options as :class:`Option` rows; :func:`parse` builds the
+argparse parser (``--help`` names each option's environment variable and default), reads
+the file named by ``--config`` / ``HQ_CONFIG``, and resolves each value. A bad value exits
+with status 2 and a one-line message, as argparse does.
+
+One file serves every daemon (supervisord hands the same ``HQ_CONFIG`` to the broker and
+the workers). Its ``[hq]`` section is shared: each daemon takes the keys it knows and
+ignores keys that only another hq daemon knows. A ``[hq-broker]``, ``[hq-worker]`` or
+``[hq-server]`` section holds keys for that program alone and wins over ``[hq]``. A key no
+hq daemon knows, a key in a program section that this program does not know, and a section
+that is neither ``[hq]`` nor a program's are errors, so typos never pass silently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import configparser
+import importlib
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str  # flag without dashes, e.g. "heartbeat-interval"
+    default: Any
+    help: str
+    type: Callable = str
+    multiple: bool = False  # comma-separated in env/file, repeatable on the command line
+    choices: tuple = ()
+
+    @property
+    def dest(self) -> str:
+        return self.name.replace("-", "_")
+
+    @property
+    def env(self) -> str:
+        return "HQ_" + self.name.upper().replace("-", "_")
+
+
+def _bool(text) -> bool:
+    if isinstance(text, bool):
+        return text
+    value = str(text).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+BOOL = _bool
+
+CONFIG_OPTION = Option(
+    "config", None, "INI file: option = value lines in a shared [hq] section and per-program sections"
+)
+
+#: The section every daemon reads.
+SHARED_SECTION = "hq"
+#: Program name -> module that defines its ``OPTIONS``; each program may have a section of
+#: its own. Imported only to tell a key for another program from a typo in ``[hq]``.
+PROGRAMS = {
+    "hq-broker": "hq.broker.main",
+    "hq-worker": "hq.workers.main",
+    "hq-server": "hq.server",
+}
+
+
+def all_option_names() -> set:
+    """Every option name any hq program accepts."""
+    names: set = set()
+    for module in PROGRAMS.values():
+        names.update(opt.name for opt in importlib.import_module(module).OPTIONS)
+    return names
+
+
+class _Parser(argparse.ArgumentParser):
+    """Errors are one line on stderr and exit 2: a daemon's log should not fill with usage text."""
+
+    def error(self, message):
+        one_line = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+        self.exit(2, f"{self.prog}: error: {one_line} (see --help)\n")
+
+
+def build_parser(prog: str, description: str, options: list) -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=prog,
+        description=description,
+        epilog="Precedence: command-line flag > HQ_* environment variable > config file > default.",
+    )
+    for opt in [CONFIG_OPTION, *options]:
+        default = ",".join(opt.default) if opt.multiple and opt.default else opt.default
+        text = f"{opt.help} (env {opt.env}; default: {default})"
+        kwargs: dict = {"dest": opt.dest, "default": None, "help": text}
+        if opt.multiple:
+            kwargs["action"] = "append"
+        if opt.choices:
+            kwargs["choices"] = opt.choices
+        parser.add_argument("--" + opt.name, **kwargs)
+    return parser
+
+
+def _convert(opt: Option, raw, source: str, parser: argparse.ArgumentParser):
+    try:
+        if opt.multiple:
+            items = raw if isinstance(raw, list) else [raw]
+            values = [v.strip() for item in items for v in str(item).split(",") if v.strip()]
+            return [opt.type(v) for v in values]
+        value = opt.type(raw)
+    except (TypeError, ValueError) as exc:
+        parser.error(f"bad value for {opt.name} from {source}: {raw!r} ({exc})")
+    if opt.choices and value not in opt.choices:
+        parser.error(f"bad value for {opt.name} from {source}: {raw!r} (choose from {', '.join(opt.choices)})")
+    return value
+
+
+def parse(prog: str, description: str, options: list, argv=None, environ=None) -> argparse.Namespace:
+    environ = os.environ if environ is None else environ
+    parser = build_parser(prog, description, options)
+    args = parser.parse_args(argv)
+    config_path = args.config or environ.get(CONFIG_OPTION.env)
+    file_values: dict = {}
+    if config_path:
+        file_values = read_file(prog, config_path, options, parser)
+    resolved = argparse.Namespace(config=config_path)
+    for opt in options:
+        raw = getattr(args, opt.dest)
+        if raw is not None:
+            value = _convert(opt, raw, "the command line", parser)
+        elif opt.env in environ:
+            value = _convert(opt, environ[opt.env], opt.env, parser)
+        elif opt.name in file_values:
+            section, raw = file_values[opt.name]
+            value = _convert(opt, raw, f"[{section}] in {config_path}", parser)
+        else:
+            value = opt.default
+        setattr(resolved, opt.dest, value)
+    return resolved
+
+
+def read_file(prog: str, path: str, options: list, parser: argparse.ArgumentParser) -> dict:
+    """``{option name: (section, raw value)}`` for ``prog`` from the file at ``path``.
+
+    ``[prog]`` wins over ``[hq]``. Errors exit 2 through ``parser.error``.
+    """
+    cp = configparser.ConfigParser(interpolation=None, default_section="hq:no-default-section")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            cp.read_file(fh)
+    except (OSError, configparser.Error) as exc:
+        parser.error(f"cannot read config file {path}: {exc}")
+    unknown_sections = [s for s in cp.sections() if s != SHARED_SECTION and s not in PROGRAMS]
+    if unknown_sections:
+        allowed = ", ".join(f"[{s}]" for s in (SHARED_SECTION, *PROGRAMS))
+        parser.error(f"unknown section(s) in {path}: {', '.join(unknown_sections)} (allowed: {allowed})")
+    known = {opt.name for opt in options}
+    values: dict = {}
+    for section in (SHARED_SECTION, prog):
+        if not cp.has_section(section):
+            continue
+        items = {key.replace("_", "-"): value for key, value in cp.items(section)}
+        unknown = sorted(set(items) - known)
+        if unknown and section == SHARED_SECTION:
+            # Keys for another hq program are fine in the shared section.
+            unknown = sorted(set(unknown) - all_option_names())
+        if unknown:
+            parser.error(f"unknown option(s) in [{section}] of {path}: {', '.join(unknown)}")
+        values.update({name: (section, value) for name, value in items.items() if name in known})
+    return values

@@ -1,0 +1,451 @@
+"""The hq wire protocol: every frame, command, status code and limit, as named constants,
+with pure encode/decode functions over ``list[bytes]``.
+
+This is a leaf module: it imports nothing of hq, only the standard library, so the
+client that BitBake embeds can use it. PROTOCOL.md is the specification; this module is
+its executable form. Every decode failure raises :class:`ProtocolError` carrying a status
+code from :data:`STATUS_NAMES` and, where it could be read, the request id to echo.
+
+Client <-> broker (HQC, a DEALER talking to the broker's frontend ROUTER)::
+
+    request: [HQC01, request_id, command, credentials, body...]
+    reply:   [HQC01, request_id, status,  body...]
+
+Worker <-> broker (HQW, a DEALER talking to the broker's backend ROUTER)::
+
+    worker -> broker: [HQW01, READY, info_json]
+                      [HQW01, HEARTBEAT]
+                      [HQW01, REPLY, job_id, status, body...]
+                      [HQW01, DISCONNECT]
+    broker -> worker: [HQW01, REQUEST, job_id, command, credentials, body...]
+                      [HQW01, HEARTBEAT]
+                      [HQW01, DISCONNECT]
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import NamedTuple
+
+# --- protocol identifiers (frame 0) ------------------------------------------------------
+CLIENT_PROTOCOL = b"HQC01"
+WORKER_PROTOCOL = b"HQW01"
+SPEC_VERSION = "1.0"  # version of PROTOCOL.md; bumps with any wire change
+
+# --- client commands (frame 2 of a request) ----------------------------------------------
+PING = b"ping"
+GET = b"get"  # batched: (method, taskhashes) frame pairs
+GET_FULL = b"get-full"  # method, taskhash -> JSON row
+GET_OUTHASH = b"get-outhash"  # method, outhash, taskhash, with_unihash -> JSON row
+REPORT = b"report"  # method, taskhash, outhash, unihash[, extra_json] -> unihash
+REPORT_EQUIV = b"report-equiv"  # method, taskhash, unihash[, extra_json] -> unihash
+EXISTS = b"exists"  # batched: unihash list frames
+STATS = b"stats"  # answered by the broker
+RESET_STATS = b"reset-stats"  # answered by the broker
+
+#: Commands a worker executes.
+WORKER_COMMANDS = frozenset({PING, GET, GET_FULL, GET_OUTHASH, REPORT, REPORT_EQUIV, EXISTS})
+#: Commands the broker answers itself.
+BROKER_COMMANDS = frozenset({STATS, RESET_STATS})
+CLIENT_COMMANDS = WORKER_COMMANDS | BROKER_COMMANDS
+
+#: Batched commands: the body is a run of groups of this many frames. Each group is one
+#: chunk, the unit of scheduling: the broker spreads the chunks of one request over the
+#: workers and joins their replies (one frame per chunk) in order.
+BATCH_GROUP_FRAMES = {GET: 2, EXISTS: 1}
+
+#: Exact body frame counts (min, max) for the single-item commands.
+BODY_FRAMES = {
+    PING: (0, 0),
+    GET_FULL: (2, 2),
+    GET_OUTHASH: (4, 4),
+    REPORT: (4, 5),
+    REPORT_EQUIV: (3, 4),
+    STATS: (0, 0),
+    RESET_STATS: (0, 0),
+}
+
+# --- worker message types (frame 1 of a worker message) -----------------------------------
+READY = b"READY"
+HEARTBEAT = b"HEARTBEAT"
+REQUEST = b"REQUEST"
+REPLY = b"REPLY"
+DISCONNECT = b"DISCONNECT"
+
+# --- status codes (frame 2 of a reply, ASCII decimal) -------------------------------------
+OK = 0
+E_BAD_REQUEST = 400  # malformed message: frames missing, extra, or undecodable
+E_UNAUTHORIZED = 401  # reserved: credentials not accepted
+E_FORBIDDEN = 403  # reserved: caller lacks the permission
+E_UNKNOWN_COMMAND = 404
+E_TOO_LARGE = 413  # a limit below was exceeded
+E_INVALID = 422  # a field has an invalid value (e.g. "Invalid unihash")
+E_BUSY = 429  # broker queue full: retry later
+E_INTERNAL = 500  # unexpected failure while handling the request
+E_UNAVAILABLE = 503  # no worker took the request in time
+E_VERSION = 505  # protocol version not supported
+E_STORAGE = 507  # the database refused a write (disk full, read-only, ...)
+
+STATUS_NAMES = {
+    OK: "OK",
+    E_BAD_REQUEST: "BAD_REQUEST",
+    E_UNAUTHORIZED: "UNAUTHORIZED",
+    E_FORBIDDEN: "FORBIDDEN",
+    E_UNKNOWN_COMMAND: "UNKNOWN_COMMAND",
+    E_TOO_LARGE: "TOO_LARGE",
+    E_INVALID: "INVALID",
+    E_BUSY: "BUSY",
+    E_INTERNAL: "INTERNAL",
+    E_UNAVAILABLE: "UNAVAILABLE",
+    E_VERSION: "VERSION",
+    E_STORAGE: "STORAGE",
+}
+#: Codes that mean "the service could not do it now": a client treats them as transport
+#: trouble (retry, then ConnectionError). Every other error code refuses the request.
+RETRYABLE_STATUSES = frozenset({E_BUSY, E_INTERNAL, E_UNAVAILABLE, E_STORAGE})
+
+# --- limits ---------------------------------------------------------------------------
+MAX_FRAME_BYTES = 8 * 1024 * 1024  # ZMQ_MAXMSGSIZE on every socket: bigger frames disconnect
+MAX_FRAMES = 2050  # frames in one request (envelope + 1024 GET chunks)
+MAX_REQUEST_ID_BYTES = 32
+MAX_COMMAND_BYTES = 32
+MAX_CREDENTIALS_BYTES = 1024
+MAX_METHOD_BYTES = 256
+MAX_HASH_BYTES = 256  # taskhash / outhash, UTF-8 bytes
+MAX_CHUNK_ITEMS = 1000  # items in one chunk frame
+MAX_BATCH_ITEMS = 65536  # items in one request
+MAX_EXTRA_BYTES = 4 * 1024 * 1024  # report extra JSON (outhash_siginfo can be large)
+MAX_ERROR_BYTES = 1024  # error message text in a reply
+
+#: What a client packs into one chunk: measured in PROTOCOL.md ("Packing").
+DEFAULT_CHUNK_ITEMS = 1000
+
+#: Optional report fields (besides method, taskhash, outhash, unihash) kept with the report.
+REPORT_EXTRA_FIELDS = ("owner", "PN", "PV", "PR", "task", "outhash_siginfo")
+
+ITEM_SEPARATOR = b"\n"
+UNIHASH_RE = re.compile(r"[0-9a-f]{64}\Z")
+_HEX_BYTES = b"0123456789abcdef"
+
+
+class ProtocolError(Exception):
+    """A message could not be decoded or violates a rule of the spec.
+
+    ``code`` is the status to answer with; ``request_id`` is set when the envelope was
+    readable, so the error reply can be matched by the caller.
+    """
+
+    def __init__(self, code: int, message: str, request_id: bytes | None = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+
+class Request(NamedTuple):
+    request_id: bytes
+    command: bytes
+    credentials: bytes
+    body: list
+
+
+class Reply(NamedTuple):
+    request_id: bytes
+    status: int
+    body: list
+
+
+# --- client <-> broker envelope ---------------------------------------------------------
+
+
+def encode_request(request_id: bytes, command: bytes, body=(), credentials: bytes = b"") -> list:
+    return [CLIENT_PROTOCOL, request_id, command, credentials, *body]
+
+
+def decode_request(frames: list) -> Request:
+    """Check a client request's envelope and its body's shape (not its values)."""
+    if not frames:
+        raise ProtocolError(E_BAD_REQUEST, "empty message")
+    proto = bytes(frames[0])
+    if proto != CLIENT_PROTOCOL:
+        if proto.startswith(CLIENT_PROTOCOL[:3]):
+            raise ProtocolError(
+                E_VERSION,
+                f"protocol {_show(proto)} not supported; supported: {CLIENT_PROTOCOL.decode()}",
+                _request_id_or_none(frames),
+            )
+        raise ProtocolError(E_BAD_REQUEST, f"frame 0 must be {CLIENT_PROTOCOL.decode()}")
+    if len(frames) < 4:
+        raise ProtocolError(
+            E_BAD_REQUEST,
+            "a request needs 4 frames: protocol, request id, command, credentials",
+            _request_id_or_none(frames),
+        )
+    request_id = bytes(frames[1])
+    if not 1 <= len(request_id) <= MAX_REQUEST_ID_BYTES:
+        raise ProtocolError(E_BAD_REQUEST, f"request id must be 1-{MAX_REQUEST_ID_BYTES} bytes")
+    command = bytes(frames[2])
+    credentials = bytes(frames[3])
+    body = frames[4:]
+    check_body_shape(command, body, request_id)
+    if len(credentials) > MAX_CREDENTIALS_BYTES:
+        raise ProtocolError(E_TOO_LARGE, "credentials frame too large", request_id)
+    return Request(request_id, command, credentials, body)
+
+
+def check_body_shape(command: bytes, body: list, request_id: bytes | None = None) -> int:
+    """Check the frame layout of a request body; return the number of items it carries."""
+    if command not in CLIENT_COMMANDS:
+        raise ProtocolError(E_UNKNOWN_COMMAND, f"unknown command {_show(command)}", request_id)
+    if len(body) + 4 > MAX_FRAMES:
+        raise ProtocolError(E_TOO_LARGE, f"more than {MAX_FRAMES} frames", request_id)
+    group = BATCH_GROUP_FRAMES.get(command)
+    if group is None:
+        low, high = BODY_FRAMES[command]
+        if not low <= len(body) <= high:
+            want = str(low) if low == high else f"{low}-{high}"
+            raise ProtocolError(
+                E_BAD_REQUEST,
+                f"{command.decode()} takes {want} body frames, got {len(body)}",
+                request_id,
+            )
+        return 1
+    if not body or len(body) % group:
+        raise ProtocolError(
+            E_BAD_REQUEST,
+            f"{command.decode()} body must be one or more groups of {group} frames",
+            request_id,
+        )
+    total = 0
+    for i in range(group - 1, len(body), group):
+        n = count_items(body[i])
+        if n > MAX_CHUNK_ITEMS:
+            raise ProtocolError(
+                E_TOO_LARGE, f"chunk of {n} items exceeds {MAX_CHUNK_ITEMS}", request_id
+            )
+        total += n
+    if total > MAX_BATCH_ITEMS:
+        raise ProtocolError(
+            E_TOO_LARGE, f"batch of {total} items exceeds {MAX_BATCH_ITEMS}", request_id
+        )
+    return total
+
+
+def encode_reply(request_id: bytes, status: int = OK, body=()) -> list:
+    return [CLIENT_PROTOCOL, request_id, b"%d" % status, *body]
+
+
+def encode_error(request_id: bytes | None, code: int, message: str) -> list:
+    text = message.encode("utf-8", "replace")[:MAX_ERROR_BYTES]
+    return [CLIENT_PROTOCOL, request_id or b"", b"%d" % code, text]
+
+
+def decode_reply(frames: list) -> Reply:
+    if len(frames) < 3 or bytes(frames[0]) != CLIENT_PROTOCOL:
+        raise ProtocolError(E_BAD_REQUEST, "malformed reply envelope")
+    try:
+        status = int(bytes(frames[2]))
+    except ValueError:
+        raise ProtocolError(E_BAD_REQUEST, "reply status is not a number") from None
+    return Reply(bytes(frames[1]), status, frames[3:])
+
+
+def error_text(body: list) -> str:
+    return bytes(body[0]).decode("utf-8", "replace") if body else ""
+
+
+# --- worker <-> broker -----------------------------------------------------------------
+
+
+def encode_ready(info: dict) -> list:
+    return [WORKER_PROTOCOL, READY, json.dumps(info).encode()]
+
+
+def encode_job(job_id: bytes, command: bytes, credentials: bytes, body) -> list:
+    return [WORKER_PROTOCOL, REQUEST, job_id, command, credentials, *body]
+
+
+def encode_job_reply(job_id: bytes, status: int, body=()) -> list:
+    return [WORKER_PROTOCOL, REPLY, job_id, b"%d" % status, *body]
+
+
+def encode_job_error(job_id: bytes, code: int, message: str) -> list:
+    return encode_job_reply(job_id, code, [message.encode("utf-8", "replace")[:MAX_ERROR_BYTES]])
+
+
+HEARTBEAT_MESSAGE = [WORKER_PROTOCOL, HEARTBEAT]
+DISCONNECT_MESSAGE = [WORKER_PROTOCOL, DISCONNECT]
+
+
+def decode_worker_message(frames: list) -> tuple:
+    """Decode a message from a worker: (kind, fields). Raises ProtocolError."""
+    if len(frames) < 2 or bytes(frames[0]) != WORKER_PROTOCOL:
+        raise ProtocolError(E_BAD_REQUEST, "not an HQW01 worker message")
+    kind = bytes(frames[1])
+    if kind == REPLY:
+        if len(frames) < 4:
+            raise ProtocolError(E_BAD_REQUEST, "REPLY needs job id and status")
+        try:
+            status = int(bytes(frames[3]))
+        except ValueError:
+            raise ProtocolError(E_BAD_REQUEST, "REPLY status is not a number") from None
+        return kind, (bytes(frames[2]), status, frames[4:])
+    if kind in (HEARTBEAT, DISCONNECT) and len(frames) == 2:
+        return kind, ()
+    if kind == READY and len(frames) == 3:
+        try:
+            info = json.loads(bytes(frames[2]))
+        except ValueError:
+            raise ProtocolError(E_BAD_REQUEST, "READY info is not JSON") from None
+        if not isinstance(info, dict):
+            raise ProtocolError(E_BAD_REQUEST, "READY info is not an object")
+        return kind, info
+    raise ProtocolError(E_BAD_REQUEST, f"bad worker message {_show(kind)}")
+
+
+def decode_broker_message(frames: list) -> tuple:
+    """Decode a message from the broker to a worker: (kind, fields). Raises ProtocolError."""
+    if len(frames) < 2 or bytes(frames[0]) != WORKER_PROTOCOL:
+        raise ProtocolError(E_BAD_REQUEST, "not an HQW01 broker message")
+    kind = bytes(frames[1])
+    if kind == REQUEST:
+        if len(frames) < 5:
+            raise ProtocolError(E_BAD_REQUEST, "REQUEST needs job id, command, credentials")
+        return kind, (bytes(frames[2]), bytes(frames[3]), bytes(frames[4]), frames[5:])
+    if kind in (HEARTBEAT, DISCONNECT):
+        return kind, ()
+    raise ProtocolError(E_BAD_REQUEST, f"bad broker message {_show(kind)}")
+
+
+# --- body values ----------------------------------------------------------------------
+
+
+def count_items(frame) -> int:
+    """Items in a packed item frame (LF-separated; an empty frame is one empty item)."""
+    return bytes(frame).count(ITEM_SEPARATOR) + 1
+
+
+def pack_items(items) -> bytes:
+    """Pack hash strings into one chunk frame. Raises ValueError for unpackable items."""
+    text = "\n".join(items)
+    if text.count("\n") != len(items) - 1:
+        raise ValueError("a hash must not contain a line feed")
+    return text.encode("utf-8")
+
+
+def unpack_items(frame, what: str = "hash", max_bytes: int = MAX_HASH_BYTES) -> list:
+    """Unpack and check a chunk frame into a list of str. Raises ProtocolError."""
+    data = bytes(frame)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError(E_BAD_REQUEST, f"{what} list is not valid UTF-8") from None
+    items = text.split("\n")
+    # Fast path: every item is plain hex of one length (what BitBake always sends).
+    if data.translate(None, _HEX_BYTES + ITEM_SEPARATOR) == b"":
+        width = len(items[0])
+        if 0 < width <= max_bytes and len(data) == len(items) * (width + 1) - 1:
+            return items
+    for item in items:
+        check_text(item, what, max_bytes)
+    return items
+
+
+def check_text(value: str, what: str, max_bytes: int) -> str:
+    """A method or hash string: 1..max_bytes UTF-8 bytes, no control characters."""
+    if not value:
+        raise ProtocolError(E_INVALID, f"empty {what}")
+    if len(value.encode("utf-8")) > max_bytes:
+        raise ProtocolError(E_INVALID, f"{what} longer than {max_bytes} bytes")
+    if not value.isprintable():
+        raise ProtocolError(E_INVALID, f"{what} contains control characters")
+    return value
+
+
+def decode_text(frame, what: str, max_bytes: int) -> str:
+    try:
+        value = bytes(frame).decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError(E_BAD_REQUEST, f"{what} is not valid UTF-8") from None
+    return check_text(value, what, max_bytes)
+
+
+def is_unihash(value) -> bool:
+    return isinstance(value, str) and UNIHASH_RE.match(value) is not None
+
+
+def decode_unihash(frame) -> str:
+    value = bytes(frame).decode("ascii", "replace")
+    if not is_unihash(value):
+        raise ProtocolError(E_INVALID, "Invalid unihash")
+    return value
+
+
+def pack_unihashes(unihashes) -> bytes:
+    """Reply frame for a GET chunk: LF-joined unihashes, an empty item for a miss."""
+    return "\n".join([u or "" for u in unihashes]).encode("ascii")
+
+
+def unpack_unihashes(frame, expected: int) -> list:
+    """Decode a GET reply chunk; every item is a valid unihash or None. Raises ProtocolError."""
+    items = bytes(frame).decode("ascii", "replace").split("\n")
+    if len(items) != expected:
+        raise ProtocolError(E_BAD_REQUEST, f"reply has {len(items)} items, expected {expected}")
+    out = [u or None for u in items]
+    for u in out:
+        if u is not None and UNIHASH_RE.match(u) is None:
+            raise ProtocolError(E_BAD_REQUEST, "reply carries a malformed unihash")
+    return out
+
+
+def pack_flags(flags) -> bytes:
+    """Reply frame for an EXISTS chunk: one ASCII '1' or '0' per item."""
+    return bytes(0x31 if f else 0x30 for f in flags)
+
+
+def unpack_flags(frame, expected: int) -> list:
+    data = bytes(frame)
+    if len(data) != expected or data.translate(None, b"01"):
+        raise ProtocolError(E_BAD_REQUEST, "malformed exists reply")
+    return [b == 0x31 for b in data]
+
+
+def encode_json(value) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode("utf-8")
+
+
+def decode_json_object(frame, what: str, max_bytes: int = MAX_EXTRA_BYTES) -> dict:
+    data = bytes(frame)
+    if len(data) > max_bytes:
+        raise ProtocolError(E_TOO_LARGE, f"{what} larger than {max_bytes} bytes")
+    if not data:
+        return {}
+    try:
+        value = json.loads(data)
+    except (ValueError, RecursionError):
+        raise ProtocolError(E_BAD_REQUEST, f"{what} is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise ProtocolError(E_BAD_REQUEST, f"{what} must be a JSON object")
+    return value
+
+
+def encode_flag(value: bool) -> bytes:
+    return b"1" if value else b"0"
+
+
+def decode_flag(frame, what: str) -> bool:
+    data = bytes(frame)
+    if data not in (b"0", b"1"):
+        raise ProtocolError(E_BAD_REQUEST, f"{what} must be 0 or 1")
+    return data == b"1"
+
+
+def _request_id_or_none(frames: list):
+    if len(frames) > 1 and 1 <= len(frames[1]) <= MAX_REQUEST_ID_BYTES:
+        return bytes(frames[1])
+    return None
+
+
+def _show(value: bytes) -> str:
+    return repr(bytes(value[:40]))[1:]

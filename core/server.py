@@ -1,0 +1,159 @@
+"""hq-server: a whole local stack in the foreground, for the quick start and for tests.
+
+It starts ``hq-broker`` and N ``hq-worker`` processes on one SQLite file, restarts any that
+exits unexpectedly (with backoff), reports ready once a real request has gone through, and
+on SIGTERM/SIGINT stops them all. For production, run the same two programs under
+supervisord (``configs/supervisord.conf``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+from hq import config, logs
+from hq.signals import StopFlag
+
+log = logging.getLogger("hq.server")
+
+OPTIONS = [
+    config.Option("bind", ["tcp://127.0.0.1:8686"], "client endpoint(s), tcp:// or ipc:// (tcp://127.0.0.1:* picks a free port)", multiple=True),
+    config.Option("db", "hq.db", "SQLite database file"),
+    config.Option("workers", 2, "number of worker processes", int),
+    config.Option("backend", "", "broker<->worker endpoint (default: ipc in a private directory)"),
+    config.Option("synchronous", "normal", "SQLite synchronous mode for the workers", choices=("off", "normal", "full", "extra")),
+    config.Option("heartbeat-interval", 0.5, "seconds between broker<->worker heartbeats", float),
+    config.Option("endpoint-file", "", "once ready, write the client endpoints here, one per line"),
+    config.Option("log-level", "INFO", "logging level", choices=logs.LEVELS),
+]
+
+RESTART_BACKOFF_MIN_S = 0.2
+RESTART_BACKOFF_MAX_S = 5.0
+STOP_WAIT_S = 10.0
+
+
+class Child:
+    """One supervised process: its command, its process, and its restart backoff."""
+
+    def __init__(self, name: str, argv: list):
+        self.name = name
+        self.argv = argv
+        self.proc: subprocess.Popen | None = None
+        self.started = 0.0
+        self.backoff = RESTART_BACKOFF_MIN_S
+        self.restart_at = 0.0
+        self.restarts = 0
+
+    def start(self, now: float) -> None:
+        self.proc = subprocess.Popen(self.argv)
+        self.started = now
+        log.info("started %s (pid %d)", self.name, self.proc.pid)
+
+    def check(self, now: float) -> None:
+        """Restart the process if it has exited; back off if it keeps dying young."""
+        if self.proc is not None:
+            code = self.proc.poll()
+            if code is None:
+                if now - self.started > 10 * RESTART_BACKOFF_MAX_S:
+                    self.backoff = RESTART_BACKOFF_MIN_S
+                return
+            log.warning("%s (pid %d) exited with %s; restarting in %.1f s", self.name, self.proc.pid, code, self.backoff)
+            self.proc = None
+            self.restart_at = now + self.backoff
+            self.backoff = min(self.backoff * 2, RESTART_BACKOFF_MAX_S)
+            self.restarts += 1
+        if now >= self.restart_at:
+            self.start(now)
+
+
+def _module_argv(module: str, args: list) -> list:
+    return [sys.executable, "-m", module, *args]
+
+
+def wait_ready(address: str, deadline_s: float, stop) -> bool:
+    """Ping through the broker until a worker answers or the deadline passes."""
+    from hq.client import create_client
+
+    end = time.monotonic() + deadline_s
+    while not stop and time.monotonic() < end:
+        with create_client(address, timeout=0.5) as client:
+            try:
+                client.ping()
+                return True
+            except ConnectionError:
+                pass
+    return False
+
+
+def main(argv=None) -> int:
+    opts = config.parse("hq-server", "Run a whole local hq stack: one broker and N workers on one SQLite file.", OPTIONS, argv)
+    logs.setup("hq-server", opts.log_level)
+    if opts.workers < 1:
+        log.error("--workers must be at least 1")
+        return 2
+    stop = StopFlag().install()
+    rundir = tempfile.mkdtemp(prefix="hq-server-")
+    backend = opts.backend or f"ipc://{rundir}/backend.ipc"
+    broker_endpoints = os.path.join(rundir, "endpoints")
+    common = ["--log-level", opts.log_level, "--heartbeat-interval", str(opts.heartbeat_interval)]
+    broker_args = ["--backend", backend, "--endpoint-file", broker_endpoints, *common]
+    for address in opts.bind:
+        broker_args += ["--bind", address]
+    children = [Child("hq-broker", _module_argv("hq.broker", broker_args))]
+    for n in range(opts.workers):
+        name = f"hq-worker-{n:02d}"
+        worker_args = ["--backend", backend, "--db", opts.db, "--synchronous", opts.synchronous, "--name", name, *common]
+        children.append(Child(name, _module_argv("hq.workers", worker_args)))
+    try:
+        now = time.monotonic()
+        for child in children:
+            child.start(now)
+        ready = False
+        while not stop:
+            now = time.monotonic()
+            for child in children:
+                child.check(now)
+            if not ready and os.path.exists(broker_endpoints):
+                with open(broker_endpoints, encoding="utf-8") as fh:
+                    endpoints = fh.read().split()
+                if wait_ready(endpoints[0], 0.5, stop):
+                    ready = True
+                    log.info("hq ready on %s (%d workers, database %s)", ", ".join(endpoints), opts.workers, opts.db)
+                    if opts.endpoint_file:
+                        from hq.broker.main import write_lines
+
+                        write_lines(opts.endpoint_file, endpoints)
+                continue
+            time.sleep(0.1)  # supervision tick: restarts within 0.1 s of an exit
+    finally:
+        _stop_all(children)
+        if opts.endpoint_file and os.path.exists(opts.endpoint_file):
+            os.unlink(opts.endpoint_file)
+        shutil.rmtree(rundir, ignore_errors=True)
+    log.info("hq-server stopped")
+    return 0
+
+
+def _stop_all(children: list) -> None:
+    running = [c for c in children if c.proc is not None and c.proc.poll() is None]
+    # Workers first, then the broker, so no worker sees its broker vanish under it.
+    for child in reversed(running):
+        child.proc.send_signal(signal.SIGTERM)
+    end = time.monotonic() + STOP_WAIT_S
+    for child in running:
+        try:
+            child.proc.wait(max(0.0, end - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop in %.0f s; killing it", child.name, STOP_WAIT_S)
+            child.proc.kill()
+            child.proc.wait()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""The embedded client never hangs a build: deadlines, ConnectionError, stale replies, fork."""
+
+import os
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+import zmq
+
+from helpers import script, wait_for
+from hq import protocol as p
+from hq.client import InvokeError, create_client
+
+M = "TestMethod"
+U1 = "a69ec97f5af2e21e1a1f9cc8896965515d5559425666f734e245a3d40cee33d9"
+
+ALL_CALLS = [
+    ("ping", ()),
+    ("get_unihash", (M, "a" * 64)),
+    ("get_unihash_batch", ([(M, "a" * 64)] * 3,)),
+    ("report_unihash", ("a" * 64, M, "b" * 64, U1)),
+    ("report_unihash_equiv", ("a" * 64, M, U1)),
+    ("get_taskhash", (M, "a" * 64, True)),
+    ("get_outhash", (M, "b" * 64, "a" * 64)),
+    ("unihash_exists", (U1,)),
+    ("unihash_exists_batch", ([U1],)),
+    ("get_stats", ()),
+]
+
+
+def assert_connection_error_within(address, timeout=0.6, calls=ALL_CALLS):
+    with create_client(address, timeout=timeout) as c:
+        for name, args in calls:
+            start = time.monotonic()
+            with pytest.raises(ConnectionError):
+                getattr(c, name)(*args)
+            elapsed = time.monotonic() - start
+            assert elapsed <= timeout * 1.1 + 0.05, (name, elapsed)
+
+
+def test_nothing_listening_on_tcp():
+    # Hold a bound but non-listening socket: the port is surely closed and stays ours.
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    try:
+        port = holder.getsockname()[1]
+        assert_connection_error_within(f"tcp://127.0.0.1:{port}")
+    finally:
+        holder.close()
+
+
+def test_nothing_listening_on_ipc(tmp_path):
+    assert_connection_error_within(f"ipc://{tmp_path}/absent.ipc", calls=ALL_CALLS[:3])
+
+
+def test_silent_tcp_listener():
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    try:
+        assert_connection_error_within("tcp://127.0.0.1:%d" % listener.getsockname()[1], calls=ALL_CALLS[:3])
+    finally:
+        listener.close()
+
+
+def test_broker_without_workers(tmp_path):
+    endpoint_file = tmp_path / "ep"
+    proc = subprocess.Popen(
+        [script("hq-broker"), "--bind", "tcp://127.0.0.1:*", "--backend", f"ipc://{tmp_path}/be.ipc", "--endpoint-file", str(endpoint_file)],
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(endpoint_file.exists, 10, what="broker endpoint file")
+        assert_connection_error_within(endpoint_file.read_text().split()[0], calls=ALL_CALLS[:4])
+    finally:
+        proc.terminate()
+        assert proc.wait(10) == 0
+
+
+def test_bad_addresses_are_refused_early():
+    with pytest.raises(ValueError):
+        create_client("localhost:8686")
+    with create_client("tcp://no-such-host.invalid:1", timeout=0.3) as c:
+        with pytest.raises(ConnectionError):
+            c.ping()
+
+
+class ScriptedPeer:
+    """A real ROUTER socket that answers each request with frames a test chooses."""
+
+    def __init__(self, script_fn):
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.linger = 0
+        self.sock.bind("tcp://127.0.0.1:*")
+        self.address = self.sock.last_endpoint.decode()
+        self.script_fn = script_fn
+        self.requests = []
+        self.stop = False
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        while not self.stop:
+            if not self.sock.poll(50):
+                continue
+            frames = self.sock.recv_multipart()
+            request = p.decode_request(frames[1:])
+            self.requests.append(request)
+            for reply in self.script_fn(request, len(self.requests)):
+                self.sock.send_multipart([frames[0], *reply])
+
+    def close(self):
+        self.stop = True
+        self.thread.join(5)
+        self.sock.close()
+        self.ctx.term()
+
+
+@pytest.fixture
+def peer_factory():
+    peers = []
+
+    def make(fn):
+        peer = ScriptedPeer(fn)
+        peers.append(peer)
+        return peer
+
+    yield make
+    for peer in peers:
+        peer.close()
+
+
+def test_stale_and_garbage_replies_are_discarded(peer_factory):
+    def answer(request, n):
+        yield p.encode_reply(b"old-id", p.OK, [U1.encode()])  # a reply to someone else
+        yield [b"garbage"]
+        yield p.encode_reply(request.request_id, p.OK, [("b" * 64).encode()])
+
+    peer = peer_factory(answer)
+    with create_client(peer.address, timeout=5) as c:
+        assert c.report_unihash("a" * 64, M, "c" * 64, U1)["unihash"] == "b" * 64
+        assert c.stale_replies == 2
+
+
+def test_malformed_unihash_in_reply_is_a_connection_error(peer_factory):
+    def answer(request, n):
+        if request.command == p.GET:
+            yield p.encode_reply(request.request_id, p.OK, [b"${@os.system('true')}"])
+        else:
+            yield p.encode_reply(request.request_id, p.OK, [b"A" * 64])
+
+    peer = peer_factory(answer)
+    with create_client(peer.address, timeout=5) as c:
+        with pytest.raises(ConnectionError):
+            c.get_unihash(M, "a" * 64)
+        with pytest.raises(ConnectionError):
+            c.report_unihash("a" * 64, M, "c" * 64, U1)
+
+
+def test_wrong_item_count_in_reply_is_a_connection_error(peer_factory):
+    peer = peer_factory(lambda r, n: [p.encode_reply(r.request_id, p.OK, [U1.encode()])])
+    with create_client(peer.address, timeout=5) as c:
+        with pytest.raises(ConnectionError):
+            c.get_unihash_batch([(M, "a" * 64), (M, "b" * 64)])
+
+
+def test_retryable_errors_are_retried_then_succeed(peer_factory):
+    def answer(request, n):
+        if n <= 2:
+            yield p.encode_error(request.request_id, p.E_UNAVAILABLE, "no worker")
+        else:
+            yield p.encode_reply(request.request_id, p.OK, [U1.encode()])
+
+    peer = peer_factory(answer)
+    with create_client(peer.address, timeout=5) as c:
+        assert c.report_unihash_equiv("a" * 64, M, U1)["unihash"] == U1
+    assert len(peer.requests) == 3
+    assert len({r.request_id for r in peer.requests}) == 3  # every attempt has its own id
+
+
+def test_retryable_error_until_the_deadline_is_a_connection_error(peer_factory):
+    peer = peer_factory(lambda r, n: [p.encode_error(r.request_id, p.E_BUSY, "queue full")])
+    with create_client(peer.address, timeout=0.5) as c:
+        start = time.monotonic()
+        with pytest.raises(ConnectionError, match="queue full"):
+            c.ping()
+        assert time.monotonic() - start <= 0.6
+
+
+@pytest.mark.parametrize("code", [p.E_INVALID, p.E_FORBIDDEN, p.E_UNAUTHORIZED])
+def test_refusals_raise_invoke_error(peer_factory, code):
+    peer = peer_factory(lambda r, n: [p.encode_error(r.request_id, code, "Invalid unihash")])
+    with create_client(peer.address, timeout=5) as c:
+        with pytest.raises(InvokeError, match="Invalid unihash"):
+            c.report_unihash("a" * 64, M, "c" * 64, U1)
+
+
+@pytest.mark.parametrize("code", [p.E_BAD_REQUEST, p.E_UNKNOWN_COMMAND, p.E_VERSION, p.E_TOO_LARGE])
+def test_protocol_mismatch_is_a_connection_error(peer_factory, code):
+    peer = peer_factory(lambda r, n: [p.encode_error(r.request_id, code, "nope")])
+    with create_client(peer.address, timeout=5) as c:
+        with pytest.raises(ConnectionError):
+            c.ping()
+
+
+def test_silent_peer_gets_a_resend_on_a_new_socket(peer_factory):
+    """Lazy Pirate: after a third of the deadline without an answer, resend on a new socket."""
+    def answer(request, n):
+        if n >= 2:
+            yield p.encode_reply(request.request_id, p.OK, [])
+
+    peer = peer_factory(answer)
+    with create_client(peer.address, timeout=1.5) as c:
+        assert c.ping() == {"alive": True}
+    assert len(peer.requests) == 2
+
+
+def test_client_works_in_a_forked_child(shared_stack):
+    c = create_client(shared_stack.address, timeout=10)
+    c.report_unihash_equiv("f0" * 32, M, U1)
+    assert c.get_unihash(M, "f0" * 32) == U1
+    pid = os.fork()
+    if pid == 0:  # child: use the parent's client object, as BitBake's forked tasks do
+        code = 1
+        try:
+            if c.get_unihash(M, "f0" * 32) == U1 and c.report_unihash_equiv("f1" * 32, M, U1)["unihash"] == U1:
+                code = 0
+        finally:
+            os._exit(code)
+    start = time.monotonic()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert time.monotonic() - start < 5
+    # The parent's client still works, and sees the child's report.
+    assert c.get_unihash(M, "f1" * 32) == U1
+    c.close()

@@ -1,0 +1,129 @@
+"""Broker + workers + clients as real processes over tcp:// and ipc://."""
+
+import multiprocessing
+import random
+
+import pytest
+
+from helpers import Stack
+from hq.client import InvokeError, create_client
+
+M = "TestMethod"
+T1 = "35788efcb8dfb0a02659d81cf2bfd695fb30faf9"
+T2 = "3bf6f1e89d26205aec90da04854fbdbf73afe6b4"
+O1 = "2765d4a5884be49b28601445c2760c5f21e7e5c0ee2b7e3fce98fd7e5970796f"
+U1 = "a69ec97f5af2e21e1a1f9cc8896965515d5559425666f734e245a3d40cee33d9"
+U2 = "bf6e81926066f770e960f9f777cd088c62bea9addb7745f3e77deaa81a645747"
+
+
+@pytest.fixture(params=["tcp", "ipc"])
+def any_stack(request, tmp_path):
+    bind = "tcp://127.0.0.1:*" if request.param == "tcp" else f"ipc://{tmp_path}/hq.ipc"
+    s = Stack(tmp_path, bind=bind).start()
+    yield s
+    assert s.stop() == 0, s.log()
+
+
+def test_reference_exchange(any_stack):
+    """The byte-exact exchange of the reference's §12.1, through hq's client API."""
+    with create_client(any_stack.address, timeout=10) as c:
+        assert c.ping() == {"alive": True}
+        assert c.report_unihash(T1, M, O1, U1) == {"taskhash": T1, "method": M, "unihash": U1}
+        assert c.report_unihash(T2, M, O1, U2) == {"taskhash": T2, "method": M, "unihash": U1}
+        assert c.get_taskhash(M, T1) == {"taskhash": T1, "method": M, "unihash": U1}
+        row = c.get_taskhash(M, T1, True)
+        assert (row["taskhash"], row["outhash"], row["unihash"], row["gc_mark"]) == (T1, O1, U1, "")
+        assert c.get_taskhash(M, "0" * 40) is None
+        assert c.get_taskhash(M, "0" * 40, True) is None
+        row = c.get_outhash(M, O1, T2, with_unihash=False)
+        assert row["taskhash"] == T1 and "unihash" not in row
+        assert c.get_outhash(M, O1, T2)["unihash"] == U1
+        equiv = c.report_unihash_equiv("1" * 40, M, U2)
+        assert equiv == {"taskhash": "1" * 40, "method": M, "unihash": U2}
+        assert c.get_unihash_batch([(M, T1), (M, "0" * 40), (M, T2)]) == [U1, None, U1]
+        assert c.unihash_exists(U1) is True
+        assert c.unihash_exists_batch([U2, "f" * 64]) == [True, False]
+        with pytest.raises(InvokeError, match="Invalid unihash"):
+            c.report_unihash("2" * 40, M, "3" * 64, "A" * 64)
+        # The client keeps working after a refused request.
+        assert c.get_unihash(M, T1) == U1
+
+
+def test_extra_fields_are_stored(shared_stack):
+    with create_client(shared_stack.address, timeout=10) as c:
+        extra = {"owner": "alice", "PN": "busybox", "PV": "1.36", "PR": "r0", "task": "do_package", "outhash_siginfo": "s" * 200_000, "ignored": 1}
+        c.report_unihash("e" * 64, M, "d" * 64, U1, extra)
+        row = c.get_taskhash(M, "e" * 64, True)
+        assert {k: row[k] for k in ("owner", "PN", "PV", "PR", "task")} == {k: extra[k] for k in ("owner", "PN", "PV", "PR", "task")}
+        assert row["outhash_siginfo"] == "s" * 200_000
+
+
+def test_batches_of_any_length_and_a_generator(shared_stack):
+    rng = random.Random(7)
+    known = {("%064x" % rng.getrandbits(256)): ("%064x" % rng.getrandbits(256)) for _ in range(300)}
+    with create_client(shared_stack.address, timeout=20) as c:
+        for taskhash, unihash in known.items():
+            c.report_unihash_equiv(taskhash, M, unihash)
+        queries = [("%064x" % rng.getrandbits(256)) for _ in range(25_000)] + list(known)
+        rng.shuffle(queries)
+        methods = [M if i % 7 else "Other" for i in range(len(queries))]
+        answers = c.get_unihash_batch((m, t) for m, t in zip(methods, queries))
+        assert answers == [known.get(t) if m == M else None for m, t in zip(methods, queries)]
+        assert c.get_unihash_batch([]) == []
+        assert c.unihash_exists_batch(iter(list(known.values()) + ["0" * 64])) == [True] * 300 + [False]
+
+
+def _client_process(address, seed, rounds, out):
+    """One build: report fresh pairs, then look them up mixed with misses."""
+    rng = random.Random(seed)
+    bad = 0
+    with create_client(address, timeout=30) as c:
+        mine = {}
+        for _ in range(rounds):
+            t, o, u = ("%064x" % rng.getrandbits(256) for _ in range(3))
+            got = c.report_unihash(t, M, o, u)["unihash"]
+            bad += got != u
+            mine[t] = u
+        queries = list(mine) + ["%064x" % rng.getrandbits(256) for _ in range(len(mine))]
+        rng.shuffle(queries)
+        for _ in range(3):
+            answers = c.get_unihash_batch([(M, t) for t in queries])
+            bad += sum(a != mine.get(t) for a, t in zip(answers, queries))
+    out.put((seed, bad))
+
+
+def test_forty_concurrent_clients(any_stack):
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_client_process, args=(any_stack.address, seed, 50, out)) for seed in range(40)]
+    for proc in procs:
+        proc.start()
+    results = [out.get(timeout=120) for _ in procs]
+    for proc in procs:
+        proc.join(30)
+        assert proc.exitcode == 0
+    assert sorted(results) == [(seed, 0) for seed in range(40)]
+    assert "database is locked" not in any_stack.log()
+
+
+def _equivalent_reporter(address, outhash, seed, out):
+    with create_client(address, timeout=30) as c:
+        taskhash = "%064x" % random.Random(seed).getrandbits(256)
+        unihash = "%064x" % random.Random(seed + 1000).getrandbits(256)
+        out.put((taskhash, c.report_unihash(taskhash, M, outhash, unihash)["unihash"]))
+
+
+def test_concurrent_equivalent_reports_agree(any_stack):
+    """Many builds report the same outhash at once: they all end up with one unihash."""
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_equivalent_reporter, args=(any_stack.address, "c" * 64, seed, out)) for seed in range(20)]
+    for proc in procs:
+        proc.start()
+    results = [out.get(timeout=60) for _ in procs]
+    for proc in procs:
+        proc.join(30)
+    with create_client(any_stack.address, timeout=10) as c:
+        first = c.get_outhash(M, "c" * 64, "x")["unihash"]
+        assert {u for _, u in results} == {first}
+        assert c.get_unihash_batch([(M, t) for t, _ in results]) == [first] * 20

@@ -1,0 +1,252 @@
+"""Broker scheduling without sockets: the time is an argument, so nothing sleeps."""
+
+import pytest
+
+from hq import protocol as p
+from hq.broker.scheduler import Scheduler
+
+M = b"TestMethod"
+
+
+def make(**kw):
+    kw.setdefault("heartbeat_interval_s", 1.0)
+    kw.setdefault("heartbeat_liveness", 3)
+    kw.setdefault("request_timeout_s", 10.0)
+    return Scheduler(**kw)
+
+
+def ready(s, worker_id, now=0.0):
+    s.on_worker([worker_id, *p.encode_ready({"name": worker_id.decode(), "pid": 1})], now)
+
+
+def get_request(client_id, request_id, chunks):
+    """A GET request with one chunk per entry of ``chunks`` (each a list of hashes)."""
+    body = []
+    for items in chunks:
+        body += [M, p.pack_items(items)]
+    return [client_id, *p.encode_request(request_id, p.GET, body)]
+
+
+def take_jobs(s):
+    """Jobs sent to workers since the last call: [(worker_id, job_id, body)]."""
+    jobs = []
+    for frames in s.to_workers:
+        if frames[2] == p.REQUEST:
+            jobs.append((frames[0], frames[3], frames[6:]))
+    s.to_workers.clear()
+    return jobs
+
+
+def answer(s, worker_id, job_id, body, now=0.0, status=p.OK):
+    s.on_worker([worker_id, *p.encode_job_reply(job_id, status, body)], now)
+
+
+def echo_reply(body):
+    """A worker's answer to a GET chunk: the taskhashes themselves as 'unihashes'."""
+    return [body[1]]
+
+
+def replies(s):
+    out = [p.decode_reply(frames[1:]) for frames in s.to_clients]
+    s.to_clients.clear()
+    return out
+
+
+def test_batch_is_split_into_chunks_and_reassembled_in_order():
+    s = make()
+    ready(s, b"w1")
+    ready(s, b"w2")
+    s.on_client(get_request(b"c1", b"r1", [["a"], ["b", "c"], ["d"]]), 0.0)
+    jobs = take_jobs(s)
+    assert [w for w, _, _ in jobs] == [b"w1", b"w2"]  # spread over both workers
+    # Answer out of order: the second chunk first.
+    answer(s, jobs[1][0], jobs[1][1], echo_reply(jobs[1][2]))
+    jobs += take_jobs(s)  # w2 takes the third chunk
+    assert len(jobs) == 3
+    answer(s, jobs[2][0], jobs[2][1], echo_reply(jobs[2][2]))
+    assert replies(s) == []
+    answer(s, jobs[0][0], jobs[0][1], echo_reply(jobs[0][2]))
+    (reply,) = replies(s)
+    assert reply.request_id == b"r1" and reply.status == p.OK
+    assert reply.body == [b"a", b"b\nc", b"d"]
+
+
+def test_a_single_lookup_waits_at_most_one_chunk_behind_a_big_batch():
+    s = make()
+    ready(s, b"w1")
+    s.on_client(get_request(b"greedy", b"r1", [["x%d" % i] for i in range(10)]), 0.0)
+    s.on_client(get_request(b"light", b"r1", [["y"]]), 0.0)
+    (first,) = take_jobs(s)
+    answer(s, b"w1", first[1], echo_reply(first[2]))
+    (second,) = take_jobs(s)
+    assert second[2] == [M, b"y"]  # the light client's turn comes next
+    answer(s, b"w1", second[1], echo_reply(second[2]))
+    assert [r.body for r in replies(s)] == [[b"y"]]
+
+
+def test_round_robin_between_many_clients():
+    s = make()
+    ready(s, b"w1")
+    for c in (b"a", b"b", b"c"):
+        s.on_client(get_request(c, b"r", [[c.decode() + "%d" % i] for i in range(3)]), 0.0)
+    order = []
+    for _ in range(9):
+        (job,) = take_jobs(s)
+        order.append(job[2][1][:1])
+        answer(s, b"w1", job[1], echo_reply(job[2]))
+    # Every client gets one chunk per round: no two turns in a row for anyone.
+    assert all(len(set(order[i : i + 3])) == 3 for i in range(0, 9, 3)), order
+    assert sorted(order) == [b"a"] * 3 + [b"b"] * 3 + [b"c"] * 3
+
+
+def test_worker_credit_limits_jobs_in_flight():
+    s = make(worker_credit=2)
+    ready(s, b"w1")
+    s.on_client(get_request(b"c", b"r", [["a"], ["b"], ["c"]]), 0.0)
+    jobs = take_jobs(s)
+    assert len(jobs) == 2
+    answer(s, b"w1", jobs[0][1], echo_reply(jobs[0][2]))
+    assert len(take_jobs(s)) == 1
+
+
+def test_silent_worker_is_dropped_and_its_work_redispatched():
+    s = make()
+    ready(s, b"w1", 0.0)
+    s.on_client(get_request(b"c", b"r", [["a"]]), 0.0)
+    (job,) = take_jobs(s)
+    ready(s, b"w2", 2.0)
+    s.on_worker([b"w2", *p.HEARTBEAT_MESSAGE], 2.5)
+    s.tick(2.9)
+    assert b"w1" in s.workers  # 3 intervals have not passed yet
+    s.tick(3.0)
+    assert b"w1" not in s.workers
+    (again,) = take_jobs(s)
+    assert again[0] == b"w2" and again[2] == job[2]
+    # The frozen worker wakes up and answers: its reply is stale and dropped.
+    answer(s, b"w1", job[1], [b"stale"], 3.1)
+    assert replies(s) == []
+    assert s.counters["replies.stale"] == 1
+    answer(s, b"w2", again[1], echo_reply(again[2]), 3.2)
+    assert [r.body for r in replies(s)] == [[b"a"]]
+    assert s.counters["jobs.redispatched"] == 1
+
+
+def test_heartbeats_keep_a_worker_alive_and_are_sent_to_idle_workers():
+    s = make()
+    ready(s, b"w1", 0.0)
+    for t in (1.0, 2.0, 3.0, 4.0):
+        s.on_worker([b"w1", *p.HEARTBEAT_MESSAGE], t - 0.1)
+        assert s.next_wakeup(t - 0.1) == pytest.approx(0.1)
+        s.tick(t)
+    assert b"w1" in s.workers
+    beats = [f for f in s.to_workers if f[2] == p.HEARTBEAT]
+    assert len(beats) >= 4
+
+
+def test_unknown_worker_is_told_to_register_again():
+    s = make()
+    s.on_worker([b"ghost", *p.HEARTBEAT_MESSAGE], 0.0)
+    assert s.to_workers == [[b"ghost", *p.DISCONNECT_MESSAGE]]
+    s.to_workers.clear()
+    answer(s, b"ghost", b"1", [b"x"])
+    assert s.to_workers == [[b"ghost", *p.DISCONNECT_MESSAGE]]
+
+
+def test_worker_disconnect_redispatches():
+    s = make()
+    ready(s, b"w1")
+    ready(s, b"w2")
+    s.on_client(get_request(b"c", b"r", [["a"], ["b"], ["c"]]), 0.0)
+    jobs = take_jobs(s)
+    s.on_worker([b"w1", *p.DISCONNECT_MESSAGE], 0.1)
+    assert b"w1" not in s.workers
+    answer(s, b"w2", jobs[1][1], echo_reply(jobs[1][2]), 0.2)
+    later = take_jobs(s)
+    assert later[0][2] == jobs[0][2]  # w1's chunk went back to the front of the queue
+
+
+def test_no_workers_means_unavailable_after_the_request_timeout():
+    s = make(request_timeout_s=5.0)
+    s.on_client(get_request(b"c", b"r", [["a"]]), 0.0)
+    s.tick(4.9)
+    assert replies(s) == []
+    assert s.next_wakeup(4.9) == pytest.approx(0.1)
+    s.tick(5.0)
+    (reply,) = replies(s)
+    assert reply.status == p.E_UNAVAILABLE and reply.request_id == b"r"
+    ready(s, b"w1", 6.0)
+    assert take_jobs(s) == []  # the timed-out job is not run
+
+
+def test_queues_are_bounded_per_client_and_in_total():
+    s = make(max_client_jobs=4, max_queued_jobs=6)
+    s.on_client(get_request(b"a", b"r1", [["x"]] * 4), 0.0)
+    s.on_client(get_request(b"a", b"r2", [["x"]]), 0.0)
+    (busy,) = replies(s)
+    assert busy.status == p.E_BUSY and busy.request_id == b"r2"
+    s.on_client(get_request(b"b", b"r1", [["x"]] * 2), 0.0)
+    assert replies(s) == []
+    s.on_client(get_request(b"c", b"r1", [["x"]]), 0.0)
+    assert replies(s)[0].status == p.E_BUSY
+
+
+def test_worker_error_fails_the_request_once():
+    s = make()
+    ready(s, b"w1")
+    ready(s, b"w2")
+    s.on_client(get_request(b"c", b"r", [["a"], ["b"], ["c"]]), 0.0)
+    jobs = take_jobs(s)
+    answer(s, b"w1", jobs[0][1], [b"bad taskhash"], status=p.E_INVALID)
+    (reply,) = replies(s)
+    assert reply.status == p.E_INVALID and reply.body == [b"bad taskhash"]
+    answer(s, b"w2", jobs[1][1], echo_reply(jobs[1][2]))
+    assert replies(s) == []  # the rest of a failed request is not answered again
+    assert take_jobs(s) == []  # and its queued chunk is not run
+
+
+def test_duplicate_pending_request_id_is_refused():
+    s = make()
+    s.on_client(get_request(b"c", b"r", [["a"]]), 0.0)
+    s.on_client(get_request(b"c", b"r", [["a"]]), 0.0)
+    (reply,) = replies(s)
+    assert reply.status == p.E_BAD_REQUEST
+    s.on_client(get_request(b"other", b"r", [["a"]]), 0.0)  # ids are per client
+    assert replies(s) == []
+
+
+def test_malformed_request_gets_an_error_with_its_id():
+    s = make()
+    s.on_client([b"c", p.CLIENT_PROTOCOL, b"r9", b"nonsense", b""], 0.0)
+    (reply,) = replies(s)
+    assert (reply.request_id, reply.status) == (b"r9", p.E_UNKNOWN_COMMAND)
+
+
+def test_stats_and_reset_stats():
+    s = make()
+    ready(s, b"w1")
+    s.on_client(get_request(b"c", b"r", [["a", "b"]]), 0.0)
+    (job,) = take_jobs(s)
+    answer(s, b"w1", job[1], echo_reply(job[2]), 0.25)
+    replies(s)
+    s.on_client([b"c", *p.encode_request(b"s", p.STATS)], 1.0)
+    import json
+
+    stats = json.loads(replies(s)[0].body[0])
+    assert stats["requests"]["num"] == 1
+    assert stats["requests"]["max_time"] == pytest.approx(0.25)
+    assert stats["broker"]["counters"]["items.get"] == 2
+    assert [w["name"] for w in stats["workers"]] == ["w1"]
+    s.on_client([b"c", *p.encode_request(b"t", p.RESET_STATS)], 1.0)
+    assert json.loads(replies(s)[0].body[0])["requests"]["num"] == 1  # values before reset
+    s.on_client([b"c", *p.encode_request(b"u", p.STATS)], 1.0)
+    assert json.loads(replies(s)[0].body[0])["requests"]["num"] == 0
+
+
+def test_shutdown_answers_pending_requests():
+    s = make()
+    ready(s, b"w1")
+    s.on_client(get_request(b"c", b"r", [["a"]]), 0.0)
+    s.shutdown(1.0)
+    (reply,) = replies(s)
+    assert reply.status == p.E_UNAVAILABLE
+    assert [b"w1", *p.DISCONNECT_MESSAGE] in s.to_workers

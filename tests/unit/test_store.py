@@ -1,0 +1,211 @@
+"""Worker semantics against a real temporary SQLite file (reference §7.2-7.4)."""
+
+import sqlite3
+
+import pytest
+
+from hq.workers.schema import from_key, open_database, settings_in_force, to_key
+from hq.workers.store import Store
+
+M = "TestMethod"
+T1 = "35788efcb8dfb0a02659d81cf2bfd695fb30faf9"
+T2 = "3bf6f1e89d26205aec90da04854fbdbf73afe6b4"
+T3 = "8aa96fcffb5831b3c2c0cb75f0431e3f8b20554a"
+O1 = "2765d4a5884be49b28601445c2760c5f21e7e5c0ee2b7e3fce98fd7e5970796f"
+O2 = "0904a7fe3dc712d9fd8a74a616ddca2a825a8ee97adf0bd3fc86082c7639914d"
+U1 = "a69ec97f5af2e21e1a1f9cc8896965515d5559425666f734e245a3d40cee33d9"
+U2 = "bf6e81926066f770e960f9f777cd088c62bea9addb7745f3e77deaa81a645747"
+U3 = "9217a7d6c5c6a47d1b8e6fd1b3d0b87a3c6a2f5b3e6e2b0b4e1e1c9a8f7d6e5c"
+
+
+@pytest.fixture
+def store(tmp_path):
+    db = open_database(str(tmp_path / "hq.db"))
+    yield Store(db)
+    db.close()
+
+
+def test_create_hash(store):
+    assert store.report(M, T1, O1, U1) == U1
+    assert store.get_unihashes(M, [T1]) == [U1]
+
+
+def test_create_equivalent(store):
+    store.report(M, T1, O1, U1)
+    # A different taskhash with the same outhash gets the first unihash.
+    assert store.report(M, T2, O1, U2) == U1
+    assert store.get_unihashes(M, [T2, T1]) == [U1, U1]
+
+
+def test_duplicate_taskhash_keeps_first_unihash(store):
+    assert store.report(M, T1, O1, U1) == U1
+    assert store.report(M, T1, O2, U2) == U1
+    assert store.get_unihashes(M, [T1]) == [U1]
+    # Re-reporting the same triple is a no-op with the same answer.
+    assert store.report(M, T1, O1, U3) == U1
+
+
+def test_diverging_report_race(store):
+    store.report(M, T1, O1, U1)
+    assert store.report(M, T2, O1, U2) == U1  # T2 made equivalent to T1
+    # T2 then reports a different outhash: it keeps the unihash it was given.
+    assert store.report(M, T2, O2, U2) == U1
+    assert store.get_unihashes(M, [T2]) == [U1]
+    # A third task with T2's new outhash is equivalent to T2's mapping.
+    assert store.report(M, T3, O2, U3) == U1
+
+
+def test_diverging_report_reverse_race(store):
+    assert store.report(M, T2, O2, U2) == U2  # T2 first, with its own unihash
+    assert store.report(M, T1, O1, U1) == U1
+    # T2 later reports an outhash shared with an older task: it keeps its own.
+    assert store.report(M, T2, O1, U3) == U2
+    assert store.get_unihashes(M, [T2, T1]) == [U2, U1]
+
+
+def test_equivalence_goes_to_the_oldest_report(store):
+    store.report(M, T1, O1, U1)
+    store.report(M, T2, O2, U2)
+    store.report(M, T2, O1, U2)  # T2 also reports O1, later than T1 did
+    assert store.report(M, T3, O1, U3) == U1
+
+
+def test_equivalence_needs_a_mapping(store):
+    store.report(M, T1, O1, U1)
+    store.db.execute_sql("DELETE FROM unihashes")  # T1's report has no mapping now
+    assert store.report(M, T2, O1, U2) == U2
+    # Reference §13.6: an existing triple whose mapping was removed answers the submitted unihash.
+    assert store.report(M, T1, O1, U3) == U3
+
+
+def test_method_is_part_of_every_key(store):
+    store.report(M, T1, O1, U1)
+    assert store.get_unihashes("Other", [T1]) == [None]
+    assert store.report("Other", T2, O1, U2) == U2  # same outhash, other method: no equivalence
+    assert store.get_full("Other", T1) is None
+    assert store.get_outhash("Other", O1)["taskhash"] == T2
+    assert store.get_outhash(M, O1)["taskhash"] == T1
+
+
+def test_report_equiv(store):
+    assert store.report_equiv(M, T1, U1) == U1
+    assert store.report_equiv(M, T1, U2) == U1  # first mapping wins
+    assert store.get_unihashes(M, [T1]) == [U1]
+    # A mapping without an outhash row: get all=true is null (reference §7.1)
+    assert store.get_full(M, T1) is None
+
+
+def test_get_full_row(store):
+    store.report(M, T1, O1, U1, {"owner": "alice", "PN": "busybox", "PV": "1.36", "PR": "r0", "task": "do_package", "outhash_siginfo": "x" * 100})
+    store.report(M, T1, O2, U2)
+    row = store.get_full(M, T1)
+    assert row["outhash"] == O1  # oldest report of the taskhash
+    assert row["unihash"] == U1
+    assert row["gc_mark"] == ""
+    assert (row["owner"], row["PN"], row["PV"], row["PR"], row["task"]) == ("alice", "busybox", "1.36", "r0", "do_package")
+    assert row["outhash_siginfo"] == "x" * 100
+    assert row["created"].endswith("+00:00")
+    assert set(row) == {"id", "method", "taskhash", "outhash", "created", "owner", "PN", "PV", "PR", "task", "outhash_siginfo", "unihash", "gc_mark"}
+    assert store.get_full(M, "0" * 40) is None
+
+
+def test_get_outhash(store):
+    store.report(M, T1, O1, U1)
+    store.report(M, T2, O1, U2)
+    row = store.get_outhash(M, O1)
+    assert (row["taskhash"], row["unihash"]) == (T1, U1)  # the oldest report
+    bare = store.get_outhash(M, O1, with_unihash=False)
+    assert bare["taskhash"] == T1 and "unihash" not in bare and "gc_mark" not in bare
+    assert store.get_outhash(M, O2) is None
+
+
+def test_unihash_exists(store):
+    store.report(M, T1, O1, U1)
+    assert store.unihashes_exist([U1, U2, "xyz", U1.upper(), ""]) == [True, False, False, False, False]
+    store.report_equiv(M, T2, U2)
+    assert store.unihashes_exist([U2]) == [True]
+
+
+def test_batch_preserves_order_and_duplicates(store):
+    store.report(M, T1, O1, U1)
+    store.report(M, T2, O2, U2)
+    assert store.get_unihashes(M, [T2, "f" * 40, T1, T2]) == [U2, None, U1, U2]
+
+
+@pytest.mark.parametrize(
+    "taskhash",
+    [
+        "0" * 64,
+        "abc",  # odd length hex
+        "ABCDEF12",  # upper case is not the same string as lower case
+        "${@os.system('true')}",
+        "tâche-ü",
+        "0x1234",
+        "12 34",
+    ],
+)
+def test_any_taskhash_round_trips_exactly(store, taskhash):
+    store.report(M, taskhash, O1 + "x", U1)
+    assert store.get_unihashes(M, [taskhash]) == [U1]
+    assert store.get_full(M, taskhash)["taskhash"] == taskhash
+    assert from_key(to_key(taskhash)) == taskhash
+
+
+def test_upper_and_lower_case_are_different_keys(store):
+    store.report_equiv(M, "abcd", U1)
+    assert store.get_unihashes(M, ["ABCD", "abcd"]) == [None, U1]
+
+
+def test_canonical_hex_is_stored_as_blob(store):
+    store.report(M, T1, O1, U1)
+    kinds = store.db.execute_sql("SELECT typeof(taskhash), typeof(unihash), length(unihash) FROM unihashes").fetchall()
+    assert kinds == [("blob", "blob", 32)]
+
+
+def test_one_query_per_chunk(store):
+    store.report(M, T1, O1, U1)
+    store.get_unihashes(M, [T1])  # caches the method id
+    statements = []
+    store.db.connection().set_trace_callback(statements.append)
+    try:
+        store.get_unihashes(M, [T1, T2] + ["%040x" % i for i in range(997)])
+    finally:
+        store.db.connection().set_trace_callback(None)
+    assert len(statements) == 1, statements[:3]
+
+
+def test_settings_in_force(store):
+    s = settings_in_force(store.db)
+    assert s["journal_mode"] == "wal"
+    assert s["synchronous"] == "normal"
+    assert s["busy_timeout"] == 5000
+
+
+def test_synchronous_full(tmp_path):
+    db = open_database(str(tmp_path / "full.db"), synchronous="full")
+    try:
+        assert settings_in_force(db)["synchronous"] == "full"
+    finally:
+        db.close()
+
+
+def test_two_connections_see_each_others_writes(tmp_path, store):
+    store.report(M, T1, O1, U1)
+    other = sqlite3.connect(store.db.database)
+    try:
+        assert other.execute("SELECT count(*) FROM unihashes").fetchone()[0] == 1
+    finally:
+        other.close()
+
+
+@pytest.mark.parametrize(
+    "sql, index",
+    [
+        ("SELECT unihash FROM unihashes WHERE substr(unihash, 1, 8) IN (?, ?)", "unihashes_unihash8"),
+        ("SELECT id FROM outhashes WHERE method = ? AND substr(taskhash, 1, 8) = substr(?, 1, 8) AND taskhash = ?", "outhashes_taskhash8"),
+        ("SELECT id FROM outhashes WHERE method = ? AND substr(outhash, 1, 8) = substr(?, 1, 8) AND outhash = ? ORDER BY created, id LIMIT 1", "outhashes_outhash8"),
+    ],
+)
+def test_queries_use_the_prefix_indexes(store, sql, index):
+    plan = " ".join(str(row) for row in store.db.execute_sql("EXPLAIN QUERY PLAN " + sql, [b"x"] * sql.count("?")))
+    assert index in plan, plan

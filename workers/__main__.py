@@ -1,0 +1,5 @@
+import sys
+
+from hq.workers.main import main
+
+sys.exit(main())

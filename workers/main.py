@@ -1,0 +1,142 @@
+"""hq-worker: one single-threaded process, a DEALER to the broker and a SQLite database.
+
+The loop: poll until the next heartbeat is due, run every job that arrived, answer each
+after its transaction has committed, heartbeat, and reconnect when the broker has been
+silent for ``heartbeat_liveness`` intervals (for example after a broker restart).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+
+import zmq
+
+from hq import config, logs
+from hq import protocol as p
+from hq.signals import StopFlag
+
+from .handlers import Handlers
+from .schema import SYNCHRONOUS_MODES, open_database, settings_in_force
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+OPTIONS = [
+    config.Option("backend", "ipc://hq-backend.ipc", "broker endpoint for workers to connect to"),
+    config.Option("db", "hq.db", "SQLite database file"),
+    config.Option("synchronous", "normal", "SQLite synchronous mode: normal survives process crashes, full also power loss", choices=SYNCHRONOUS_MODES),
+    config.Option("busy-timeout", 5000, "milliseconds a write waits for another worker's lock", int),
+    config.Option("cache-size", 16384, "SQLite page cache per worker, KiB", int),
+    config.Option("mmap-size", 0, "SQLite mmap_size, bytes (0 = off)", int),
+    config.Option("heartbeat-interval", 0.5, "seconds between heartbeats with the broker", float),
+    config.Option("heartbeat-liveness", 3, "missed heartbeats before reconnecting", int),
+    config.Option("name", "", "worker name shown in stats and logs (default hq-worker-PID)"),
+    config.Option("log-level", "INFO", "logging level", choices=logs.LEVELS),
+]
+
+BURST = 64
+
+
+class WorkerLoop:
+    def __init__(self, opts, handlers: Handlers, info: dict, ctx: zmq.Context | None = None):
+        self.opts = opts
+        self.handlers = handlers
+        self.info = info
+        self.ctx = ctx or zmq.Context()
+        self.socket = None
+        self.broker_expiry = 0.0
+        self.last_sent = 0.0
+
+    def _liveness_s(self) -> float:
+        return self.opts.heartbeat_interval * self.opts.heartbeat_liveness
+
+    def connect(self) -> None:
+        if self.socket is not None:
+            self.socket.close(linger=0)
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_FRAME_BYTES)
+        sock.connect(self.opts.backend)
+        self.socket = sock
+        self.send(p.encode_ready(self.info))
+        self.broker_expiry = time.monotonic() + self._liveness_s()
+        log.info("worker %s connecting to %s", self.info["name"], self.opts.backend)
+
+    def send(self, frames: list) -> None:
+        try:
+            self.socket.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("broker not accepting messages; reply dropped (it will re-dispatch)")
+        self.last_sent = time.monotonic()
+
+    def serve(self, stop) -> None:
+        self.connect()
+        interval = self.opts.heartbeat_interval
+        while not stop:
+            wait_s = max(0.0, min(self.last_sent + interval, self.broker_expiry) - time.monotonic())
+            if self.socket.poll(max(1, int(wait_s * 1000)), zmq.POLLIN):
+                for _ in range(BURST):
+                    try:
+                        frames = self.socket.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    if not self.on_message(frames):
+                        break
+            now = time.monotonic()
+            if now >= self.broker_expiry:
+                log.warning("broker silent for %.1f s; reconnecting", self._liveness_s())
+                self.connect()
+            elif now - self.last_sent >= interval:
+                self.send(p.HEARTBEAT_MESSAGE)
+        self.send(p.DISCONNECT_MESSAGE)
+        self.socket.close(linger=0)
+        log.info("worker %s stopped", self.info["name"])
+
+    def on_message(self, frames: list) -> bool:
+        """Handle one broker message; False when the socket was replaced."""
+        self.broker_expiry = time.monotonic() + self._liveness_s()
+        try:
+            kind, fields = p.decode_broker_message(frames)
+        except p.ProtocolError as exc:
+            log.warning("bad message from broker: %s", exc.message)
+            return True
+        if kind == p.REQUEST:
+            job_id, command, credentials, body = fields
+            status, reply = self.handlers.handle(command, credentials, body)
+            self.send(p.encode_job_reply(job_id, status, reply))
+        elif kind == p.DISCONNECT:
+            log.info("broker asked this worker to register again")
+            self.connect()
+            return False
+        return True
+
+
+def main(argv=None) -> int:
+    opts = config.parse("hq-worker", "An hq worker: answers the broker's jobs from SQLite.", OPTIONS, argv)
+    name = opts.name or f"hq-worker-{os.getpid()}"
+    logs.setup(name if opts.name else "hq-worker", opts.log_level)
+    stop = StopFlag().install()
+    try:
+        db = open_database(
+            opts.db,
+            synchronous=opts.synchronous,
+            busy_timeout_ms=opts.busy_timeout,
+            cache_size_kib=opts.cache_size,
+            mmap_size=opts.mmap_size,
+        )
+    except Exception as exc:  # bad path, not a database, permissions: a configuration error
+        log.error("cannot open database %s: %s", opts.db, exc)
+        return 2
+    info = {"name": name, "pid": os.getpid(), "settings": settings_in_force(db)}
+    loop = WorkerLoop(opts, Handlers(Store(db)), info)
+    loop.serve(stop)
+    db.close()
+    loop.ctx.term()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""The database schema, defined with peewee, and how a worker opens the database.
+
+The tables keep every column of BitBake hashserv's data model (mapping with gc mark,
+outhash reports with created/owner/PN/PV/PR/task/outhash_siginfo, users, config), so admin,
+auth and import of an existing hashserv database need no schema change. The storage format
+is hq's own, chosen for size and lookup speed:
+
+* A hash is stored as a *key*: the raw bytes of a canonical (lower-case, even-length) hex
+  string as a BLOB, anything else as the TEXT itself. SQLite never finds a BLOB equal to a
+  TEXT, so every string round-trips exactly (see :func:`to_key` / :func:`from_key`), and the
+  sha256 hashes BitBake sends take 32 bytes instead of 64.
+* The method string, repeated in every row and index entry by the reference, is an integer
+  id into ``methods``.
+* ``unihashes`` is a WITHOUT ROWID table keyed on (method, taskhash): a lookup is one
+  B-tree descent. Secondary indexes cover only an 8-byte prefix of a hash (hashes are
+  uniformly random, so the prefix is as selective as the whole and the index a third of
+  the size); queries repeat the full comparison.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from peewee import (
+    SQL,
+    AutoField,
+    BigIntegerField,
+    BlobField,
+    CompositeKey,
+    IntegerField,
+    Model,
+    OperationalError,
+    SqliteDatabase,
+    TextField,
+)
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = "1"
+
+#: Deferred: each worker process calls :func:`open_database` itself (never across fork).
+database = SqliteDatabase(None)
+
+SYNCHRONOUS_MODES = ("off", "normal", "full", "extra")
+
+
+class BaseModel(Model):
+    class Meta:
+        database = database
+
+
+class Method(BaseModel):
+    id = AutoField()
+    name = TextField(unique=True)
+
+    class Meta:
+        table_name = "methods"
+
+
+class UnihashMapping(BaseModel):
+    """(method, taskhash) -> unihash. The first mapping wins and never changes."""
+
+    method = IntegerField()
+    taskhash = BlobField()  # hash key, see to_key
+    unihash = BlobField()  # always 32 bytes: unihashes are validated 64-char hex
+    gc_mark = TextField(default="")
+
+    class Meta:
+        table_name = "unihashes"
+        primary_key = CompositeKey("method", "taskhash")
+        without_rowid = True
+
+
+UnihashMapping.add_index(
+    SQL("CREATE INDEX IF NOT EXISTS unihashes_unihash8 ON unihashes (substr(unihash, 1, 8))")
+)
+
+
+class OuthashReport(BaseModel):
+    """One report of an output hash; unique on (method, taskhash, outhash)."""
+
+    id = AutoField()
+    method = IntegerField()
+    taskhash = BlobField()
+    outhash = BlobField()
+    created = BigIntegerField()  # microseconds since the epoch, UTC
+    owner = TextField(null=True)
+    PN = TextField(null=True, column_name="PN")
+    PV = TextField(null=True, column_name="PV")
+    PR = TextField(null=True, column_name="PR")
+    task = TextField(null=True)
+    outhash_siginfo = TextField(null=True)
+
+    class Meta:
+        table_name = "outhashes"
+
+
+OuthashReport.add_index(
+    SQL(
+        "CREATE INDEX IF NOT EXISTS outhashes_taskhash8 "
+        "ON outhashes (method, substr(taskhash, 1, 8))"
+    )
+)
+OuthashReport.add_index(
+    SQL(
+        "CREATE INDEX IF NOT EXISTS outhashes_outhash8 "
+        "ON outhashes (method, substr(outhash, 1, 8), created)"
+    )
+)
+
+
+class User(BaseModel):
+    id = AutoField()
+    username = TextField(unique=True)
+    token = TextField()
+    permissions = TextField()
+
+    class Meta:
+        table_name = "users"
+
+
+class Config(BaseModel):
+    name = TextField(primary_key=True)
+    value = TextField()
+
+    class Meta:
+        table_name = "config"
+
+
+MODELS = (Method, UnihashMapping, OuthashReport, User, Config)
+
+#: The columns a `where` clause may name (reference: get-db-query-columns).
+UNIHASH_COLUMNS = ("method", "taskhash", "unihash", "gc_mark")
+OUTHASH_COLUMNS = (
+    "method",
+    "taskhash",
+    "outhash",
+    "created",
+    "owner",
+    "PN",
+    "PV",
+    "PR",
+    "task",
+    "outhash_siginfo",
+)
+
+
+def to_key(value: str):
+    """Storage key of a hash string: bytes for canonical hex, else the string itself."""
+    if not len(value) & 1:
+        try:
+            raw = bytes.fromhex(value)
+        except ValueError:
+            return value
+        if raw.hex() == value:  # rejects upper case and the spaces fromhex skips
+            return raw
+    return value
+
+
+def from_key(key) -> str:
+    return key.hex() if isinstance(key, bytes) else key
+
+
+def pragmas(synchronous: str, busy_timeout_ms: int, cache_size_kib: int, mmap_size: int):
+    # busy_timeout first: switching journal_mode can itself meet a lock held by another
+    # worker opening the same file.
+    return [
+        ("busy_timeout", busy_timeout_ms),
+        ("journal_mode", "wal"),
+        ("synchronous", synchronous),
+        ("cache_size", -cache_size_kib),
+        ("mmap_size", mmap_size),
+        ("foreign_keys", 0),
+        ("temp_store", "memory"),
+    ]
+
+
+def open_database(
+    path: str,
+    synchronous: str = "normal",
+    busy_timeout_ms: int = 5000,
+    cache_size_kib: int = 16384,
+    mmap_size: int = 0,
+    startup_timeout_s: float = 30.0,
+) -> SqliteDatabase:
+    """Open (creating if needed) the database in this process and return it.
+
+    Several workers may start at once on a fresh file: creation runs in one
+    ``BEGIN IMMEDIATE`` transaction and lock contention is retried until
+    ``startup_timeout_s``, so a worker does not die (and supervisord does not mark it
+    FATAL) because a sibling held the lock.
+    """
+    if synchronous not in SYNCHRONOUS_MODES:
+        raise ValueError(f"synchronous must be one of {', '.join(SYNCHRONOUS_MODES)}")
+    database.init(
+        path,
+        pragmas=pragmas(synchronous, busy_timeout_ms, cache_size_kib, mmap_size),
+        timeout=busy_timeout_ms / 1000.0,
+        check_same_thread=False,
+    )
+    deadline = time.monotonic() + startup_timeout_s
+    while True:
+        try:
+            database.connect(reuse_if_open=True)
+            with database.atomic("IMMEDIATE"):
+                database.create_tables(MODELS, safe=True)
+                Config.insert(name="schema-version", value=SCHEMA_VERSION).on_conflict_ignore().execute()
+            break
+        except OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+            if time.monotonic() > deadline:
+                raise
+            log.info("database busy while opening, retrying: %s", exc)
+            if not database.is_closed():
+                database.close()
+            time.sleep(0.05)
+    return database
+
+
+def settings_in_force(db: SqliteDatabase) -> dict:
+    """The SQLite settings this connection really has (guards against silent regressions)."""
+    out = {}
+    for name in ("journal_mode", "synchronous", "busy_timeout", "cache_size", "mmap_size"):
+        out[name] = db.execute_sql(f"PRAGMA {name}").fetchone()[0]
+    out["synchronous"] = SYNCHRONOUS_MODES[out["synchronous"]] if isinstance(out["synchronous"], int) and out["synchronous"] < 4 else out["synchronous"]
+    return out

@@ -1,0 +1,221 @@
+"""Hash-equivalence semantics over the SQLite database (reference §7.2-7.4).
+
+The hot paths use fixed SQL through peewee's ``execute_sql``: one query per batch chunk.
+Writes run in ``BEGIN IMMEDIATE`` transactions, so two workers reporting at once serialise
+on the write lock instead of failing with a snapshot conflict half-way.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+
+from peewee import SqliteDatabase
+
+from .schema import from_key, to_key
+
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+
+#: IN-lists are padded to one of these sizes so SQLite's statement cache holds a handful
+#: of statements instead of one per distinct chunk length.
+_IN_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+_OUTHASH_FIELDS = "o.id, o.taskhash, o.outhash, o.created, o.owner, o.PN, o.PV, o.PR, o.task, o.outhash_siginfo"
+_EXTRA_FIELDS = ("owner", "PN", "PV", "PR", "task", "outhash_siginfo")
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+def format_created(us: int) -> str:
+    return (_EPOCH + datetime.timedelta(microseconds=us)).isoformat()
+
+
+def _placeholders(n: int) -> str:
+    return ",".join("?" * n)
+
+
+def _padded(keys: list) -> list:
+    n = len(keys)
+    for size in _IN_SIZES:
+        if size >= n:
+            return keys + [keys[-1]] * (size - n)
+    return keys
+
+
+def _keys(items: list) -> list:
+    return [to_key(item) for item in items]
+
+
+class Store:
+    """All reads and writes a worker performs; one instance per worker process."""
+
+    def __init__(self, db: SqliteDatabase):
+        self.db = db
+        self._method_ids: dict = {}
+
+    # --- methods --------------------------------------------------------------------
+    def method_id(self, method: str, create: bool = False):
+        """Integer id of a method string; with ``create``, add it (inside the caller's
+        write transaction). Only ids read back from a committed row are cached, so a
+        rolled-back insert never leaves a stale id behind."""
+        mid = self._method_ids.get(method)
+        if mid is not None:
+            return mid
+        row = self.db.execute_sql("SELECT id FROM methods WHERE name = ?", (method,)).fetchone()
+        if row is not None:
+            self._method_ids[method] = row[0]
+            return row[0]
+        if not create:
+            return None
+        return self.db.execute_sql("INSERT INTO methods (name) VALUES (?)", (method,)).lastrowid
+
+    # --- lookups ----------------------------------------------------------------------
+    def get_unihashes(self, method: str, taskhashes: list) -> list:
+        """Unihash (str) or None for each taskhash, in order."""
+        mid = self.method_id(method)
+        if mid is None:
+            return [None] * len(taskhashes)
+        keys = _keys(taskhashes)
+        unique = list(dict.fromkeys(keys))
+        params = _padded(unique)
+        cursor = self.db.execute_sql(
+            "SELECT taskhash, unihash FROM unihashes WHERE method = ? AND taskhash IN (%s)"
+            % _placeholders(len(params)),
+            [mid, *params],
+        )
+        found = {taskhash: unihash.hex() for taskhash, unihash in cursor}
+        return [found.get(key) for key in keys]
+
+    def unihashes_exist(self, unihashes: list) -> list:
+        """For each string: does any mapping have this unihash? Outhash rows do not count."""
+        keys = [to_key(u) if len(u) == 64 else None for u in unihashes]
+        wanted = [k for k in keys if isinstance(k, bytes)]
+        if not wanted:
+            return [False] * len(unihashes)
+        prefixes = _padded(list(dict.fromkeys(k[:8] for k in wanted)))
+        cursor = self.db.execute_sql(
+            "SELECT unihash FROM unihashes WHERE substr(unihash, 1, 8) IN (%s)"
+            % _placeholders(len(prefixes)),
+            prefixes,
+        )
+        present = {row[0] for row in cursor}
+        return [k in present for k in keys]
+
+    def _mapping(self, mid: int, key):
+        row = self.db.execute_sql(
+            "SELECT unihash FROM unihashes WHERE method = ? AND taskhash = ?", (mid, key)
+        ).fetchone()
+        return row[0].hex() if row else None
+
+    def _row(self, method: str, values: tuple, with_unihash: bool) -> dict:
+        (id_, taskhash, outhash, created, owner, pn, pv, pr, task, siginfo, *rest) = values
+        row = {
+            "id": id_,
+            "method": method,
+            "taskhash": from_key(taskhash),
+            "outhash": from_key(outhash),
+            "created": format_created(created),
+            "owner": owner,
+            "PN": pn,
+            "PV": pv,
+            "PR": pr,
+            "task": task,
+            "outhash_siginfo": siginfo,
+        }
+        if with_unihash:
+            row["unihash"] = rest[0].hex()
+            row["gc_mark"] = rest[1]
+        return row
+
+    def get_full(self, method: str, taskhash: str):
+        """The oldest outhash report of (method, taskhash) joined with its mapping, or None."""
+        mid = self.method_id(method)
+        if mid is None:
+            return None
+        key = to_key(taskhash)
+        values = self.db.execute_sql(
+            f"SELECT {_OUTHASH_FIELDS}, u.unihash, u.gc_mark FROM outhashes o "
+            "JOIN unihashes u ON u.method = o.method AND u.taskhash = o.taskhash "
+            "WHERE o.method = ? AND substr(o.taskhash, 1, 8) = substr(?, 1, 8) "
+            "AND o.taskhash = ? ORDER BY o.created, o.id LIMIT 1",
+            (mid, key, key),
+        ).fetchone()
+        return self._row(method, values, True) if values else None
+
+    def get_outhash(self, method: str, outhash: str, with_unihash: bool = True):
+        """The oldest report of (method, outhash) (joined with its mapping), or None."""
+        mid = self.method_id(method)
+        if mid is None:
+            return None
+        key = to_key(outhash)
+        if with_unihash:
+            sql = (
+                f"SELECT {_OUTHASH_FIELDS}, u.unihash, u.gc_mark FROM outhashes o "
+                "JOIN unihashes u ON u.method = o.method AND u.taskhash = o.taskhash "
+            )
+        else:
+            sql = f"SELECT {_OUTHASH_FIELDS} FROM outhashes o "
+        values = self.db.execute_sql(
+            sql + "WHERE o.method = ? AND substr(o.outhash, 1, 8) = substr(?, 1, 8) "
+            "AND o.outhash = ? ORDER BY o.created, o.id LIMIT 1",
+            (mid, key, key),
+        ).fetchone()
+        return self._row(method, values, with_unihash) if values else None
+
+    # --- writes -----------------------------------------------------------------------
+    def _current_gc_mark(self) -> str:
+        row = self.db.execute_sql("SELECT value FROM config WHERE name = 'gc-mark'").fetchone()
+        return row[0] if row else ""
+
+    def report(self, method: str, taskhash: str, outhash: str, unihash: str, extra=None) -> str:
+        """Record an output hash; return the unihash now mapped to (method, taskhash).
+
+        §7.2: a new report of a taskhash takes the unihash of the oldest other report with
+        the same (method, outhash) and a different taskhash that has a mapping; else the
+        submitted one. The first mapping of a taskhash wins and never changes.
+        """
+        extra = extra or {}
+        tkey, okey = to_key(taskhash), to_key(outhash)
+        with self.db.atomic("IMMEDIATE"):
+            mid = self.method_id(method, create=True)
+            exists = self.db.execute_sql(
+                "SELECT 1 FROM outhashes WHERE method = ? "
+                "AND substr(taskhash, 1, 8) = substr(?, 1, 8) AND taskhash = ? AND outhash = ?",
+                (mid, tkey, tkey, okey),
+            ).fetchone()
+            if not exists:
+                self.db.execute_sql(
+                    "INSERT INTO outhashes (method, taskhash, outhash, created, owner, PN, PV, "
+                    "PR, task, outhash_siginfo) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (mid, tkey, okey, now_us(), *(extra.get(f) for f in _EXTRA_FIELDS)),
+                )
+                row = self.db.execute_sql(
+                    "SELECT u.unihash FROM outhashes o JOIN unihashes u "
+                    "ON u.method = o.method AND u.taskhash = o.taskhash "
+                    "WHERE o.method = ? AND substr(o.outhash, 1, 8) = substr(?, 1, 8) "
+                    "AND o.outhash = ? AND o.taskhash != ? ORDER BY o.created, o.id LIMIT 1",
+                    (mid, okey, okey, tkey),
+                ).fetchone()
+                candidate = row[0] if row else bytes.fromhex(unihash)
+                self.db.execute_sql(
+                    "INSERT OR IGNORE INTO unihashes (method, taskhash, unihash, gc_mark) "
+                    "VALUES (?, ?, ?, ?)",
+                    (mid, tkey, candidate, self._current_gc_mark()),
+                )
+            current = self._mapping(mid, tkey)
+        return current or unihash
+
+    def report_equiv(self, method: str, taskhash: str, unihash: str) -> str:
+        """§7.3: map (method, taskhash) to unihash unless mapped already; return the mapping."""
+        tkey = to_key(taskhash)
+        with self.db.atomic("IMMEDIATE"):
+            mid = self.method_id(method, create=True)
+            self.db.execute_sql(
+                "INSERT OR IGNORE INTO unihashes (method, taskhash, unihash, gc_mark) "
+                "VALUES (?, ?, ?, ?)",
+                (mid, tkey, bytes.fromhex(unihash), self._current_gc_mark()),
+            )
+            current = self._mapping(mid, tkey)
+        return current or unihash

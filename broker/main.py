@@ -52,6 +52,11 @@ def router(ctx: zmq.Context, public: bool) -> zmq.Socket:
         sock.setsockopt(zmq.HEARTBEAT_IVL, 10000)  # ZMTP pings find dead TCP peers
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 30000)
         sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+        # With a ZAP domain libzmq refuses ZMTP/1.0 peers (first byte not 0xFF) at once.
+        # Without one it reads their bytes as frames and counts the handshake as done, so a
+        # peer that sends one stray byte is never cut by HANDSHAKE_IVL. NULL clients still
+        # connect: with no ZAP handler bound, the domain is not enforced.
+        sock.setsockopt(zmq.ZAP_DOMAIN, b"hq")
     return sock
 
 

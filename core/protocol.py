@@ -345,7 +345,12 @@ def unpack_items(frame, what: str = "hash", max_bytes: int = MAX_HASH_BYTES) -> 
     # Fast path: every item is plain hex of one length (what BitBake always sends).
     if data.translate(None, _HEX_BYTES + ITEM_SEPARATOR) == b"":
         width = len(items[0])
-        if 0 < width <= max_bytes and len(data) == len(items) * (width + 1) - 1:
+        if (
+            0 < width <= max_bytes
+            and len(data) == len(items) * (width + 1) - 1
+            # the length alone also fits uneven items ("ab\nabcd\n"): check every separator
+            and data[width :: width + 1] == ITEM_SEPARATOR * (len(items) - 1)
+        ):
             return items
     for item in items:
         check_text(item, what, max_bytes)

@@ -33,7 +33,12 @@ def _extra(body: list, index: int) -> dict:
     for name in p.REPORT_EXTRA_FIELDS:
         value = extra.get(name)
         if value is not None:
-            out[name] = value if isinstance(value, str) else str(value)
+            value = value if isinstance(value, str) else str(value)
+            try:
+                value.encode("utf-8")  # JSON may carry lone surrogates, which SQLite refuses
+            except UnicodeEncodeError:
+                raise p.ProtocolError(p.E_INVALID, f"extra field {name} is not valid Unicode") from None
+            out[name] = value
     return out
 
 

@@ -127,3 +127,44 @@ def test_concurrent_equivalent_reports_agree(any_stack):
         first = c.get_outhash(M, "c" * 64, "x")["unihash"]
         assert {u for _, u in results} == {first}
         assert c.get_unihash_batch([(M, t) for t, _ in results]) == [first] * 20
+
+
+def test_worker_killed_mid_batch_loses_nothing(tmp_path):
+    """kill -9 a worker while a large batch is in flight: every answer still arrives, right."""
+    import signal
+    import threading
+
+    from helpers import wait_for
+
+    with Stack(tmp_path, workers=2) as stack:
+        rng = random.Random(11)
+        known = {"%064x" % rng.getrandbits(256): "%064x" % rng.getrandbits(256) for _ in range(2000)}
+        with create_client(stack.address, timeout=30) as c:
+            for t, u in known.items():
+                c.report_unihash_equiv(t, M, u)
+        queries = list(known) + ["%064x" % rng.getrandbits(256) for _ in range(2000)]
+        queries = queries * 50  # 200k lookups
+        rng.shuffle(queries)
+        result = {}
+
+        def run():
+            with create_client(stack.address, timeout=60) as c:
+                result["answers"] = c.get_unihash_batch([(M, t) for t in queries])
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        victim = stack.children()["hq-worker-00"]
+        stats_client = create_client(stack.address, timeout=10)
+        # Kill once the batch is flowing through the workers.
+        wait_for(lambda: stats_client.get_stats()["broker"]["counters"].get("items.get", 0) > 0
+                 or stats_client.get_stats()["broker"]["inflight_jobs"] > 0, 20, 0.001, "batch in flight")
+        victim.send_signal(signal.SIGKILL)
+        thread.join(60)
+        assert not thread.is_alive()
+        assert result["answers"] == [known.get(t) for t in queries]
+        # hq-server restarts the killed worker.
+        wait_for(lambda: "hq-worker-00" in stack.children() and stack.children()["hq-worker-00"].pid != victim.pid, 15, what="worker restart")
+        counters = stats_client.get_stats()["broker"]["counters"]
+        stats_client.close()
+        assert counters["workers.dropped"] >= 1
+        print("re-dispatched chunks:", counters.get("jobs.redispatched", 0))

@@ -1,0 +1,236 @@
+"""Option precedence: flag > HQ_* environment variable > config file > default."""
+
+from __future__ import annotations
+
+import pytest
+
+from hq import config
+from hq import server
+from hq.broker import main as broker_main
+from hq.workers import main as worker_main
+
+OPTIONS = [
+    config.Option("bind", ["tcp://127.0.0.1:8686"], "endpoints", multiple=True),
+    config.Option("heartbeat-interval", 0.5, "seconds", float),
+    config.Option("workers", 2, "count", int),
+    config.Option("read-only", False, "flag", config.BOOL),
+    config.Option("log-level", "INFO", "level", choices=("DEBUG", "INFO")),
+]
+
+DAEMONS = [
+    ("hq-broker", broker_main.OPTIONS),
+    ("hq-worker", worker_main.OPTIONS),
+    ("hq-server", server.OPTIONS),
+]
+
+
+def parse(argv=(), environ=None, prog="hq-test", options=OPTIONS):
+    return config.parse(prog, "test", options, list(argv), environ or {})
+
+
+def write(tmp_path, text: str, name: str = "hq.conf") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def fails(capsys, *args, **kwargs) -> str:
+    """Run parse, expect exit status 2, return the one-line error message."""
+    with pytest.raises(SystemExit) as exc:
+        parse(*args, **kwargs)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    return err
+
+
+# --- precedence ----------------------------------------------------------------------------
+
+
+def test_defaults_when_nothing_is_set():
+    opts = parse()
+    assert opts.bind == ["tcp://127.0.0.1:8686"]
+    assert opts.heartbeat_interval == 0.5
+    assert opts.workers == 2
+    assert opts.read_only is False
+    assert opts.config is None
+
+
+def test_file_beats_default(tmp_path):
+    path = write(tmp_path, "[hq]\nworkers = 5\nheartbeat_interval = 0.25\nread-only = yes\n")
+    opts = parse(["--config", path])
+    assert (opts.workers, opts.heartbeat_interval, opts.read_only) == (5, 0.25, True)
+    assert opts.config == path
+
+
+def test_env_beats_file(tmp_path):
+    path = write(tmp_path, "[hq]\nworkers = 5\nheartbeat-interval = 0.25\n")
+    opts = parse(["--config", path], {"HQ_WORKERS": "7"})
+    assert opts.workers == 7
+    assert opts.heartbeat_interval == 0.25  # not in the environment: the file still counts
+
+
+def test_flag_beats_env_and_file(tmp_path):
+    path = write(tmp_path, "[hq]\nworkers = 5\n")
+    opts = parse(["--config", path, "--workers", "9"], {"HQ_WORKERS": "7"})
+    assert opts.workers == 9
+
+
+def test_config_path_from_env(tmp_path):
+    path = write(tmp_path, "[hq]\nworkers = 5\n")
+    opts = parse([], {"HQ_CONFIG": path})
+    assert opts.workers == 5
+    assert opts.config == path
+
+
+def test_config_flag_beats_config_env(tmp_path):
+    first = write(tmp_path, "[hq]\nworkers = 5\n", "first.conf")
+    second = write(tmp_path, "[hq]\nworkers = 6\n", "second.conf")
+    assert parse(["--config", second], {"HQ_CONFIG": first}).workers == 6
+
+
+def test_multiple_values_split_on_commas_everywhere(tmp_path):
+    path = write(tmp_path, "[hq]\nbind = tcp://127.0.0.1:1, ipc:///tmp/a\n")
+    assert parse(["--config", path]).bind == ["tcp://127.0.0.1:1", "ipc:///tmp/a"]
+    from_env = parse([], {"HQ_BIND": "tcp://127.0.0.1:2,ipc:///tmp/b"})
+    assert from_env.bind == ["tcp://127.0.0.1:2", "ipc:///tmp/b"]
+    assert parse(["--bind", "tcp://127.0.0.1:3", "--bind", "ipc:///tmp/c,ipc:///tmp/d"]).bind == [
+        "tcp://127.0.0.1:3",
+        "ipc:///tmp/c",
+        "ipc:///tmp/d",
+    ]
+
+
+# --- one file for several programs -----------------------------------------------------------
+
+
+def test_program_section_beats_shared_section(tmp_path):
+    path = write(tmp_path, "[hq]\nheartbeat-interval = 0.25\n[hq-broker]\nheartbeat-interval = 0.125\n")
+    broker = config.parse("hq-broker", "t", broker_main.OPTIONS, ["--config", path], {})
+    worker = config.parse("hq-worker", "t", worker_main.OPTIONS, ["--config", path], {})
+    assert (broker.heartbeat_interval, worker.heartbeat_interval) == (0.125, 0.25)
+
+
+def test_shared_section_holds_keys_of_every_program(tmp_path):
+    """One [hq] section for the broker, the workers and hq-server: each takes its own keys."""
+    path = write(
+        tmp_path,
+        "[hq]\nrequest-timeout = 3\ndb = /tmp/x.db\nworkers = 4\nheartbeat-interval = 0.25\n",
+    )
+    broker = config.parse("hq-broker", "t", broker_main.OPTIONS, ["--config", path], {})
+    worker = config.parse("hq-worker", "t", worker_main.OPTIONS, ["--config", path], {})
+    srv = config.parse("hq-server", "t", server.OPTIONS, ["--config", path], {})
+    assert (broker.request_timeout, broker.heartbeat_interval) == (3.0, 0.25)
+    assert (worker.db, worker.heartbeat_interval) == ("/tmp/x.db", 0.25)
+    assert (srv.workers, srv.db) == (4, "/tmp/x.db")
+
+
+def test_every_program_can_read_the_example_file():
+    import pathlib
+
+    example = pathlib.Path(__file__).resolve().parents[2] / "configs" / "hq.conf.example"
+    for prog, options in DAEMONS:
+        opts = config.parse(prog, "t", options, ["--config", str(example)], {})
+        assert opts.config == str(example)
+
+
+def test_example_file_names_every_option():
+    import pathlib
+
+    text = (pathlib.Path(__file__).resolve().parents[2] / "configs" / "hq.conf.example").read_text()
+    for prog, options in DAEMONS:
+        if prog == "hq-server":
+            continue
+        for opt in options:
+            assert f"{opt.name} =" in text, f"{prog} option {opt.name} missing from hq.conf.example"
+
+
+# --- errors exit 2 with one line -----------------------------------------------------------------
+
+
+def test_bad_flag_value_exits_2(capsys):
+    err = fails(capsys, ["--workers", "many"])
+    assert "workers" in err and "command line" in err and "'many'" in err
+
+
+def test_bad_env_value_exits_2_and_names_the_variable(capsys):
+    err = fails(capsys, [], {"HQ_HEARTBEAT_INTERVAL": "soon"})
+    assert "HQ_HEARTBEAT_INTERVAL" in err
+
+
+def test_bad_file_value_exits_2_and_names_the_file(tmp_path, capsys):
+    path = write(tmp_path, "[hq]\nread-only = maybe\n")
+    err = fails(capsys, ["--config", path])
+    assert path in err and "read-only" in err
+
+
+def test_bad_choice_exits_2(capsys):
+    assert "log-level" in fails(capsys, [], {"HQ_LOG_LEVEL": "LOUD"})
+    assert "--log-level" in fails(capsys, ["--log-level", "LOUD"])
+
+
+def test_only_the_winning_source_is_converted(tmp_path):
+    """Only the winning source is converted: a bad file value under a good flag is ignored."""
+    path = write(tmp_path, "[hq]\nworkers = many\n")
+    assert parse(["--config", path, "--workers", "3"]).workers == 3
+
+
+def test_unknown_flag_exits_2(capsys):
+    assert "--nope" in fails(capsys, ["--nope"])
+
+
+def test_unknown_key_in_shared_section_exits_2(tmp_path, capsys):
+    path = write(tmp_path, "[hq]\nworkerz = 3\n")
+    err = fails(capsys, ["--config", path])
+    assert "workerz" in err and "[hq]" in err
+
+
+def test_key_of_another_program_in_shared_section_is_accepted(tmp_path):
+    path = write(tmp_path, "[hq]\nbusy-timeout = 100\nworkers = 3\n")  # busy-timeout: hq-worker only
+    assert parse(["--config", path]).workers == 3
+
+
+def test_key_of_another_program_in_program_section_exits_2(tmp_path, capsys):
+    path = write(tmp_path, "[hq-broker]\nbusy-timeout = 100\n")
+    with pytest.raises(SystemExit) as exc:
+        config.parse("hq-broker", "t", broker_main.OPTIONS, ["--config", path], {})
+    assert exc.value.code == 2
+    assert "busy-timeout" in capsys.readouterr().err
+
+
+def test_other_programs_section_is_not_checked_against_this_program(tmp_path):
+    path = write(tmp_path, "[hq-worker]\nbusy-timeout = 100\n")
+    assert config.parse("hq-broker", "t", broker_main.OPTIONS, ["--config", path], {}).request_timeout == 10.0
+
+
+def test_unknown_section_exits_2(tmp_path, capsys):
+    path = write(tmp_path, "[hq-borker]\nrequest-timeout = 3\n")
+    assert "hq-borker" in fails(capsys, ["--config", path])
+
+
+def test_missing_config_file_exits_2(tmp_path, capsys):
+    missing = str(tmp_path / "missing.conf")
+    assert missing in fails(capsys, [], {"HQ_CONFIG": missing})
+
+
+def test_unparsable_config_file_exits_2(tmp_path, capsys):
+    path = write(tmp_path, "workers = 3\n")  # no section header
+    assert path in fails(capsys, ["--config", path])
+
+
+def test_percent_in_a_value_is_literal(tmp_path):
+    opts = parse(["--config", write(tmp_path, "[hq]\nbind = ipc:///tmp/100%\n")])
+    assert opts.bind == ["ipc:///tmp/100%"]
+
+
+# --- --help names the variables ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prog,options", DAEMONS)
+def test_help_names_each_environment_variable(prog, options, capsys):
+    with pytest.raises(SystemExit) as exc:
+        config.parse(prog, "t", options, ["--help"], {})
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for opt in [config.CONFIG_OPTION, *options]:
+        assert opt.env in text, f"{prog} --help does not name {opt.env}"

@@ -135,8 +135,9 @@ class Broker:
     def shutdown(self) -> None:
         self.scheduler.shutdown(time.monotonic())
         self.flush()
-        self.frontend.close()
-        self.backend.close()
+        # A short linger lets the last answers and DISCONNECTs leave; never wait longer.
+        self.frontend.close(linger=500)
+        self.backend.close(linger=500)
         log.info("broker stopped")
 
 
@@ -159,7 +160,11 @@ def main(argv=None) -> int:
         return 1
     if opts.endpoint_file:
         write_lines(opts.endpoint_file, broker.endpoints)
-    broker.serve(stop)
+    try:
+        broker.serve(stop)
+    finally:
+        if opts.endpoint_file and os.path.exists(opts.endpoint_file):
+            os.unlink(opts.endpoint_file)  # a stopped broker leaves no stale endpoint behind
     broker.ctx.term()
     return 0
 

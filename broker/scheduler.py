@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 
 class PendingRequest:
-    __slots__ = ("client_id", "request_id", "command", "results", "remaining", "started", "deadline", "done", "items")
+    __slots__ = ("client_id", "request_id", "command", "results", "remaining", "queued", "started", "deadline", "done", "items")
 
     def __init__(self, client_id, request_id, command, n_jobs, items, now, timeout_s):
         self.client_id = client_id
@@ -41,6 +41,7 @@ class PendingRequest:
         self.command = command
         self.results = [None] * n_jobs
         self.remaining = n_jobs
+        self.queued = 0  # jobs of this request waiting in its client's queue
         self.items = items
         self.started = now
         self.deadline = now + timeout_s
@@ -210,6 +211,7 @@ class Scheduler:
                 Job(b"%x" % self._next_job, pending, index, command, request.credentials, chunk)
             )
         self.queued_jobs += len(bodies)
+        pending.queued = len(bodies)
         self.dispatch(now)
 
     def _broker_command(self, client_id, request, now):
@@ -224,8 +226,21 @@ class Scheduler:
     def _finish(self, pending: PendingRequest, now: float, frames: list):
         pending.done = True
         del self.pending[(pending.client_id, pending.request_id)]
+        if pending.queued:  # failed or timed out with chunks still queued: drop them now
+            self._purge(pending)
         self.request_stats.add(now - pending.started)
         self._reply(pending.client_id, frames)
+
+    def _purge(self, pending: PendingRequest):
+        queue = self.queues[pending.client_id]
+        kept = deque(job for job in queue if job.request is not pending)
+        self.queued_jobs -= len(queue) - len(kept)
+        pending.queued = 0
+        if kept:
+            self.queues[pending.client_id] = kept
+        else:
+            del self.queues[pending.client_id]
+            self.turns.remove(pending.client_id)
 
     # --- workers ------------------------------------------------------------------------
     def on_worker(self, frames: list, now: float):
@@ -289,6 +304,7 @@ class Scheduler:
             self.turns.appendleft(client_id)
         queue.appendleft(job)
         self.queued_jobs += 1
+        job.request.queued += 1
 
     def _job_done(self, worker: Worker, job_id: bytes, status: int, body: list, now: float):
         job = worker.jobs.pop(job_id, None)
@@ -328,12 +344,11 @@ class Scheduler:
             queue = queues[client_id]
             job = queue.popleft()
             self.queued_jobs -= 1
+            job.request.queued -= 1
             if queue:
                 turns.append(client_id)
             else:
                 del queues[client_id]
-            if job.request.done:
-                continue  # its request failed or timed out; the worker slot stays free
             free.popleft()
             job.worker_id = worker.worker_id
             worker.jobs[job.job_id] = job

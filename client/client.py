@@ -241,53 +241,43 @@ class Client:
         return self._exchange([(command, list(body), decode)])[0]
 
     # --- batching -----------------------------------------------------------------------
-    def _batches(self, pairs):
-        """Group (method, taskhash) pairs into GET requests of chunk frame pairs."""
-        body: list = []
-        counts: list = []
-        items_in_request = 0
-        method = None
-        chunk: list = []
+    def _chunked(self, keyed_items):
+        """Group (key, item) pairs into requests: lists of (key, [items]) chunks.
 
-        def close_chunk():
-            nonlocal chunk, items_in_request
-            if chunk:
-                body.extend((method.encode("utf-8"), p.pack_items(chunk)))
-                counts.append(len(chunk))
+        A chunk holds up to ``chunk_items`` consecutive items with one key (the method of a
+        GET); a request holds up to ``request_items`` items and at most the chunks that fit
+        in MAX_FRAMES. Works on generators of any length without materialising them.
+        """
+        chunks: list = []
+        chunk: list = []
+        key = None
+        items_in_request = 0
+        for k, item in keyed_items:
+            if chunk and (k != key or len(chunk) >= self.chunk_items):
+                chunks.append((key, chunk))
                 items_in_request += len(chunk)
                 chunk = []
-
-        for m, taskhash in pairs:
-            if m != method or len(chunk) >= self.chunk_items:
-                close_chunk()
-                full = items_in_request + self.chunk_items > self.request_items
-                if body and (full or len(counts) >= _MAX_CHUNKS):
-                    yield p.GET, body, _unihash_decoder(counts)
-                    body, counts, items_in_request = [], [], 0
-                method = m
-            chunk.append(taskhash)
-        close_chunk()
-        if body:
-            yield p.GET, body, _unihash_decoder(counts)
-
-    def _exists_batches(self, unihashes):
-        body: list = []
-        counts: list = []
-        chunk: list = []
-        for unihash in unihashes:
-            chunk.append(unihash)
-            if len(chunk) >= self.chunk_items:
-                body.append(p.pack_items(chunk))
-                counts.append(len(chunk))
-                chunk = []
-                if sum(counts) + self.chunk_items > self.request_items:
-                    yield p.EXISTS, body, _flags_decoder(counts)
-                    body, counts = [], []
+                if items_in_request + self.chunk_items > self.request_items or len(chunks) >= _MAX_CHUNKS:
+                    yield chunks
+                    chunks, items_in_request = [], 0
+            key = k
+            chunk.append(item)
         if chunk:
-            body.append(p.pack_items(chunk))
-            counts.append(len(chunk))
-        if body:
-            yield p.EXISTS, body, _flags_decoder(counts)
+            chunks.append((key, chunk))
+        if chunks:
+            yield chunks
+
+    def _get_requests(self, pairs):
+        for chunks in self._chunked(pairs):
+            body: list = []
+            for method, taskhashes in chunks:
+                body += (method.encode("utf-8"), p.pack_items(taskhashes))
+            yield p.GET, body, _list_decoder(p.unpack_unihashes, [len(c) for _, c in chunks])
+
+    def _exists_requests(self, unihashes):
+        for chunks in self._chunked((None, u) for u in unihashes):
+            body = [p.pack_items(items) for _, items in chunks]
+            yield p.EXISTS, body, _list_decoder(p.unpack_flags, [len(c) for _, c in chunks])
 
     # --- BitBake hashserv client API ------------------------------------------------------
     def ping(self) -> dict:
@@ -300,7 +290,7 @@ class Client:
     def get_unihash_batch(self, args) -> list:
         """Unihash or None for each (method, taskhash) of an iterable, in order."""
         out: list = []
-        for part in self._exchange(self._batches(args)):
+        for part in self._exchange(self._get_requests(args)):
             out.extend(part)
         return out
 
@@ -309,7 +299,7 @@ class Client:
 
     def unihash_exists_batch(self, unihashes) -> list:
         out: list = []
-        for part in self._exchange(self._exists_batches(unihashes)):
+        for part in self._exchange(self._exists_requests(unihashes)):
             out.extend(part)
         return out
 
@@ -362,25 +352,15 @@ def _unihash_body(body: list) -> str:
     return value
 
 
-def _unihash_decoder(counts: list):
+def _list_decoder(unpack, counts: list):
+    """Decoder of a batched reply: one frame per chunk, ``counts[i]`` items in chunk i."""
+
     def decode(body: list) -> list:
         if len(body) != len(counts):
             raise ValueError(f"reply has {len(body)} chunks, expected {len(counts)}")
         out: list = []
         for frame, n in zip(body, counts):
-            out.extend(p.unpack_unihashes(frame, n))
-        return out
-
-    return decode
-
-
-def _flags_decoder(counts: list):
-    def decode(body: list) -> list:
-        if len(body) != len(counts):
-            raise ValueError(f"reply has {len(body)} chunks, expected {len(counts)}")
-        out: list = []
-        for frame, n in zip(body, counts):
-            out.extend(p.unpack_flags(frame, n))
+            out.extend(unpack(frame, n))
         return out
 
     return decode

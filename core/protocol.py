@@ -107,7 +107,7 @@ RETRYABLE_STATUSES = frozenset({E_BUSY, E_INTERNAL, E_UNAVAILABLE, E_STORAGE})
 
 # --- limits ---------------------------------------------------------------------------
 MAX_FRAME_BYTES = 8 * 1024 * 1024  # ZMQ_MAXMSGSIZE on every socket: bigger frames disconnect
-MAX_FRAMES = 2050  # frames in one request (envelope + 1024 GET chunks)
+MAX_FRAMES = 2050  # frames in one request (4 envelope frames + 1023 GET chunks)
 MAX_REQUEST_ID_BYTES = 32
 MAX_COMMAND_BYTES = 32
 MAX_CREDENTIALS_BYTES = 1024
@@ -394,14 +394,18 @@ def pack_unihashes(unihashes) -> bytes:
 
 def unpack_unihashes(frame, expected: int) -> list:
     """Decode a GET reply chunk; every item is a valid unihash or None. Raises ProtocolError."""
-    items = bytes(frame).decode("ascii", "replace").split("\n")
+    data = bytes(frame)
+    items = data.decode("ascii", "replace").split("\n")
     if len(items) != expected:
         raise ProtocolError(E_BAD_REQUEST, f"reply has {len(items)} items, expected {expected}")
-    out = [u or None for u in items]
-    for u in out:
-        if u is not None and UNIHASH_RE.match(u) is None:
-            raise ProtocolError(E_BAD_REQUEST, "reply carries a malformed unihash")
-    return out
+    # Only lower-case hex and separators, and every item 64 characters or empty: this check
+    # runs in C and takes a quarter of the time of a regex per item (PROTOCOL.md, Packing).
+    if not data.translate(None, _HEX_BYTES + ITEM_SEPARATOR):
+        if len(data) == 65 * expected - 1 and data[64::65] == ITEM_SEPARATOR * (expected - 1):
+            return items  # every item a hit
+        if all(len(u) == 64 or not u for u in items):
+            return [u or None for u in items]
+    raise ProtocolError(E_BAD_REQUEST, "reply carries a malformed unihash")
 
 
 def pack_flags(flags) -> bytes:
@@ -417,7 +421,9 @@ def unpack_flags(frame, expected: int) -> list:
 
 
 def encode_json(value) -> bytes:
-    return json.dumps(value, separators=(",", ":")).encode("utf-8")
+    # ensure_ascii=False: non-ASCII text stays as compact UTF-8 instead of \\uXXXX escapes,
+    # which could make a row with a big outhash_siginfo outgrow MAX_FRAME_BYTES.
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
 def decode_json_object(frame, what: str, max_bytes: int = MAX_EXTRA_BYTES) -> dict:

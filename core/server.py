@@ -141,18 +141,21 @@ def main(argv=None) -> int:
 
 
 def _stop_all(children: list) -> None:
-    running = [c for c in children if c.proc is not None and c.proc.poll() is None]
-    # Workers first, then the broker, so no worker sees its broker vanish under it.
-    for child in reversed(running):
-        child.proc.send_signal(signal.SIGTERM)
-    end = time.monotonic() + STOP_WAIT_S
-    for child in running:
-        try:
-            child.proc.wait(max(0.0, end - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            log.warning("%s did not stop in %.0f s; killing it", child.name, STOP_WAIT_S)
-            child.proc.kill()
-            child.proc.wait()
+    """Workers first, then the broker, so no worker sees its broker vanish under it."""
+    workers = [c for c in children[1:] if c.proc is not None]
+    broker = [c for c in children[:1] if c.proc is not None]
+    for group in (workers, broker):
+        for child in group:
+            if child.proc.poll() is None:
+                child.proc.send_signal(signal.SIGTERM)
+        end = time.monotonic() + STOP_WAIT_S
+        for child in group:
+            try:
+                child.proc.wait(max(0.0, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop in %.0f s; killing it", child.name, STOP_WAIT_S)
+                child.proc.kill()
+                child.proc.wait()
 
 
 if __name__ == "__main__":

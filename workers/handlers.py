@@ -64,7 +64,7 @@ class Handlers:
             p.check_body_shape(command, body)
             return p.OK, handler(body)
         except p.ProtocolError as exc:
-            return exc.code, [exc.message.encode()]
+            return exc.code, [exc.message.encode("utf-8", "replace")[: p.MAX_ERROR_BYTES]]
         except sqlite3.OperationalError as exc:
             # Locked past busy_timeout, disk full, read-only file, file gone: the caller
             # may retry; the text never says "database is locked" to a client.

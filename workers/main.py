@@ -28,7 +28,8 @@ OPTIONS = [
     config.Option("backend", "ipc://hq-backend.ipc", "broker endpoint for workers to connect to"),
     config.Option("db", "hq.db", "SQLite database file"),
     config.Option("synchronous", "normal", "SQLite synchronous mode: normal survives process crashes, full also power loss", choices=SYNCHRONOUS_MODES),
-    config.Option("busy-timeout", 5000, "milliseconds a write waits for another worker's lock", int),
+    config.Option("busy-timeout", 200, "SQLite busy_timeout, milliseconds: one wait for another worker's lock", int),
+    config.Option("lock-wait", 5.0, "seconds a write waits in all for the lock (heartbeating) before STORAGE busy", float),
     config.Option("cache-size", 16384, "SQLite page cache per worker, KiB", int),
     config.Option("mmap-size", 0, "SQLite mmap_size, bytes (0 = off)", int),
     config.Option("heartbeat-interval", 0.5, "seconds between heartbeats with the broker", float),
@@ -72,6 +73,11 @@ class WorkerLoop:
             log.warning("broker not accepting messages; reply dropped (it will re-dispatch)")
         self.last_sent = time.monotonic()
 
+    def heartbeat_if_due(self) -> None:
+        """Called while a long step (waiting for the write lock) holds up the loop."""
+        if time.monotonic() - self.last_sent >= self.opts.heartbeat_interval:
+            self.send(p.HEARTBEAT_MESSAGE)
+
     def serve(self, stop) -> None:
         self.connect()
         interval = self.opts.heartbeat_interval
@@ -92,7 +98,7 @@ class WorkerLoop:
             elif now - self.last_sent >= interval:
                 self.send(p.HEARTBEAT_MESSAGE)
         self.send(p.DISCONNECT_MESSAGE)
-        self.socket.close(linger=0)
+        self.socket.close(linger=200)  # long enough for DISCONNECT to leave
         log.info("worker %s stopped", self.info["name"])
 
     def on_message(self, frames: list) -> bool:
@@ -106,6 +112,8 @@ class WorkerLoop:
         if kind == p.REQUEST:
             job_id, command, credentials, body = fields
             status, reply = self.handlers.handle(command, credentials, body)
+            if any(len(frame) > p.MAX_FRAME_BYTES for frame in reply):
+                status, reply = p.E_TOO_LARGE, [b"reply larger than MAX_FRAME_BYTES"]
             self.send(p.encode_job_reply(job_id, status, reply))
         elif kind == p.DISCONNECT:
             log.info("broker asked this worker to register again")
@@ -131,7 +139,9 @@ def main(argv=None) -> int:
         log.error("cannot open database %s: %s", opts.db, exc)
         return 2
     info = {"name": name, "pid": os.getpid(), "settings": settings_in_force(db)}
-    loop = WorkerLoop(opts, Handlers(Store(db)), info)
+    store = Store(db, lock_wait_s=opts.lock_wait)
+    loop = WorkerLoop(opts, Handlers(store), info)
+    store.on_wait = loop.heartbeat_if_due
     loop.serve(stop)
     db.close()
     loop.ctx.term()

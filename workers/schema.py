@@ -179,7 +179,7 @@ def pragmas(synchronous: str, busy_timeout_ms: int, cache_size_kib: int, mmap_si
 def open_database(
     path: str,
     synchronous: str = "normal",
-    busy_timeout_ms: int = 5000,
+    busy_timeout_ms: int = 200,
     cache_size_kib: int = 16384,
     mmap_size: int = 0,
     startup_timeout_s: float = 30.0,

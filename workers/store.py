@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import datetime
 import time
+from contextlib import contextmanager
 
-from peewee import SqliteDatabase
+from peewee import OperationalError, SqliteDatabase
 
 from .schema import from_key, to_key
 
@@ -48,12 +49,44 @@ def _keys(items: list) -> list:
     return [to_key(item) for item in items]
 
 
-class Store:
-    """All reads and writes a worker performs; one instance per worker process."""
+def is_busy(exc: Exception) -> bool:
+    text = str(exc)
+    return "locked" in text or "busy" in text
 
-    def __init__(self, db: SqliteDatabase):
+
+class Store:
+    """All reads and writes a worker performs; one instance per worker process.
+
+    ``lock_wait_s`` bounds how long a write waits for another worker's write lock. The wait
+    is made of short SQLite busy timeouts, and ``on_wait`` runs between them: the worker
+    heartbeats there, so the broker does not take a worker waiting its turn for a frozen one.
+    """
+
+    def __init__(self, db: SqliteDatabase, lock_wait_s: float = 5.0):
         self.db = db
+        self.lock_wait_s = lock_wait_s
+        self.on_wait = lambda: None
         self._method_ids: dict = {}
+
+    @contextmanager
+    def write_transaction(self):
+        """``BEGIN IMMEDIATE`` ... ``COMMIT``, waiting up to ``lock_wait_s`` for the lock."""
+        deadline = time.monotonic() + self.lock_wait_s
+        while True:
+            txn = self.db.atomic("IMMEDIATE")
+            try:
+                txn.__enter__()
+                break
+            except OperationalError as exc:
+                if not is_busy(exc) or time.monotonic() >= deadline:
+                    raise
+                self.on_wait()
+        try:
+            yield
+        except BaseException as exc:
+            txn.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        txn.__exit__(None, None, None)
 
     # --- methods --------------------------------------------------------------------
     def method_id(self, method: str, create: bool = False):
@@ -178,7 +211,7 @@ class Store:
         """
         extra = extra or {}
         tkey, okey = to_key(taskhash), to_key(outhash)
-        with self.db.atomic("IMMEDIATE"):
+        with self.write_transaction():
             mid = self.method_id(method, create=True)
             exists = self.db.execute_sql(
                 "SELECT 1 FROM outhashes WHERE method = ? "
@@ -210,7 +243,7 @@ class Store:
     def report_equiv(self, method: str, taskhash: str, unihash: str) -> str:
         """§7.3: map (method, taskhash) to unihash unless mapped already; return the mapping."""
         tkey = to_key(taskhash)
-        with self.db.atomic("IMMEDIATE"):
+        with self.write_transaction():
             mid = self.method_id(method, create=True)
             self.db.execute_sql(
                 "INSERT OR IGNORE INTO unihashes (method, taskhash, unihash, gc_mark) "

@@ -237,3 +237,13 @@ def test_client_works_in_a_forked_child(shared_stack):
     # The parent's client still works, and sees the child's report.
     assert c.get_unihash(M, "f1" * 32) == U1
     c.close()
+
+
+@pytest.mark.parametrize("chunk_items", [1, 3, 1000])
+def test_batches_respect_frame_and_item_limits(shared_stack, chunk_items):
+    """Tiny chunks or alternating methods must still fit MAX_FRAMES and MAX_BATCH_ITEMS."""
+    with create_client(shared_stack.address, timeout=20, chunk_items=chunk_items, request_items=10**6) as c:
+        c.report_unihash_equiv("ab" * 32, M, U1)
+        pairs = [(M if i % 2 else "Other", "ab" * 32) for i in range(9000)]
+        assert c.get_unihash_batch(pairs) == [U1 if i % 2 else None for i in range(9000)]
+        assert c.unihash_exists_batch([U1, "0" * 64] * 4000) == [True, False] * 4000

@@ -174,6 +174,8 @@ def test_no_workers_means_unavailable_after_the_request_timeout():
     s.tick(5.0)
     (reply,) = replies(s)
     assert reply.status == p.E_UNAVAILABLE and reply.request_id == b"r"
+    # Its queued chunk is gone at once: it no longer counts against the queue bounds.
+    assert (s.queued_jobs, s.queues, list(s.turns)) == (0, {}, [])
     ready(s, b"w1", 6.0)
     assert take_jobs(s) == []  # the timed-out job is not run
 
@@ -202,6 +204,7 @@ def test_worker_error_fails_the_request_once():
     answer(s, b"w2", jobs[1][1], echo_reply(jobs[1][2]))
     assert replies(s) == []  # the rest of a failed request is not answered again
     assert take_jobs(s) == []  # and its queued chunk is not run
+    assert s.queued_jobs == 0
 
 
 def test_duplicate_pending_request_id_is_refused():

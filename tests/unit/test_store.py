@@ -178,7 +178,7 @@ def test_settings_in_force(store):
     s = settings_in_force(store.db)
     assert s["journal_mode"] == "wal"
     assert s["synchronous"] == "normal"
-    assert s["busy_timeout"] == 5000
+    assert s["busy_timeout"] == 200
 
 
 def test_synchronous_full(tmp_path):
@@ -209,3 +209,36 @@ def test_two_connections_see_each_others_writes(tmp_path, store):
 def test_queries_use_the_prefix_indexes(store, sql, index):
     plan = " ".join(str(row) for row in store.db.execute_sql("EXPLAIN QUERY PLAN " + sql, [b"x"] * sql.count("?")))
     assert index in plan, plan
+
+
+def test_a_write_waits_for_the_lock_and_heartbeats_meanwhile(store):
+    holder = sqlite3.connect(store.db.database, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another worker holds the write lock
+    waits = []
+
+    def on_wait():
+        waits.append(1)
+        if len(waits) == 2:
+            holder.execute("COMMIT")  # ... and lets go while we wait
+
+    store.on_wait = on_wait
+    try:
+        assert store.report(M, T1, O1, U1) == U1
+    finally:
+        holder.close()
+    assert len(waits) == 2
+
+
+def test_a_write_gives_up_after_lock_wait(store):
+    holder = sqlite3.connect(store.db.database, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    waits = []
+    store.on_wait = lambda: waits.append(1)
+    store.lock_wait_s = 0.5
+    try:
+        with pytest.raises(Exception, match="locked"):
+            store.report_equiv(M, T1, U1)
+    finally:
+        holder.close()
+    assert len(waits) >= 1
+    assert store.report_equiv(M, T1, U1) == U1  # nothing half-done was left behind

@@ -33,7 +33,8 @@ OPTIONS = [
     config.Option("request-timeout", 10.0, "seconds before an unanswered request gets UNAVAILABLE", float),
     config.Option("max-client-jobs", 4096, "queued chunks allowed per client before BUSY", int),
     config.Option("max-queued-jobs", 65536, "queued chunks allowed in total before BUSY", int),
-    config.Option("worker-credit", 1, "jobs sent to one worker at a time", int),
+    config.Option("worker-credit", 1, "REQUEST messages a worker holds at a time", int),
+    config.Option("merge-items", 1000, "items of small same-command jobs merged into one worker REQUEST (1 = no merging)", int),
     config.Option("endpoint-file", "", "once bound, write the client endpoints here, one per line"),
     config.Option("log-level", "INFO", "logging level", choices=logs.LEVELS),
 ]
@@ -71,6 +72,7 @@ class Broker:
             max_client_jobs=opts.max_client_jobs,
             max_queued_jobs=opts.max_queued_jobs,
             worker_credit=opts.worker_credit,
+            merge_items=opts.merge_items,
             now=time.monotonic(),
         )
         self.frontend = router(self.ctx, public=True)

@@ -18,6 +18,11 @@ DEFAULT_WINDOW = 4
 DEFAULT_REQUEST_ITEMS = 8 * p.DEFAULT_CHUNK_ITEMS
 #: Chunks one request may carry (each GET chunk is two frames).
 _MAX_CHUNKS = (p.MAX_FRAMES - 4) // 2
+# Plain ints: pyzmq's flag enums cost several microseconds per frame on the hot path.
+_SNDMORE_NOBLOCK = int(zmq.SNDMORE) | int(zmq.NOBLOCK)
+_NOBLOCK = int(zmq.NOBLOCK)
+_POLLIN = int(zmq.POLLIN)
+_EVENTS = int(zmq.EVENTS)
 _BACKOFF_START_S = 0.05
 _BACKOFF_MAX_S = 1.0
 
@@ -71,6 +76,7 @@ class Client:
         self._pid = None
         self._ctx = None
         self._socket = None
+        self._poller = None
         self._ids = itertools.count(1)
         self.stale_replies = 0  # replies discarded because no call was waiting for them
 
@@ -93,6 +99,8 @@ class Client:
                 sock.close()
                 raise ConnectionError(f"cannot connect to {self.address}: {exc}") from None
             self._socket = sock
+            self._poller = zmq.Poller()  # kept: Socket.poll() builds a new Poller every call
+            self._poller.register(sock, _POLLIN)
         return self._socket
 
     def _reset_socket(self) -> None:
@@ -100,6 +108,7 @@ class Client:
         if self._socket is not None and self._pid == os.getpid():
             self._socket.close(linger=0)
         self._socket = None
+        self._poller = None
 
     def close(self) -> None:
         if self._pid == os.getpid():
@@ -126,8 +135,12 @@ class Client:
 
     # --- the exchange engine ---------------------------------------------------------
     def _send(self, request_id: bytes, entry: _Outstanding) -> None:
+        frames = p.encode_request(request_id, entry.command, entry.body)
+        send = self._sock().send
         try:
-            self._sock().send_multipart(p.encode_request(request_id, entry.command, entry.body), zmq.NOBLOCK)
+            for frame in frames[:-1]:
+                send(frame, _SNDMORE_NOBLOCK)
+            send(frames[-1], _NOBLOCK)
         except zmq.Again:
             pass  # pipe full: the attempt deadline will resend
         except zmq.ZMQError as exc:
@@ -167,7 +180,7 @@ class Client:
             )
             sock = self._sock()
             try:
-                ready = sock.poll(max(0, int((wake - now) * 1000) + 1), zmq.POLLIN)
+                ready = self._poller.poll(max(0, int((wake - now) * 1000) + 1))
             except zmq.ZMQError as exc:
                 raise ConnectionError(f"poll failed: {exc}") from None
             if ready:
@@ -195,9 +208,10 @@ class Client:
         self._send(new_id, entry)
 
     def _receive(self, sock, outstanding: dict, results: list) -> None:
-        while True:
+        # ZMQ_EVENTS says whether another message waits: cheaper than ending on zmq.Again.
+        while sock.getsockopt(_EVENTS) & _POLLIN:
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                frames = sock.recv_multipart(_NOBLOCK)
             except zmq.Again:
                 return
             except zmq.ZMQError as exc:

@@ -15,9 +15,9 @@ Worker <-> broker (HQW, a DEALER talking to the broker's backend ROUTER)::
 
     worker -> broker: [HQW01, READY, info_json]
                       [HQW01, HEARTBEAT]
-                      [HQW01, REPLY, job_id, status, body...]
+                      [HQW01, REPLY, (job_id, status, n, n body frames)...]
                       [HQW01, DISCONNECT]
-    broker -> worker: [HQW01, REQUEST, job_id, command, credentials, body...]
+    broker -> worker: [HQW01, REQUEST, command, credentials, (job_id, n, n body frames)...]
                       [HQW01, HEARTBEAT]
                       [HQW01, DISCONNECT]
 """
@@ -262,12 +262,28 @@ def encode_ready(info: dict) -> list:
     return [WORKER_PROTOCOL, READY, json.dumps(info).encode()]
 
 
+def encode_jobs(command: bytes, credentials: bytes, jobs) -> list:
+    """A REQUEST carrying one or more jobs ``[(job_id, body)]`` of one command."""
+    frames = [WORKER_PROTOCOL, REQUEST, command, credentials]
+    for job_id, body in jobs:
+        frames += (job_id, b"%d" % len(body), *body)
+    return frames
+
+
 def encode_job(job_id: bytes, command: bytes, credentials: bytes, body) -> list:
-    return [WORKER_PROTOCOL, REQUEST, job_id, command, credentials, *body]
+    return encode_jobs(command, credentials, [(job_id, body)])
+
+
+def encode_results(results) -> list:
+    """A REPLY carrying one result ``(job_id, status, body)`` per job of a REQUEST."""
+    frames = [WORKER_PROTOCOL, REPLY]
+    for job_id, status, body in results:
+        frames += (job_id, b"%d" % status, b"%d" % len(body), *body)
+    return frames
 
 
 def encode_job_reply(job_id: bytes, status: int, body=()) -> list:
-    return [WORKER_PROTOCOL, REPLY, job_id, b"%d" % status, *body]
+    return encode_results([(job_id, status, list(body))])
 
 
 def encode_job_error(job_id: bytes, code: int, message: str) -> list:
@@ -278,19 +294,51 @@ HEARTBEAT_MESSAGE = [WORKER_PROTOCOL, HEARTBEAT]
 DISCONNECT_MESSAGE = [WORKER_PROTOCOL, DISCONNECT]
 
 
+def _count(frame, what: str) -> int:
+    data = bytes(frame)
+    if not data.isdigit() or len(data) > 9:
+        raise ProtocolError(E_BAD_REQUEST, f"{what} is not a count")
+    return int(data)
+
+
+def _split_jobs(frames: list, start: int, with_status: bool) -> list:
+    """Parse ``(job_id, [status,] n, n frames)`` runs from ``frames[start:]``."""
+    out = []
+    i, end = start, len(frames)
+    head = 3 if with_status else 2
+    while i < end:
+        if i + head > end:
+            raise ProtocolError(E_BAD_REQUEST, "truncated job")
+        job_id = bytes(frames[i])
+        n = _count(frames[i + head - 1], "job frame count")
+        body_start = i + head
+        if body_start + n > end:
+            raise ProtocolError(E_BAD_REQUEST, "job frame count exceeds the message")
+        body = frames[body_start : body_start + n]
+        if with_status:
+            try:
+                status = int(bytes(frames[i + 1]))
+            except ValueError:
+                raise ProtocolError(E_BAD_REQUEST, "job status is not a number") from None
+            out.append((job_id, status, body))
+        else:
+            out.append((job_id, body))
+        i = body_start + n
+    if not out:
+        raise ProtocolError(E_BAD_REQUEST, "message carries no job")
+    return out
+
+
 def decode_worker_message(frames: list) -> tuple:
-    """Decode a message from a worker: (kind, fields). Raises ProtocolError."""
+    """Decode a message from a worker: (kind, fields). Raises ProtocolError.
+
+    REPLY fields are ``[(job_id, status, body)]``; READY fields are the info dict.
+    """
     if len(frames) < 2 or bytes(frames[0]) != WORKER_PROTOCOL:
         raise ProtocolError(E_BAD_REQUEST, "not an HQW01 worker message")
     kind = bytes(frames[1])
     if kind == REPLY:
-        if len(frames) < 4:
-            raise ProtocolError(E_BAD_REQUEST, "REPLY needs job id and status")
-        try:
-            status = int(bytes(frames[3]))
-        except ValueError:
-            raise ProtocolError(E_BAD_REQUEST, "REPLY status is not a number") from None
-        return kind, (bytes(frames[2]), status, frames[4:])
+        return kind, _split_jobs(frames, 2, with_status=True)
     if kind in (HEARTBEAT, DISCONNECT) and len(frames) == 2:
         return kind, ()
     if kind == READY and len(frames) == 3:
@@ -305,14 +353,17 @@ def decode_worker_message(frames: list) -> tuple:
 
 
 def decode_broker_message(frames: list) -> tuple:
-    """Decode a message from the broker to a worker: (kind, fields). Raises ProtocolError."""
+    """Decode a message from the broker to a worker: (kind, fields). Raises ProtocolError.
+
+    REQUEST fields are ``(command, credentials, [(job_id, body)])``.
+    """
     if len(frames) < 2 or bytes(frames[0]) != WORKER_PROTOCOL:
         raise ProtocolError(E_BAD_REQUEST, "not an HQW01 broker message")
     kind = bytes(frames[1])
     if kind == REQUEST:
-        if len(frames) < 5:
-            raise ProtocolError(E_BAD_REQUEST, "REQUEST needs job id, command, credentials")
-        return kind, (bytes(frames[2]), bytes(frames[3]), bytes(frames[4]), frames[5:])
+        if len(frames) < 6:
+            raise ProtocolError(E_BAD_REQUEST, "REQUEST needs command, credentials and a job")
+        return kind, (bytes(frames[2]), bytes(frames[3]), _split_jobs(frames, 4, with_status=False))
     if kind in (HEARTBEAT, DISCONNECT):
         return kind, ()
     raise ProtocolError(E_BAD_REQUEST, f"bad broker message {_show(kind)}")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import sqlite3
 
+import peewee
+
 from hq import protocol as p
 
 from .store import Store
@@ -43,84 +45,142 @@ def _extra(body: list, index: int) -> dict:
 
 
 class Handlers:
+    """Each command is a pair: ``parse`` (one job's body -> arguments, raising ProtocolError)
+    and ``run`` (the arguments of every job in a REQUEST -> one reply body per job).
+
+    Running a REQUEST's jobs together is what makes the broker's merging pay: all the
+    lookups of one method are one SQL query, and all the reports one transaction (group
+    commit: one fsync, one write lock, every reply after the commit).
+    """
+
     def __init__(self, store: Store):
         self.store = store
         self.table = {
-            p.PING: self.ping,
-            p.GET: self.get,
-            p.EXISTS: self.exists,
-            p.GET_FULL: self.get_full,
-            p.GET_OUTHASH: self.get_outhash,
-            p.REPORT: self.report,
-            p.REPORT_EQUIV: self.report_equiv,
+            p.PING: (lambda body: None, lambda args: [[] for _ in args]),
+            p.GET: (self.parse_get, self.run_get),
+            p.EXISTS: (self.parse_exists, self.run_exists),
+            p.GET_FULL: (self.parse_get_full, self.run_each(self.get_full)),
+            p.GET_OUTHASH: (self.parse_get_outhash, self.run_each(self.get_outhash)),
+            p.REPORT: (self.parse_report, self.run_reports),
+            p.REPORT_EQUIV: (self.parse_report_equiv, self.run_report_equivs),
         }
 
     def handle(self, command: bytes, credentials: bytes, body: list) -> tuple:
         """Return (status, reply body frames) for one job."""
-        handler = self.table.get(command)
-        if handler is None:
-            return p.E_UNKNOWN_COMMAND, [b"unknown command %s" % command[:40]]
-        try:
-            p.check_body_shape(command, body)
-            return p.OK, handler(body)
-        except p.ProtocolError as exc:
+        ((_, status, reply),) = self.handle_jobs(command, credentials, [(b"", body)])
+        return status, reply
+
+    def handle_jobs(self, command: bytes, credentials: bytes, jobs: list) -> list:
+        """Return ``[(job_id, status, reply body frames)]``, one per job, in order."""
+        entry = self.table.get(command)
+        if entry is None:
+            text = b"unknown command " + repr(command[:40]).encode()
+            return [(job_id, p.E_UNKNOWN_COMMAND, [text]) for job_id, _ in jobs]
+        parse, run = entry
+        results: dict = {}
+        parsed: list = []
+        for job_id, body in jobs:
+            try:
+                p.check_body_shape(command, body)
+                parsed.append((job_id, parse(body)))
+            except p.ProtocolError as exc:
+                results[job_id] = (exc.code, [exc.message.encode("utf-8", "replace")[: p.MAX_ERROR_BYTES]])
+        if parsed:
+            try:
+                bodies = run([args for _, args in parsed])
+                for (job_id, _), reply in zip(parsed, bodies):
+                    results[job_id] = (p.OK, reply)
+            except Exception as exc:
+                error = self._error(command, exc)
+                for job_id, _ in parsed:
+                    results[job_id] = error
+        return [(job_id, *results[job_id]) for job_id, _ in jobs]
+
+    @staticmethod
+    def _error(command: bytes, exc: Exception) -> tuple:
+        name = command.decode(errors="replace")
+        if isinstance(exc, p.ProtocolError):
             return exc.code, [exc.message.encode("utf-8", "replace")[: p.MAX_ERROR_BYTES]]
-        except sqlite3.OperationalError as exc:
-            # Locked past busy_timeout, disk full, read-only file, file gone: the caller
-            # may retry; the text never says "database is locked" to a client.
-            log.warning("storage error on %s: %s", command.decode(errors="replace"), exc)
+        if isinstance(exc, (sqlite3.OperationalError, peewee.OperationalError)):
+            # Lock not had within lock_wait, disk full, read-only file, file gone: the
+            # caller may retry; the text never says "database is locked" to a client.
+            log.warning("storage error on %s: %s", name, exc)
             return p.E_STORAGE, [b"storage unavailable: " + _storage_reason(exc)]
-        except sqlite3.DatabaseError as exc:
-            log.error("database error on %s: %s", command.decode(errors="replace"), exc)
+        if isinstance(exc, (sqlite3.DatabaseError, peewee.DatabaseError)):
+            log.error("database error on %s: %s", name, exc)
             return p.E_STORAGE, [b"storage error"]
-        except Exception:
-            log.exception("internal error handling %s", command.decode(errors="replace"))
-            return p.E_INTERNAL, [b"internal error"]
+        log.error("internal error handling %s", name, exc_info=exc)
+        return p.E_INTERNAL, [b"internal error"]
 
-    # --- one method per command -------------------------------------------------------
-    def ping(self, body: list) -> list:
-        return []
+    @staticmethod
+    def run_each(fn):
+        return lambda many: [fn(*args) for args in many]
 
-    def get(self, body: list) -> list:
-        out = []
-        for i in range(0, len(body), 2):
-            method = _method(body[i])
-            taskhashes = p.unpack_items(body[i + 1], "taskhash")
-            out.append(p.pack_unihashes(self.store.get_unihashes(method, taskhashes)))
+    # --- lookups ----------------------------------------------------------------------
+    @staticmethod
+    def parse_get(body: list) -> list:
+        return [
+            (_method(body[i]), p.unpack_items(body[i + 1], "taskhash"))
+            for i in range(0, len(body), 2)
+        ]
+
+    def run_get(self, many: list) -> list:
+        groups = [group for groups in many for group in groups]
+        answers = iter(self.store.get_unihashes_grouped(groups))
+        return [[p.pack_unihashes(next(answers)) for _ in groups] for groups in many]
+
+    @staticmethod
+    def parse_exists(body: list) -> list:
+        return [p.unpack_items(frame, "unihash") for frame in body]
+
+    def run_exists(self, many: list) -> list:
+        flat = [u for chunks in many for chunk in chunks for u in chunk]
+        flags = self.store.unihashes_exist(flat)
+        out, at = [], 0
+        for chunks in many:
+            frames = []
+            for chunk in chunks:
+                frames.append(p.pack_flags(flags[at : at + len(chunk)]))
+                at += len(chunk)
+            out.append(frames)
         return out
 
-    def exists(self, body: list) -> list:
-        out = []
-        for frame in body:
-            unihashes = p.unpack_items(frame, "unihash")
-            out.append(p.pack_flags(self.store.unihashes_exist(unihashes)))
-        return out
+    @staticmethod
+    def parse_get_full(body: list) -> tuple:
+        return _method(body[0]), _hash(body[1], "taskhash")
 
-    def get_full(self, body: list) -> list:
-        row = self.store.get_full(_method(body[0]), _hash(body[1], "taskhash"))
-        return [p.encode_json(row)]
+    def get_full(self, method: str, taskhash: str) -> list:
+        return [p.encode_json(self.store.get_full(method, taskhash))]
 
-    def get_outhash(self, body: list) -> list:
-        method = _method(body[0])
-        outhash = _hash(body[1], "outhash")
+    @staticmethod
+    def parse_get_outhash(body: list) -> tuple:
         _hash(body[2], "taskhash")  # used only by an upstream lookup, which hq lacks so far
-        row = self.store.get_outhash(method, outhash, p.decode_flag(body[3], "with_unihash"))
-        return [p.encode_json(row)]
+        return _method(body[0]), _hash(body[1], "outhash"), p.decode_flag(body[3], "with_unihash")
 
-    def report(self, body: list) -> list:
-        method = _method(body[0])
-        taskhash = _hash(body[1], "taskhash")
-        outhash = _hash(body[2], "outhash")
-        unihash = p.decode_unihash(body[3])
-        extra = _extra(body, 4)
-        return [self.store.report(method, taskhash, outhash, unihash, extra).encode()]
+    def get_outhash(self, method: str, outhash: str, with_unihash: bool) -> list:
+        return [p.encode_json(self.store.get_outhash(method, outhash, with_unihash))]
 
-    def report_equiv(self, body: list) -> list:
-        method = _method(body[0])
-        taskhash = _hash(body[1], "taskhash")
-        unihash = p.decode_unihash(body[2])
+    # --- writes -------------------------------------------------------------------------
+    @staticmethod
+    def parse_report(body: list) -> tuple:
+        return (
+            _method(body[0]),
+            _hash(body[1], "taskhash"),
+            _hash(body[2], "outhash"),
+            p.decode_unihash(body[3]),
+            _extra(body, 4),
+        )
+
+    def run_reports(self, many: list) -> list:
+        return [[u.encode()] for u in self.store.report_many(many)]
+
+    @staticmethod
+    def parse_report_equiv(body: list) -> tuple:
         _extra(body, 3)  # accepted and ignored, as the reference does
-        return [self.store.report_equiv(method, taskhash, unihash).encode()]
+        return _method(body[0]), _hash(body[1], "taskhash"), p.decode_unihash(body[2])
+
+    def run_report_equivs(self, many: list) -> list:
+        return [[u.encode()] for u in self.store.report_equiv_many(many)]
 
 
 def _storage_reason(exc: Exception) -> bytes:

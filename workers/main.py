@@ -110,11 +110,12 @@ class WorkerLoop:
             log.warning("bad message from broker: %s", exc.message)
             return True
         if kind == p.REQUEST:
-            job_id, command, credentials, body = fields
-            status, reply = self.handlers.handle(command, credentials, body)
-            if any(len(frame) > p.MAX_FRAME_BYTES for frame in reply):
-                status, reply = p.E_TOO_LARGE, [b"reply larger than MAX_FRAME_BYTES"]
-            self.send(p.encode_job_reply(job_id, status, reply))
+            command, credentials, jobs = fields
+            results = self.handlers.handle_jobs(command, credentials, jobs)
+            for i, (job_id, status, reply) in enumerate(results):
+                if any(len(frame) > p.MAX_FRAME_BYTES for frame in reply):
+                    results[i] = (job_id, p.E_TOO_LARGE, [b"reply larger than MAX_FRAME_BYTES"])
+            self.send(p.encode_results(results))
         elif kind == p.DISCONNECT:
             log.info("broker asked this worker to register again")
             self.connect()

@@ -67,6 +67,7 @@ class Store:
         self.lock_wait_s = lock_wait_s
         self.on_wait = lambda: None
         self._method_ids: dict = {}
+        self._uncommitted_methods: set = set()
 
     @contextmanager
     def write_transaction(self):
@@ -86,6 +87,8 @@ class Store:
         except BaseException as exc:
             txn.__exit__(type(exc), exc, exc.__traceback__)
             raise
+        finally:
+            self._uncommitted_methods.clear()
         txn.__exit__(None, None, None)
 
     # --- methods --------------------------------------------------------------------
@@ -98,10 +101,12 @@ class Store:
             return mid
         row = self.db.execute_sql("SELECT id FROM methods WHERE name = ?", (method,)).fetchone()
         if row is not None:
-            self._method_ids[method] = row[0]
+            if method not in self._uncommitted_methods:
+                self._method_ids[method] = row[0]
             return row[0]
         if not create:
             return None
+        self._uncommitted_methods.add(method)
         return self.db.execute_sql("INSERT INTO methods (name) VALUES (?)", (method,)).lastrowid
 
     # --- lookups ----------------------------------------------------------------------
@@ -120,6 +125,16 @@ class Store:
         )
         found = {taskhash: unihash.hex() for taskhash, unihash in cursor}
         return [found.get(key) for key in keys]
+
+    def get_unihashes_grouped(self, groups: list) -> list:
+        """``[(method, taskhashes)]`` -> one answer list per group; one query per method."""
+        by_method: dict = {}
+        for method, taskhashes in groups:
+            by_method.setdefault(method, []).extend(taskhashes)
+        if len(by_method) == len(groups):
+            return [self.get_unihashes(m, t) for m, t in groups]
+        answers = {m: iter(self.get_unihashes(m, t)) for m, t in by_method.items()}
+        return [[next(answers[m]) for _ in t] for m, t in groups]
 
     def unihashes_exist(self, unihashes: list) -> list:
         """For each string: does any mapping have this unihash? Outhash rows do not count."""
@@ -203,6 +218,23 @@ class Store:
         return row[0] if row else ""
 
     def report(self, method: str, taskhash: str, outhash: str, unihash: str, extra=None) -> str:
+        return self.report_many([(method, taskhash, outhash, unihash, extra)])[0]
+
+    def report_many(self, reports: list) -> list:
+        """Several reports in one write transaction (group commit); see :meth:`_report`."""
+        with self.write_transaction():
+            mark = self._current_gc_mark()
+            return [self._report(mark, *report) for report in reports]
+
+    def report_equiv(self, method: str, taskhash: str, unihash: str) -> str:
+        return self.report_equiv_many([(method, taskhash, unihash)])[0]
+
+    def report_equiv_many(self, reports: list) -> list:
+        with self.write_transaction():
+            mark = self._current_gc_mark()
+            return [self._report_equiv(mark, *report) for report in reports]
+
+    def _report(self, mark: str, method: str, taskhash: str, outhash: str, unihash: str, extra=None) -> str:
         """Record an output hash; return the unihash now mapped to (method, taskhash).
 
         §7.2: a new report of a taskhash takes the unihash of the oldest other report with
@@ -211,44 +243,40 @@ class Store:
         """
         extra = extra or {}
         tkey, okey = to_key(taskhash), to_key(outhash)
-        with self.write_transaction():
-            mid = self.method_id(method, create=True)
-            exists = self.db.execute_sql(
-                "SELECT 1 FROM outhashes WHERE method = ? "
-                "AND substr(taskhash, 1, 8) = substr(?, 1, 8) AND taskhash = ? AND outhash = ?",
-                (mid, tkey, tkey, okey),
+        mid = self.method_id(method, create=True)
+        exists = self.db.execute_sql(
+            "SELECT 1 FROM outhashes WHERE method = ? "
+            "AND substr(taskhash, 1, 8) = substr(?, 1, 8) AND taskhash = ? AND outhash = ?",
+            (mid, tkey, tkey, okey),
+        ).fetchone()
+        if not exists:
+            self.db.execute_sql(
+                "INSERT INTO outhashes (method, taskhash, outhash, created, owner, PN, PV, "
+                "PR, task, outhash_siginfo) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (mid, tkey, okey, now_us(), *(extra.get(f) for f in _EXTRA_FIELDS)),
+            )
+            row = self.db.execute_sql(
+                "SELECT u.unihash FROM outhashes o JOIN unihashes u "
+                "ON u.method = o.method AND u.taskhash = o.taskhash "
+                "WHERE o.method = ? AND substr(o.outhash, 1, 8) = substr(?, 1, 8) "
+                "AND o.outhash = ? AND o.taskhash != ? ORDER BY o.created, o.id LIMIT 1",
+                (mid, okey, okey, tkey),
             ).fetchone()
-            if not exists:
-                self.db.execute_sql(
-                    "INSERT INTO outhashes (method, taskhash, outhash, created, owner, PN, PV, "
-                    "PR, task, outhash_siginfo) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (mid, tkey, okey, now_us(), *(extra.get(f) for f in _EXTRA_FIELDS)),
-                )
-                row = self.db.execute_sql(
-                    "SELECT u.unihash FROM outhashes o JOIN unihashes u "
-                    "ON u.method = o.method AND u.taskhash = o.taskhash "
-                    "WHERE o.method = ? AND substr(o.outhash, 1, 8) = substr(?, 1, 8) "
-                    "AND o.outhash = ? AND o.taskhash != ? ORDER BY o.created, o.id LIMIT 1",
-                    (mid, okey, okey, tkey),
-                ).fetchone()
-                candidate = row[0] if row else bytes.fromhex(unihash)
-                self.db.execute_sql(
-                    "INSERT OR IGNORE INTO unihashes (method, taskhash, unihash, gc_mark) "
-                    "VALUES (?, ?, ?, ?)",
-                    (mid, tkey, candidate, self._current_gc_mark()),
-                )
-            current = self._mapping(mid, tkey)
-        return current or unihash
-
-    def report_equiv(self, method: str, taskhash: str, unihash: str) -> str:
-        """§7.3: map (method, taskhash) to unihash unless mapped already; return the mapping."""
-        tkey = to_key(taskhash)
-        with self.write_transaction():
-            mid = self.method_id(method, create=True)
+            candidate = row[0] if row else bytes.fromhex(unihash)
             self.db.execute_sql(
                 "INSERT OR IGNORE INTO unihashes (method, taskhash, unihash, gc_mark) "
                 "VALUES (?, ?, ?, ?)",
-                (mid, tkey, bytes.fromhex(unihash), self._current_gc_mark()),
+                (mid, tkey, candidate, mark),
             )
-            current = self._mapping(mid, tkey)
-        return current or unihash
+        return self._mapping(mid, tkey) or unihash
+
+    def _report_equiv(self, mark: str, method: str, taskhash: str, unihash: str) -> str:
+        """§7.3: map (method, taskhash) to unihash unless mapped already; return the mapping."""
+        tkey = to_key(taskhash)
+        mid = self.method_id(method, create=True)
+        self.db.execute_sql(
+            "INSERT OR IGNORE INTO unihashes (method, taskhash, unihash, gc_mark) "
+            "VALUES (?, ?, ?, ?)",
+            (mid, tkey, bytes.fromhex(unihash), mark),
+        )
+        return self._mapping(mid, tkey) or unihash

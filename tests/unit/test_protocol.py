@@ -159,17 +159,21 @@ def test_worker_messages_round_trip():
     assert p.decode_worker_message(p.HEARTBEAT_MESSAGE) == (p.HEARTBEAT, ())
     assert p.decode_worker_message(p.DISCONNECT_MESSAGE) == (p.DISCONNECT, ())
     reply = p.encode_job_reply(b"1f", p.OK, [b"a", b"b"])
-    assert p.decode_worker_message(reply) == (p.REPLY, (b"1f", p.OK, [b"a", b"b"]))
-    assert p.decode_worker_message(p.encode_job_reply(b"2", p.E_STORAGE)) == (p.REPLY, (b"2", p.E_STORAGE, []))
-    kind, (job_id, status, body) = p.decode_worker_message(p.encode_job_error(b"3", p.E_INTERNAL, "x" * 5000))
+    assert p.decode_worker_message(reply) == (p.REPLY, [(b"1f", p.OK, [b"a", b"b"])])
+    assert p.decode_worker_message(p.encode_job_reply(b"2", p.E_STORAGE)) == (p.REPLY, [(b"2", p.E_STORAGE, [])])
+    kind, ((job_id, status, body),) = p.decode_worker_message(p.encode_job_error(b"3", p.E_INTERNAL, "x" * 5000))
     assert (kind, job_id, status, len(body), len(body[0])) == (p.REPLY, b"3", p.E_INTERNAL, 1, p.MAX_ERROR_BYTES)
+    results = [(b"a", p.OK, [b"x", b""]), (b"b", p.E_INVALID, [b"Invalid unihash"]), (b"c", p.OK, [])]
+    assert p.decode_worker_message(p.encode_results(results)) == (p.REPLY, results)
 
 
 def test_broker_messages_round_trip():
     body = valid_body(p.REPORT)
     job = p.encode_job(b"7", p.REPORT, b"creds", body)
-    assert p.decode_broker_message(job) == (p.REQUEST, (b"7", p.REPORT, b"creds", body))
-    assert p.decode_broker_message(p.encode_job(b"8", p.PING, b"", [])) == (p.REQUEST, (b"8", p.PING, b"", []))
+    assert p.decode_broker_message(job) == (p.REQUEST, (p.REPORT, b"creds", [(b"7", body)]))
+    assert p.decode_broker_message(p.encode_job(b"8", p.PING, b"", [])) == (p.REQUEST, (p.PING, b"", [(b"8", [])]))
+    jobs = [(b"1", [b"M", b"a\nb"]), (b"2", [b"M", b"c"]), (b"3", [b"N", b""])]
+    assert p.decode_broker_message(p.encode_jobs(p.GET, b"", jobs)) == (p.REQUEST, (p.GET, b"", jobs))
     assert p.decode_broker_message(p.HEARTBEAT_MESSAGE) == (p.HEARTBEAT, ())
     assert p.decode_broker_message(p.DISCONNECT_MESSAGE) == (p.DISCONNECT, ())
 
@@ -183,9 +187,14 @@ def test_broker_messages_round_trip():
         [b"HQW02", p.HEARTBEAT],
         [p.WORKER_PROTOCOL, b"NOPE"],
         [p.WORKER_PROTOCOL, p.REQUEST, b"1", p.PING, b""],  # brokers send REQUEST, workers don't
+        [p.WORKER_PROTOCOL, p.REPLY],  # no job
         [p.WORKER_PROTOCOL, p.REPLY, b"1"],
-        [p.WORKER_PROTOCOL, p.REPLY, b"1", b"ok"],
-        [p.WORKER_PROTOCOL, p.REPLY, b"1", b""],
+        [p.WORKER_PROTOCOL, p.REPLY, b"1", b"0"],  # no frame count
+        [p.WORKER_PROTOCOL, p.REPLY, b"1", b"ok", b"0"],  # status not a number
+        [p.WORKER_PROTOCOL, p.REPLY, b"1", b"0", b"x"],  # count not a number
+        [p.WORKER_PROTOCOL, p.REPLY, b"1", b"0", b"-1"],
+        [p.WORKER_PROTOCOL, p.REPLY, b"1", b"0", b"2", b"only one"],  # count exceeds the message
+        [p.WORKER_PROTOCOL, p.REPLY, b"1", b"0", b"0", b"2"],  # a truncated second job
         [p.WORKER_PROTOCOL, p.READY],
         [p.WORKER_PROTOCOL, p.READY, b"{not json"],
         [p.WORKER_PROTOCOL, p.READY, b"\xff"],
@@ -209,7 +218,10 @@ def test_malformed_worker_message(frames):
         [p.CLIENT_PROTOCOL, p.HEARTBEAT],
         [p.WORKER_PROTOCOL, b"NOPE"],
         [p.WORKER_PROTOCOL, p.READY, b"{}"],
-        [p.WORKER_PROTOCOL, p.REQUEST, b"1", p.PING],
+        [p.WORKER_PROTOCOL, p.REQUEST, p.PING, b""],  # no job
+        [p.WORKER_PROTOCOL, p.REQUEST, p.PING, b"", b"1"],
+        [p.WORKER_PROTOCOL, p.REQUEST, p.PING, b"", b"1", b"1"],  # count exceeds the message
+        [p.WORKER_PROTOCOL, p.REQUEST, p.PING, b"", b"1", b"99999999999"],
     ],
 )
 def test_malformed_broker_message(frames):

@@ -9,6 +9,7 @@ M = b"TestMethod"
 
 
 def make(**kw):
+    kw.setdefault("merge_items", 1)  # most tests look at turns one job at a time
     kw.setdefault("heartbeat_interval_s", 1.0)
     kw.setdefault("heartbeat_liveness", 3)
     kw.setdefault("request_timeout_s", 10.0)
@@ -27,14 +28,20 @@ def get_request(client_id, request_id, chunks):
     return [client_id, *p.encode_request(request_id, p.GET, body)]
 
 
-def take_jobs(s):
-    """Jobs sent to workers since the last call: [(worker_id, job_id, body)]."""
-    jobs = []
+def take_messages(s):
+    """REQUESTs sent to workers since the last call: [(worker_id, command, [(job_id, body)])]."""
+    out = []
     for frames in s.to_workers:
         if frames[2] == p.REQUEST:
-            jobs.append((frames[0], frames[3], frames[6:]))
+            command, _, jobs = p.decode_broker_message(frames[1:])[1]
+            out.append((frames[0], command, jobs))
     s.to_workers.clear()
-    return jobs
+    return out
+
+
+def take_jobs(s):
+    """Jobs sent to workers since the last call: [(worker_id, job_id, body)]."""
+    return [(w, job_id, body) for w, _, jobs in take_messages(s) for job_id, body in jobs]
 
 
 def answer(s, worker_id, job_id, body, now=0.0, status=p.OK):
@@ -253,3 +260,61 @@ def test_shutdown_answers_pending_requests():
     (reply,) = replies(s)
     assert reply.status == p.E_UNAVAILABLE
     assert [b"w1", *p.DISCONNECT_MESSAGE] in s.to_workers
+
+
+def test_small_jobs_of_several_clients_are_merged_into_one_request():
+    s = make(merge_items=1000)
+    ready(s, b"w1")
+    s.on_client(get_request(b"first", b"r", [["f"]]), 0.0)  # w1 is busy with this one
+    for c in (b"a", b"b", b"c"):
+        s.on_client(get_request(c, b"r", [[c.decode()], [c.decode() + "2"]]), 0.0)
+    ((_, _, (job0,)),) = take_messages(s)
+    answer(s, b"w1", job0[0], echo_reply(job0[1]))
+    ((worker, command, jobs),) = take_messages(s)
+    # One job per client per REQUEST: the clients' second chunks wait for the next turn.
+    assert command == p.GET and sorted(body[1] for _, body in jobs) == [b"a", b"b", b"c"]
+    assert s.counters["jobs.merged"] == 3
+    s.on_worker([b"w1", *p.encode_results([(j, p.OK, echo_reply(b)) for j, b in jobs])], 0.1)
+    ((_, _, second),) = take_messages(s)
+    assert sorted(body[1] for _, body in second) == [b"a2", b"b2", b"c2"]
+    s.on_worker([b"w1", *p.encode_results([(j, p.OK, echo_reply(b)) for j, b in second])], 0.2)
+    got = {frames[0]: p.decode_reply(frames[1:]).body for frames in s.to_clients}
+    assert got[b"a"] == [b"a", b"a2"] and got[b"c"] == [b"c", b"c2"]
+
+
+def test_merging_respects_the_item_budget_and_the_command():
+    s = make(merge_items=5)
+    ready(s, b"w1")
+    s.on_client(get_request(b"first", b"r", [["f"]]), 0.0)
+    s.on_client(get_request(b"a", b"r", [["1", "2", "3"]]), 0.0)
+    s.on_client(get_request(b"b", b"r", [["4", "5", "6"]]), 0.0)  # would exceed 5 items
+    s.on_client([b"c", *p.encode_request(b"r", p.PING)], 0.0)
+    ((_, _, (job0,)),) = take_messages(s)
+    answer(s, b"w1", job0[0], echo_reply(job0[1]))
+    sizes = []
+    while True:
+        messages = take_messages(s)
+        if not messages:
+            break
+        ((_, command, jobs),) = messages
+        sizes.append((command, len(jobs)))
+        s.on_worker([b"w1", *p.encode_results([(j, p.OK, echo_reply(b) if command == p.GET else []) for j, b in jobs])], 0.1)
+    assert sorted(sizes) == [(p.GET, 1), (p.GET, 1), (p.PING, 1)]
+
+
+def test_a_merged_request_lost_with_its_worker_is_redispatched_whole():
+    s = make(merge_items=1000)
+    ready(s, b"w1")
+    ready(s, b"w2")
+    s.on_client(get_request(b"x", b"r", [["x"]]), 0.0)
+    s.on_client(get_request(b"y", b"r", [["y"]]), 0.0)
+    (m1, m2) = take_messages(s)  # one job each, on two workers
+    s.on_client(get_request(b"a", b"r", [["a"]]), 0.0)
+    s.on_client(get_request(b"b", b"r", [["b"]]), 0.0)
+    s.on_worker([m1[0], *p.encode_results([(j, p.OK, echo_reply(b)) for j, b in m1[2]])], 0.1)
+    ((victim, _, merged),) = take_messages(s)
+    assert len(merged) == 2
+    s.on_worker([victim, *p.DISCONNECT_MESSAGE], 0.2)
+    s.on_worker([m2[0], *p.encode_results([(j, p.OK, echo_reply(b)) for j, b in m2[2]])], 0.3)
+    ((_, _, again),) = take_messages(s)
+    assert sorted(b[1] for _, b in again) == [b"a", b"b"]

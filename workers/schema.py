@@ -20,6 +20,7 @@ is hq's own, chosen for size and lookup speed:
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 
 from peewee import (
@@ -191,6 +192,8 @@ def open_database(
     ``startup_timeout_s``, so a worker does not die (and supervisord does not mark it
     FATAL) because a sibling held the lock.
     """
+    if sqlite3.sqlite_version_info < (3, 35, 0):
+        raise RuntimeError(f"hq needs SQLite 3.35 or newer (RETURNING); this Python has {sqlite3.sqlite_version}")
     if synchronous not in SYNCHRONOUS_MODES:
         raise ValueError(f"synchronous must be one of {', '.join(SYNCHRONOUS_MODES)}")
     database.init(

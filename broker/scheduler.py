@@ -8,10 +8,10 @@ fake clock and no ZeroMQ at all.
 Scheduling rules (PROTOCOL.md, "Broker behaviour"):
 
 * A request is split into *jobs*: one per chunk of a batched command, one otherwise.
-* Each client has a FIFO of jobs; clients with queued jobs take turns, one job per turn
-  (round robin), and a client whose queue was empty joins at the front. So a client's
-  10,000-hash batch delays another client's single lookup by at most the chunks already
-  running on the workers.
+* Each client has a FIFO of jobs; the clients share the workers by start-time fair
+  queuing weighted by items (:mod:`hq.broker.fairqueue`). So a client's 10,000-hash batch
+  delays another client's single lookup by at most the chunks already running on the
+  workers, and no client's next wave jumps ahead of others that have waited longer.
 * A worker holds at most ``worker_credit`` jobs. It is expired when nothing has been heard
   from it for ``heartbeat_liveness`` heartbeat intervals; its jobs go back to the front of
   their clients' queues (lookups and reports are idempotent, so running one twice is safe).
@@ -29,10 +29,16 @@ from collections import deque
 
 from hq import protocol as p
 
+from .fairqueue import FairQueue
+
 log = logging.getLogger(__name__)
 
 #: Commands whose jobs a worker can run together (one query per method, one transaction).
 MERGE_COMMANDS = frozenset({p.GET, p.EXISTS, p.REPORT, p.REPORT_EQUIV})
+
+
+def _mergeable(first: "Job", other: "Job") -> bool:
+    return first.command in MERGE_COMMANDS and other.command == first.command and other.credentials == first.credentials
 
 
 class PendingRequest:
@@ -52,7 +58,7 @@ class PendingRequest:
 
 
 class Job:
-    __slots__ = ("job_id", "request", "index", "command", "credentials", "body", "items", "worker_id")
+    __slots__ = ("job_id", "request", "index", "command", "credentials", "body", "items", "worker_id", "start")
 
     def __init__(self, job_id, request, index, command, credentials, body, items):
         self.job_id = job_id
@@ -63,6 +69,7 @@ class Job:
         self.body = body
         self.items = items
         self.worker_id = None
+        self.start = 0  # fair-queuing start tag
 
 
 class Worker:
@@ -142,9 +149,7 @@ class Scheduler:
 
         self.workers: dict = {}  # worker_id -> Worker
         self.free_slots: deque = deque()  # worker ids, one entry per free credit
-        self.queues: dict = {}  # client_id -> deque[Job]
-        self.turns: deque = deque()  # client ids with queued jobs, in round-robin order
-        self.queued_jobs = 0
+        self.queue = FairQueue()
         self.pending: dict = {}  # (client_id, request_id) -> PendingRequest, oldest first
         self.jobs: dict = {}  # job_id -> Job, dispatched and not yet answered
         self._next_job = 0
@@ -195,11 +200,9 @@ class Scheduler:
             bodies = [body[i : i + group] for i in range(0, len(body), group)]
             counts = [p.count_items(b[-1]) for b in bodies]
         items = sum(counts)
-        queue = self.queues.get(client_id)
-        queued_here = len(queue) if queue else 0
         if (
-            queued_here + len(bodies) > self.max_client_jobs
-            or self.queued_jobs + len(bodies) > self.max_queued_jobs
+            self.queue.client_length(client_id) + len(bodies) > self.max_client_jobs
+            or len(self.queue) + len(bodies) > self.max_queued_jobs
         ):
             self._error(client_id, request.request_id, p.E_BUSY, "broker queue full, retry later")
             return
@@ -207,19 +210,12 @@ class Scheduler:
             client_id, request.request_id, command, len(bodies), items, now, self.request_timeout_s
         )
         self.pending[key] = pending
-        if queue is None:
-            # A client with nothing queued goes to the front of the turn order: its
-            # request waits only for the chunks already running, never for the rest of
-            # a big batch that another client queued earlier.
-            queue = self.queues[client_id] = deque()
-            self.turns.appendleft(client_id)
+        jobs = []
         for index, chunk in enumerate(bodies):
             self._next_job += 1
-            queue.append(
-                Job(b"%x" % self._next_job, pending, index, command, request.credentials, chunk, counts[index])
-            )
-        self.queued_jobs += len(bodies)
-        pending.queued = len(bodies)
+            jobs.append(Job(b"%x" % self._next_job, pending, index, command, request.credentials, chunk, counts[index]))
+        self.queue.push(client_id, jobs)
+        pending.queued = len(jobs)
         self.dispatch(now)
 
     def _broker_command(self, client_id, request, now):
@@ -240,15 +236,8 @@ class Scheduler:
         self._reply(pending.client_id, frames)
 
     def _purge(self, pending: PendingRequest):
-        queue = self.queues[pending.client_id]
-        kept = deque(job for job in queue if job.request is not pending)
-        self.queued_jobs -= len(queue) - len(kept)
+        self.queue.purge(pending)
         pending.queued = 0
-        if kept:
-            self.queues[pending.client_id] = kept
-        else:
-            del self.queues[pending.client_id]
-            self.turns.remove(pending.client_id)
 
     # --- workers ------------------------------------------------------------------------
     def on_worker(self, frames: list, now: float):
@@ -310,14 +299,7 @@ class Scheduler:
         log.info("worker %s %s; %d job(s) re-dispatched", worker.name, why, len(jobs))
 
     def _requeue_front(self, job: Job):
-        client_id = job.request.client_id
-        queue = self.queues.get(client_id)
-        if queue is None:
-            queue = self.queues[client_id] = deque()
-        if not queue:
-            self.turns.appendleft(client_id)
-        queue.appendleft(job)
-        self.queued_jobs += 1
+        self.queue.push_front(job)
         job.request.queued += 1
 
     def _job_done(self, worker: Worker, job_id: bytes, status: int, body: list, now: float) -> bool:
@@ -346,48 +328,29 @@ class Scheduler:
         return True
 
     # --- dispatch and time ----------------------------------------------------------------
-    def _take(self, client_id) -> Job:
-        """Pop the head job of a client whose turn it is; rotate the turn order."""
-        queue = self.queues[client_id]
-        job = queue.popleft()
-        self.queued_jobs -= 1
-        job.request.queued -= 1
-        if queue:
-            self.turns.append(client_id)
-        else:
-            del self.queues[client_id]
-        return job
-
     def dispatch(self, now: float):
-        """Give queued jobs to free workers, one job per client turn.
+        """Give queued jobs to free workers, fairly (see :mod:`hq.broker.fairqueue`).
 
-        Small jobs of the same command are merged into one REQUEST while the next clients
-        in turn have them: up to ``merge_items`` items, one job per client per REQUEST. A
-        burst of single lookups from 40 clients then costs a worker one message and one
-        SQL query, and 40 reports one transaction, not 40.
+        Small jobs of the same command are merged into one REQUEST: the heads of the next
+        clients in fair order, one job per client, up to ``merge_items`` items. A burst of
+        single lookups from 40 clients then costs a worker one message and one SQL query,
+        and 40 reports one transaction, not 40.
         """
-        free, turns = self.free_slots, self.turns
-        while free and turns:
+        free, queue = self.free_slots, self.queue
+        while free and len(queue):
             worker = self.workers.get(free[0])
             if worker is None or worker.busy >= worker.credit:
                 free.popleft()  # slot of a dropped worker
                 continue
             free.popleft()
-            client_id = turns.popleft()
-            others = len(turns)  # each other client in turn may add one job
-            job = self._take(client_id)
-            batch = [job]
-            if job.command in MERGE_COMMANDS:
-                budget = self.merge_items - job.items
-                for _ in range(others):
-                    head = self.queues[turns[0]][0]
-                    if head.command != job.command or head.credentials != job.credentials or head.items > budget:
-                        break
-                    batch.append(self._take(turns.popleft()))
-                    budget -= head.items
+            batch = queue.take(_mergeable, self.merge_items)
+            if not batch:
+                break
+            job = batch[0]
             worker.busy += 1
             worker.last_sent = now
             for item in batch:
+                item.request.queued -= 1
                 item.worker_id = worker.worker_id
                 worker.jobs[item.job_id] = item
                 self.jobs[item.job_id] = item
@@ -436,10 +399,10 @@ class Scheduler:
             "requests": self.request_stats.as_dict(),
             "broker": {
                 "uptime_s": now - self.started,
-                "queued_jobs": self.queued_jobs,
+                "queued_jobs": len(self.queue),
                 "inflight_jobs": len(self.jobs),
                 "pending_requests": len(self.pending),
-                "clients_queued": len(self.queues),
+                "clients_queued": len(self.queue.queues),
                 "counters": dict(self.counters),
             },
             "workers": [

@@ -182,7 +182,7 @@ def test_no_workers_means_unavailable_after_the_request_timeout():
     (reply,) = replies(s)
     assert reply.status == p.E_UNAVAILABLE and reply.request_id == b"r"
     # Its queued chunk is gone at once: it no longer counts against the queue bounds.
-    assert (s.queued_jobs, s.queues, list(s.turns)) == (0, {}, [])
+    assert (len(s.queue), s.queue.queues) == (0, {})
     ready(s, b"w1", 6.0)
     assert take_jobs(s) == []  # the timed-out job is not run
 
@@ -211,7 +211,7 @@ def test_worker_error_fails_the_request_once():
     answer(s, b"w2", jobs[1][1], echo_reply(jobs[1][2]))
     assert replies(s) == []  # the rest of a failed request is not answered again
     assert take_jobs(s) == []  # and its queued chunk is not run
-    assert s.queued_jobs == 0
+    assert len(s.queue) == 0
 
 
 def test_duplicate_pending_request_id_is_refused():
@@ -318,3 +318,39 @@ def test_a_merged_request_lost_with_its_worker_is_redispatched_whole():
     s.on_worker([m2[0], *p.encode_results([(j, p.OK, echo_reply(b)) for j, b in m2[2]])], 0.3)
     ((_, _, again),) = take_messages(s)
     assert sorted(b[1] for _, b in again) == [b"a", b"b"]
+
+
+def test_a_client_coming_back_with_its_next_wave_does_not_jump_the_queue():
+    """Runqueue waves: a client whose wave was answered sends the next one at once. It must
+    not overtake clients whose waves are still waiting (no starvation)."""
+    s = make()
+    ready(s, b"w1")
+    for c in (b"a", b"b", b"c", b"d"):
+        s.on_client(get_request(c, b"w0", [["x"] * 10]), 0.0)
+    served = []
+    for step in range(16):
+        (job,) = take_jobs(s)
+        client = s.jobs[job[1]].request.client_id
+        served.append(client)
+        answer(s, b"w1", job[1], echo_reply(job[2]))
+        s.on_client(get_request(client, b"w%d" % (step + 1), [["x"] * 10]), 0.0)  # next wave
+    # Every client gets one wave per round; nobody waits two rounds.
+    assert all(sorted(served[i : i + 4]) == [b"a", b"b", b"c", b"d"] for i in range(0, 16, 4)), served
+
+
+def test_fair_share_is_by_items_not_by_messages():
+    s = make()
+    ready(s, b"w1")
+    s.on_client(get_request(b"big", b"r", [["x"] * 100] * 5), 0.0)  # 5 chunks of 100 items
+    s.on_client(get_request(b"small", b"r", [["y"]] * 50), 0.0)  # 50 chunks of 1 item
+    order = []
+    while True:
+        jobs = take_jobs(s)
+        if not jobs:
+            break
+        (job,) = jobs
+        order.append(s.jobs[job[1]].request.client_id)
+        answer(s, b"w1", job[1], echo_reply(job[2]))
+    # After big's first 100-item chunk, small runs 100 items' worth of chunks first.
+    assert order[0] == b"big"
+    assert order[1:51] == [b"small"] * 50

@@ -242,3 +242,18 @@ def test_a_write_gives_up_after_lock_wait(store):
         holder.close()
     assert len(waits) >= 1
     assert store.report_equiv(M, T1, U1) == U1  # nothing half-done was left behind
+
+
+@pytest.mark.parametrize(
+    "batch",
+    [
+        ["ab" * 32, "AB" * 32],  # same width, one upper case
+        ["abcd", "ab  "],  # spaces that fromhex would skip
+        ["abcd", "abc"],  # mixed widths
+        ["ab" * 20, "cd" * 20, "ef" * 20],  # all canonical: the fast path
+    ],
+)
+def test_batch_keys_match_one_by_one_keys(store, batch):
+    for i, taskhash in enumerate(batch):
+        store.report_equiv(M, taskhash, "%064x" % (i + 1))
+    assert store.get_unihashes(M, batch) == ["%064x" % (i + 1) for i in range(len(batch))]

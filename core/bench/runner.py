@@ -1,0 +1,141 @@
+"""One repeat of a workload: a fresh database and stack, the clients, the measurements."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+import time
+
+from hq.client import create_client
+
+from .clients import ClientFailure, ClientPool
+from .progress import Progress
+from .stack import Stack, StackError, database_size
+
+#: Per-result counters that must all be zero for a run to be correct.
+FAILURE_COUNTS = ("wrong", "missing", "derailed", "unanswered")
+
+
+def run_repeat(workload, opts, template_db: str, number: int, progress: Progress) -> dict:
+    """Run the workload once on a copy of ``template_db``; return the raw result.
+
+    Never raises for a failed run: a stack or client failure is an ``error`` and
+    ``ok: false`` in the result, so the other repeats and the report still happen.
+    """
+    workdir = tempfile.mkdtemp(prefix="hq-bench-", dir=opts.tmpdir)
+    result: dict = {"repeat": number, "ok": False, "load_average_before": list(os.getloadavg())}
+    stack = Stack(workdir, opts.workers, opts.transport, opts.server_arg)
+    try:
+        shutil.copyfile(template_db, stack.db)
+        progress.note(f"repeat {number}/{opts.repeats}: starting hq-server")
+        try:
+            stack.start()
+            _measure(workload, opts, stack, progress, number, result)
+        except BaseException:
+            stack.stop(check=False)
+            raise
+        stack.stop(check="error" not in result)
+        result["db"] = database_size(stack.db)
+        _finish_figures(result)
+    except (StackError, ClientFailure, OSError) as exc:
+        result.setdefault("error", f"{type(exc).__name__}: {exc}")
+    finally:
+        progress.close()
+        if opts.keep:
+            result["workdir"] = workdir
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    result["ok"] = _is_ok(result)
+    return result
+
+
+def _measure(workload, opts, stack: Stack, progress: Progress, number: int, result: dict) -> None:
+    pool = ClientPool(stack.address, workload.jobs, opts.timeout, workload.events)
+    try:
+        progress.note(f"repeat {number}/{opts.repeats}: starting {len(workload.jobs)} clients")
+        pool.start()
+        total = workload.total_items()
+        progress.begin(f"{workload.name} {number}/{opts.repeats}")
+        cpu_before = stack.cpu_seconds()
+        deadline = time.monotonic() + opts.run_timeout
+        by_index = workload.drive(pool, deadline, lambda: progress.update(pool.done(), total))
+        # The clients are done but still connected: measure the server now.
+        cpu_after = stack.cpu_seconds()
+        rss = stack.rss_bytes()
+        crashed = stack.restarted()
+        with create_client(stack.address, timeout=5.0) as client:
+            try:
+                result["broker_counters"] = client.get_stats().get("broker", {}).get("counters", {})
+            except ConnectionError as exc:
+                result["broker_counters"] = {"error": str(exc)}
+    finally:
+        pool.finish()
+    results = [by_index[i] for i in range(len(workload.jobs))]
+    metrics, items = workload.metrics(results, pool.released_at)
+    result["counts"] = {name: sum(r.get(name, 0) for r in results) for name in FAILURE_COUNTS}
+    result["counts"]["client_errors"] = sum(1 for r in results if r.get("error"))
+    metrics["bad_answers"] = sum(result["counts"][name] for name in FAILURE_COUNTS)
+    cpu = {name: cpu_after[name] - cpu_before[name] for name in cpu_before}
+    server_cpu = sum(cpu.values())
+    metrics["server_cpu_s"] = server_cpu
+    metrics["server_cpu_us_per_item"] = server_cpu / items * 1e6 if items else float("nan")
+    metrics["client_cpu_s"] = sum(r["cpu_s"] for r in results)
+    metrics["release_skew_ms"] = (max(r["started"] for r in results) - pool.released_at) * 1e3
+    for name, seconds in cpu.items():
+        metrics[f"cpu_s[{name}]"] = seconds
+    metrics["rss_mb_total"] = sum(rss.values()) / 2**20
+    for name, size in rss.items():
+        metrics[f"rss_mb[{name}]"] = size / 2**20
+    result["metrics"] = metrics
+    result["server"] = {
+        "pids": {name: proc.pid for name, proc in stack.processes.items()},
+        "cpu_s": cpu,
+        "rss_bytes": rss,
+        "crashed": crashed,
+    }
+    result["client_errors"] = [f"client {i}: {r['error']}" for i, r in enumerate(results) if r.get("error")][
+        :10
+    ]
+    result["wrong_samples"] = [s for r in results for s in r.get("samples", ())][:10]
+    result["clients"] = [
+        {
+            "role": job.role,
+            "items": r["items"],
+            "calls": r["calls"],
+            "cpu_s": r["cpu_s"],
+            "started_ms": (r["started"] - pool.released_at) * 1e3,
+            "finished_ms": (r["finished"] - pool.released_at) * 1e3,
+        }
+        for job, r in zip(workload.jobs, results)
+    ]
+    if crashed:
+        result["error"] = f"server processes died during the run: {', '.join(crashed)}"
+
+
+def _finish_figures(result: dict) -> None:
+    if "metrics" not in result:
+        return
+    db = result["db"]
+    result["metrics"]["db_bytes_per_row"] = (
+        db["bytes"] / db["unihash_rows"] if db["unihash_rows"] else float("nan")
+    )
+
+
+def _is_ok(result: dict) -> bool:
+    if "error" in result or "metrics" not in result:
+        return False
+    counts = result["counts"]
+    return all(counts[name] == 0 for name in (*FAILURE_COUNTS, "client_errors"))
+
+
+def json_safe(value):
+    """NaN and infinity are not JSON: write them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value

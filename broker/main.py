@@ -17,6 +17,7 @@ import zmq
 from hq import config, logs
 from hq import protocol as p
 from hq.signals import StopFlag
+from hq.sockets import readable, recv_frames, send_frames
 
 from .scheduler import Scheduler
 
@@ -97,18 +98,14 @@ class Broker:
             now = time.monotonic()
             if backend in events:
                 for _ in range(BURST):
-                    try:
-                        frames = backend.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
+                    sched.on_worker(recv_frames(backend), now)
+                    if not readable(backend):
                         break
-                    sched.on_worker(frames, now)
             if frontend in events:
                 for _ in range(BURST):
-                    try:
-                        frames = frontend.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
+                    sched.on_client(recv_frames(frontend), now)
+                    if not readable(frontend):
                         break
-                    sched.on_client(frames, now)
             sched.tick(now)
             self.flush()
         self.shutdown()
@@ -118,7 +115,7 @@ class Broker:
         if sched.to_workers:
             for frames in sched.to_workers:
                 try:
-                    self.backend.send_multipart(frames, zmq.NOBLOCK)
+                    send_frames(self.backend, frames)
                 except zmq.ZMQError as exc:  # Again at HWM, EHOSTUNREACH: expiry handles it
                     sched.count("workers.send_failed")
                     log.debug("send to worker %s failed: %s", frames[0].hex(), exc)
@@ -127,7 +124,7 @@ class Broker:
             dropped = 0
             for frames in sched.to_clients:
                 try:
-                    self.frontend.send_multipart(frames, zmq.NOBLOCK)
+                    send_frames(self.frontend, frames)
                 except zmq.ZMQError:  # client gone or not reading: drop, it will retry
                     dropped += 1
             if dropped:

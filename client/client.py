@@ -10,6 +10,7 @@ import time
 import zmq
 
 from hq import protocol as p
+from hq.sockets import readable, recv_frames, send_frames
 
 DEFAULT_TIMEOUT_S = 30.0
 #: Requests of one batch call kept in flight at once.
@@ -18,11 +19,6 @@ DEFAULT_WINDOW = 4
 DEFAULT_REQUEST_ITEMS = 8 * p.DEFAULT_CHUNK_ITEMS
 #: Chunks one request may carry (each GET chunk is two frames).
 _MAX_CHUNKS = (p.MAX_FRAMES - 4) // 2
-# Plain ints: pyzmq's flag enums cost several microseconds per frame on the hot path.
-_SNDMORE_NOBLOCK = int(zmq.SNDMORE) | int(zmq.NOBLOCK)
-_NOBLOCK = int(zmq.NOBLOCK)
-_POLLIN = int(zmq.POLLIN)
-_EVENTS = int(zmq.EVENTS)
 _BACKOFF_START_S = 0.05
 _BACKOFF_MAX_S = 1.0
 
@@ -100,7 +96,7 @@ class Client:
                 raise ConnectionError(f"cannot connect to {self.address}: {exc}") from None
             self._socket = sock
             self._poller = zmq.Poller()  # kept: Socket.poll() builds a new Poller every call
-            self._poller.register(sock, _POLLIN)
+            self._poller.register(sock, zmq.POLLIN)
         return self._socket
 
     def _reset_socket(self) -> None:
@@ -135,12 +131,8 @@ class Client:
 
     # --- the exchange engine ---------------------------------------------------------
     def _send(self, request_id: bytes, entry: _Outstanding) -> None:
-        frames = p.encode_request(request_id, entry.command, entry.body)
-        send = self._sock().send
         try:
-            for frame in frames[:-1]:
-                send(frame, _SNDMORE_NOBLOCK)
-            send(frames[-1], _NOBLOCK)
+            send_frames(self._sock(), p.encode_request(request_id, entry.command, entry.body))
         except zmq.Again:
             pass  # pipe full: the attempt deadline will resend
         except zmq.ZMQError as exc:
@@ -208,10 +200,9 @@ class Client:
         self._send(new_id, entry)
 
     def _receive(self, sock, outstanding: dict, results: list) -> None:
-        # ZMQ_EVENTS says whether another message waits: cheaper than ending on zmq.Again.
-        while sock.getsockopt(_EVENTS) & _POLLIN:
+        while readable(sock):
             try:
-                frames = sock.recv_multipart(_NOBLOCK)
+                frames = recv_frames(sock)
             except zmq.Again:
                 return
             except zmq.ZMQError as exc:

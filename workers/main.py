@@ -17,6 +17,7 @@ import zmq
 from hq import config, logs
 from hq import protocol as p
 from hq.signals import StopFlag
+from hq.sockets import readable, recv_frames, send_frames
 
 from .handlers import Handlers
 from .schema import SYNCHRONOUS_MODES, open_database, settings_in_force
@@ -48,6 +49,7 @@ class WorkerLoop:
         self.info = info
         self.ctx = ctx or zmq.Context()
         self.socket = None
+        self.poller = None
         self.broker_expiry = 0.0
         self.last_sent = 0.0
 
@@ -62,13 +64,15 @@ class WorkerLoop:
         sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_FRAME_BYTES)
         sock.connect(self.opts.backend)
         self.socket = sock
+        self.poller = zmq.Poller()
+        self.poller.register(sock, zmq.POLLIN)
         self.send(p.encode_ready(self.info))
         self.broker_expiry = time.monotonic() + self._liveness_s()
         log.info("worker %s connecting to %s", self.info["name"], self.opts.backend)
 
     def send(self, frames: list) -> None:
         try:
-            self.socket.send_multipart(frames, zmq.NOBLOCK)
+            send_frames(self.socket, frames)
         except zmq.Again:
             log.warning("broker not accepting messages; reply dropped (it will re-dispatch)")
         self.last_sent = time.monotonic()
@@ -83,13 +87,9 @@ class WorkerLoop:
         interval = self.opts.heartbeat_interval
         while not stop:
             wait_s = max(0.0, min(self.last_sent + interval, self.broker_expiry) - time.monotonic())
-            if self.socket.poll(max(1, int(wait_s * 1000)), zmq.POLLIN):
+            if self.poller.poll(max(1, int(wait_s * 1000))):
                 for _ in range(BURST):
-                    try:
-                        frames = self.socket.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    if not self.on_message(frames):
+                    if not self.on_message(recv_frames(self.socket)) or not readable(self.socket):
                         break
             now = time.monotonic()
             if now >= self.broker_expiry:

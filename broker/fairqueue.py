@@ -84,14 +84,17 @@ class FairQueue:
         self.length -= 1
         return job
 
-    def take(self, mergeable=None, limit: int = 0) -> list:
-        """The next job by start tag, plus (if ``mergeable(first, other)``) the heads of the
-        next clients in tag order while they are mergeable and the batch stays within
-        ``limit`` items; one job per client. Empty list when nothing is queued."""
+    def take(self, mergeable=None, limit: int = 0, eligible=None) -> list:
+        """The next job by start tag that is ``eligible`` (default: any), plus (if
+        ``mergeable(first, other)``) the heads of the next clients in tag order while they
+        are mergeable and the batch stays within ``limit`` items; one job per client.
+        Heads passed over keep their tags, so they go first once eligible. Empty list when
+        no eligible job is queued."""
         heap = self.heap
         batch: list = []
         budget = 0
         clients: list = []
+        passed: list = []
         while heap:
             entry = heap[0]
             if not self._valid(entry):
@@ -102,6 +105,9 @@ class FairQueue:
                 if mergeable is None or not mergeable(batch[0], job) or job.items > budget:
                     break
                 budget -= job.items
+            elif eligible is not None and not eligible(job):
+                passed.append(heapq.heappop(heap))
+                continue
             else:
                 budget = limit - job.items
             heapq.heappop(heap)
@@ -109,6 +115,8 @@ class FairQueue:
             clients.append(entry[2])
             if mergeable is None:
                 break
+        for entry in passed:
+            heapq.heappush(heap, entry)
         if batch:
             self.vtime = max(self.vtime, batch[0].start)
         for client_id in clients:

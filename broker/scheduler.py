@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 #: Commands whose jobs a worker can run together (one query per method, one transaction).
 MERGE_COMMANDS = frozenset({p.GET, p.EXISTS, p.REPORT, p.REPORT_EQUIV})
+#: Commands that write: at most one REQUEST of them is in flight at a time (see dispatch).
+WRITE_COMMANDS = frozenset({p.REPORT, p.REPORT_EQUIV})
 
 
 def _mergeable(first: "Job", other: "Job") -> bool:
@@ -150,6 +152,7 @@ class Scheduler:
         self.workers: dict = {}  # worker_id -> Worker
         self.free_slots: deque = deque()  # worker ids, one entry per free credit
         self.queue = FairQueue()
+        self.writer = None  # worker id holding the one write REQUEST allowed in flight
         self.pending: dict = {}  # (client_id, request_id) -> PendingRequest, oldest first
         self.jobs: dict = {}  # job_id -> Job, dispatched and not yet answered
         self._next_job = 0
@@ -265,6 +268,9 @@ class Scheduler:
             worker.expiry = self._expiry(now)
             held = False
             for job_id, status, body in fields:
+                job = worker.jobs.get(job_id)
+                if job is not None and job.command in WRITE_COMMANDS and self.writer == worker_id:
+                    self.writer = None
                 held |= self._job_done(worker, job_id, status, body, now)
             if held:  # one REQUEST answered: one credit back
                 worker.busy = max(0, worker.busy - 1)
@@ -286,6 +292,8 @@ class Scheduler:
 
     def _drop_worker(self, worker: Worker, why: str):
         del self.workers[worker.worker_id]
+        if self.writer == worker.worker_id:
+            self.writer = None
         jobs = list(worker.jobs.values())
         worker.jobs.clear()
         for job in reversed(jobs):  # back to the front of their queues, in order
@@ -335,6 +343,11 @@ class Scheduler:
         clients in fair order, one job per client, up to ``merge_items`` items. A burst of
         single lookups from 40 clients then costs a worker one message and one SQL query,
         and 40 reports one transaction, not 40.
+
+        Writes go to one worker at a time: SQLite lets one connection write anyway, and a
+        second writer would sleep in SQLite's busy handler (1, 2, 5, 10 ms...) while holding
+        its worker. Meanwhile the other workers serve lookups, and the reports that queue
+        up behind the write in flight make the next group commit bigger.
         """
         free, queue = self.free_slots, self.queue
         while free and len(queue):
@@ -343,10 +356,13 @@ class Scheduler:
                 free.popleft()  # slot of a dropped worker
                 continue
             free.popleft()
-            batch = queue.take(_mergeable, self.merge_items)
+            batch = queue.take(_mergeable, self.merge_items, self._eligible)
             if not batch:
+                free.appendleft(worker.worker_id)  # only writes are queued, and one is in flight
                 break
             job = batch[0]
+            if job.command in WRITE_COMMANDS:
+                self.writer = worker.worker_id
             worker.busy += 1
             worker.last_sent = now
             for item in batch:
@@ -359,6 +375,9 @@ class Scheduler:
             self.to_workers.append(
                 [worker.worker_id, *p.encode_jobs(job.command, job.credentials, [(j.job_id, j.body) for j in batch])]
             )
+
+    def _eligible(self, job: Job) -> bool:
+        return self.writer is None or job.command not in WRITE_COMMANDS
 
     def tick(self, now: float):
         """Heartbeats, worker expiry and request timeouts. Call at least every interval."""

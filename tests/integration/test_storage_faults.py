@@ -1,0 +1,131 @@
+"""The disk fills, or the database file is moved away or replaced: reports are refused at once
+with a clear error, lookups go on, no process dies, and writes resume once the fault clears."""
+
+import os
+import subprocess
+import time
+
+import pytest
+
+from helpers import Stack, wait_for
+from hq.client import create_client
+
+M = "TestMethod"
+
+
+def fresh(i):
+    return "%064x" % (i * 7919 + 1), "%064x" % (i * 104729 + 3), "%064x" % (i * 1299709 + 5)
+
+
+def report_fails_fast(client, i, words):
+    """A report is refused with ConnectionError quickly (no 30 s retry loop); return its text."""
+    t, o, u = fresh(i)
+    start = time.monotonic()
+    with pytest.raises(ConnectionError) as info:
+        client.report_unihash(t, M, o, u)
+    assert time.monotonic() - start < 1.0
+    assert any(w in str(info.value) for w in words), str(info.value)
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A 4 MiB tmpfs: a real filesystem that fills up."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def run_stack(tmp_path, db_dir):
+    stack = Stack(tmp_path, workers=2)
+    stack.db = str(db_dir / "hq.db")
+    stack.argv[stack.argv.index("--db") + 1] = stack.db
+    return stack.start()
+
+
+def test_disk_full_then_freed(tmp_path, tmpfs):
+    filler = tmpfs / "filler"
+    stack = run_stack(tmp_path, tmpfs)
+    try:
+        with create_client(stack.address, timeout=10) as c:
+            pids = {n: p.pid for n, p in stack.children().items()}
+            t0, o0, u0 = fresh(0)
+            assert c.report_unihash(t0, M, o0, u0)["unihash"] == u0
+            with open(filler, "wb") as fh:  # take the rest of the disk
+                try:
+                    while True:
+                        fh.write(b"\0" * 65536)
+                        fh.flush()
+                except OSError:
+                    pass
+            big = {"outhash_siginfo": "s" * 200_000}
+            with pytest.raises(ConnectionError) as info:
+                for i in range(1, 40):
+                    t, o, u = fresh(i)
+                    c.report_unihash(t, M, o, u, big)
+            assert "full" in str(info.value)
+            report_fails_fast(c, 100, ["full"])
+            assert c.get_unihash(M, t0) == u0  # lookups keep working
+            filler.unlink()  # the fault clears
+            t, o, u = fresh(200)
+            assert c.report_unihash(t, M, o, u)["unihash"] == u
+            assert {n: p.pid for n, p in stack.children().items()} == pids  # nothing restarted
+    finally:
+        assert stack.stop() == 0
+
+
+def _reports(client, t, o, u):
+    try:
+        return client.report_unihash(t, M, o, u)["unihash"] == u
+    except ConnectionError:
+        return False
+
+
+def test_database_moved_away_and_back(tmp_path):
+    stack = Stack(tmp_path, workers=2).start()
+    try:
+        with create_client(stack.address, timeout=10) as c:
+            pids = {n: p.pid for n, p in stack.children().items()}
+            t0, o0, u0 = fresh(0)
+            assert c.report_unihash(t0, M, o0, u0)["unihash"] == u0
+            os.rename(stack.db, stack.db + ".moved")
+            # At once, every worker refuses writes: SQLite would otherwise write into a file
+            # nobody can open again, and acknowledged reports would be lost.
+            for i in range(1, 6):
+                report_fails_fast(c, i, ["removed"])
+            assert c.get_unihash(M, t0) == u0
+            os.rename(stack.db + ".moved", stack.db)
+            wait_for(lambda: _reports(c, *fresh(3)), 5, 0.05, "writes resume")
+            assert {n: p.pid for n, p in stack.children().items()} == pids
+        stack.stop()
+        # Everything acknowledged is in the file at the path.
+        with Stack(tmp_path, workers=1) as again, create_client(again.address, timeout=10) as c:
+            assert c.get_unihash_batch([(M, fresh(i)[0]) for i in (0, 3)]) == [fresh(0)[2], fresh(3)[2]]
+    finally:
+        stack.stop()
+
+
+def test_database_replaced_is_reopened(tmp_path):
+    stack = Stack(tmp_path, workers=2).start()
+    try:
+        with create_client(stack.address, timeout=10) as c:
+            t0, o0, u0 = fresh(0)
+            assert c.report_unihash(t0, M, o0, u0)["unihash"] == u0
+            # An admin restores an (empty) copy over the live file.
+            os.rename(stack.db, stack.db + ".old")
+            for suffix in ("-wal", "-shm"):
+                if os.path.exists(stack.db + suffix):
+                    os.rename(stack.db + suffix, stack.db + ".old" + suffix)
+            import sqlite3
+
+            sqlite3.connect(stack.db).close()  # a new, empty database file at the path
+            wait_for(lambda: _reports(c, *fresh(4)), 5, 0.05, "writes to the new file")
+            # Within a heartbeat every worker reads the new file too.
+            wait_for(lambda: all(c.get_unihash(M, fresh(4)[0]) == fresh(4)[2] for _ in range(6)), 5, 0.05, "all workers on the new file")
+            assert c.get_unihash(M, t0) is None  # the old file's rows are not in the new one
+    finally:
+        stack.stop()

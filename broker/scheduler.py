@@ -222,10 +222,8 @@ class Scheduler:
         self.dispatch(now)
 
     def _broker_command(self, client_id, request, now):
-        if request.command == p.STATS:
-            body = [p.encode_json(self.stats(now))]
-        else:  # RESET_STATS: answer with the values before the reset, as hashserv does
-            body = [p.encode_json(self.stats(now))]
+        body = [p.encode_json(self.stats(now))]
+        if request.command == p.RESET_STATS:  # answers the values before the reset, as hashserv
             self.counters = {}
             self.request_stats.reset()
         self._reply(client_id, p.encode_reply(request.request_id, p.OK, body))

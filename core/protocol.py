@@ -288,10 +288,6 @@ def encode_job_reply(job_id: bytes, status: int, body=()) -> list:
     return encode_results([(job_id, status, list(body))])
 
 
-def encode_job_error(job_id: bytes, code: int, message: str) -> list:
-    return encode_job_reply(job_id, code, [message.encode("utf-8", "replace")[:MAX_ERROR_BYTES]])
-
-
 HEARTBEAT_MESSAGE = [WORKER_PROTOCOL, HEARTBEAT]
 DISCONNECT_MESSAGE = [WORKER_PROTOCOL, DISCONNECT]
 

@@ -14,6 +14,15 @@ def stack(tmp_path):
     assert s.stop() == 0, s.log()
 
 
+@pytest.fixture(params=["tcp", "ipc"])
+def any_stack(request, tmp_path):
+    """A running hq-server on a fresh database, once over tcp:// and once over ipc://."""
+    bind = "tcp://127.0.0.1:*" if request.param == "tcp" else f"ipc://{tmp_path}/hq.ipc"
+    s = Stack(tmp_path, bind=bind).start()
+    yield s
+    assert s.stop() == 0, s.log()
+
+
 @pytest.fixture(scope="module")
 def shared_stack(tmp_path_factory):
     """One hq-server for a whole module, for tests that only add fresh keys."""

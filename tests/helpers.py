@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -102,3 +103,15 @@ class Stack:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def seed_known(address: str, n: int, seed: int, method: str = "TestMethod") -> dict:
+    """Map n random taskhashes to random unihashes on a running stack; return them."""
+    from hq.client import create_client
+
+    rng = random.Random(seed)
+    known = {"%064x" % rng.getrandbits(256): "%064x" % rng.getrandbits(256) for _ in range(n)}
+    with create_client(address, timeout=30) as client:
+        for taskhash, unihash in known.items():
+            client.report_unihash_equiv(taskhash, method, unihash)
+    return known

@@ -26,6 +26,14 @@ SAMPLES = 5  # wrong answers kept per client, to show what went wrong
 WAIT_PHASE_S = 120.0  # fairness: longest wait for the other side of a phase change
 
 
+
+def batched_calls(taskhashes: list, expected: list, batch: int) -> list:
+    """(get_unihash_batch argument, taskhashes, expected answers) per call of ``batch``."""
+    return [
+        ([(METHOD, t) for t in taskhashes[i : i + batch]], taskhashes[i : i + batch], expected[i : i + batch])
+        for i in range(0, len(taskhashes), batch)
+    ]
+
 class Check:
     """Wrong and missing answers of one client, with a few examples."""
 
@@ -127,16 +135,8 @@ class LookupJob:
         self.interval_s = interval_s
 
     def setup(self) -> None:
-        b = self.batch
-        if b > 1:
-            self.calls = [
-                (
-                    [(METHOD, t) for t in self.taskhashes[i : i + b]],
-                    self.taskhashes[i : i + b],
-                    self.expected[i : i + b],
-                )
-                for i in range(0, len(self.taskhashes), b)
-            ]
+        if self.batch > 1:
+            self.calls = batched_calls(self.taskhashes, self.expected, self.batch)
 
     def run(self, client, control) -> dict:
         return self.measure(client, control, 0)
@@ -276,15 +276,7 @@ class GreedyJob:
         self.batch = batch
 
     def setup(self) -> None:
-        b = self.batch
-        self.calls = [
-            (
-                [(METHOD, t) for t in self.taskhashes[i : i + b]],
-                self.taskhashes[i : i + b],
-                self.expected[i : i + b],
-            )
-            for i in range(0, len(self.taskhashes), b)
-        ]
+        self.calls = batched_calls(self.taskhashes, self.expected, self.batch)
 
     def run(self, client, control) -> dict:
         check, perf_counter = Check(), time.perf_counter

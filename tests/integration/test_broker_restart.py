@@ -7,31 +7,16 @@ import time
 
 import pytest
 
-from helpers import Stack, wait_for
+from helpers import seed_known, wait_for
 from hq.client import create_client
 
 M = "TestMethod"
 
 
-@pytest.fixture(params=["tcp", "ipc"])
-def stack(request, tmp_path):
-    bind = "tcp://127.0.0.1:*" if request.param == "tcp" else f"ipc://{tmp_path}/hq.ipc"
-    s = Stack(tmp_path, bind=bind).start()
-    yield s
-    assert s.stop() == 0, s.log()
-
-
-def known_pairs(n, seed):
-    rng = random.Random(seed)
-    return {"%064x" % rng.getrandbits(256): "%064x" % rng.getrandbits(256) for _ in range(n)}
-
-
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM])
-def test_broker_restart_mid_burst(stack, how):
-    known = known_pairs(500, 3)
-    with create_client(stack.address, timeout=20) as c:
-        for t, u in known.items():
-            c.report_unihash_equiv(t, M, u)
+def test_broker_restart_mid_burst(any_stack, how):
+    stack = any_stack
+    known = seed_known(stack.address, 500, 3)
     queries = list(known) + ["%064x" % random.Random(4).getrandbits(256) for _ in range(500)]
     expected = [known.get(t) for t in queries]
     done = []  # (finish time, wrong answers) per batch

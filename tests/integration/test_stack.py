@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from helpers import Stack
+from helpers import Stack, seed_known
 from hq.client import InvokeError, create_client
 
 M = "TestMethod"
@@ -14,14 +14,6 @@ T2 = "3bf6f1e89d26205aec90da04854fbdbf73afe6b4"
 O1 = "2765d4a5884be49b28601445c2760c5f21e7e5c0ee2b7e3fce98fd7e5970796f"
 U1 = "a69ec97f5af2e21e1a1f9cc8896965515d5559425666f734e245a3d40cee33d9"
 U2 = "bf6e81926066f770e960f9f777cd088c62bea9addb7745f3e77deaa81a645747"
-
-
-@pytest.fixture(params=["tcp", "ipc"])
-def any_stack(request, tmp_path):
-    bind = "tcp://127.0.0.1:*" if request.param == "tcp" else f"ipc://{tmp_path}/hq.ipc"
-    s = Stack(tmp_path, bind=bind).start()
-    yield s
-    assert s.stop() == 0, s.log()
 
 
 def test_reference_exchange(any_stack):
@@ -137,11 +129,8 @@ def test_worker_killed_mid_batch_loses_nothing(tmp_path):
     from helpers import wait_for
 
     with Stack(tmp_path, workers=2) as stack:
+        known = seed_known(stack.address, 2000, 11)
         rng = random.Random(11)
-        known = {"%064x" % rng.getrandbits(256): "%064x" % rng.getrandbits(256) for _ in range(2000)}
-        with create_client(stack.address, timeout=30) as c:
-            for t, u in known.items():
-                c.report_unihash_equiv(t, M, u)
         queries = list(known) + ["%064x" % rng.getrandbits(256) for _ in range(2000)]
         queries = queries * 50  # 200k lookups
         rng.shuffle(queries)

@@ -91,6 +91,14 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--keep", action="store_true", help="keep each run directory (database, hq-server.log)")
     g.add_argument(
+        "--kill-workers-every",
+        type=_positive(float),
+        default=None,
+        metavar="S",
+        help="fault injection: kill -9 a random worker S/4 s after the release and every S s "
+        "after that (hq-server restarts it); every answer must still be right",
+    )
+    g.add_argument(
         "--corrupt-keys",
         type=int,
         default=0,

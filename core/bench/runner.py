@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import shutil
+import signal
 import tempfile
+import threading
 import time
+
+import psutil
 
 from hq.client import create_client
 
@@ -60,11 +65,18 @@ def _measure(workload, opts, stack: Stack, progress: Progress, number: int, resu
         progress.begin(f"{workload.name} {number}/{opts.repeats}")
         cpu_before = stack.cpu_seconds()
         deadline = time.monotonic() + opts.run_timeout
-        by_index = workload.drive(pool, deadline, lambda: progress.update(pool.done(), total))
+        killer = WorkerKiller(stack, opts.kill_workers_every) if opts.kill_workers_every else None
+        try:
+            by_index = workload.drive(pool, deadline, lambda: progress.update(pool.done(), total))
+        finally:
+            if killer:
+                result["kills"] = killer.stop()
         # The clients are done but still connected: measure the server now.
         cpu_after = stack.cpu_seconds()
         rss = stack.rss_bytes()
         crashed = stack.restarted()
+        if killer:  # the workers we killed are expected to be gone; the broker is not
+            crashed = [name for name in crashed if not name.startswith("hq-worker")]
         with create_client(stack.address, timeout=5.0) as client:
             try:
                 result["broker_counters"] = client.get_stats().get("broker", {}).get("counters", {})
@@ -85,6 +97,8 @@ def _measure(workload, opts, stack: Stack, progress: Progress, number: int, resu
     metrics["release_skew_ms"] = (max(r["started"] for r in results) - pool.released_at) * 1e3
     for name, seconds in cpu.items():
         metrics[f"cpu_s[{name}]"] = seconds
+    if killer:
+        metrics["worker_kills"] = len(result["kills"])
     metrics["rss_mb_total"] = sum(rss.values()) / 2**20
     for name, size in rss.items():
         metrics[f"rss_mb[{name}]"] = size / 2**20
@@ -112,6 +126,43 @@ def _measure(workload, opts, stack: Stack, progress: Progress, number: int, resu
     ]
     if crashed:
         result["error"] = f"server processes died during the run: {', '.join(crashed)}"
+
+
+class WorkerKiller:
+    """Kill -9 a random hq-server worker S/4 s from now and every S s after that."""
+
+    def __init__(self, stack: Stack, every_s: float, seed: int = 7):
+        self.stack = stack
+        self.every_s = every_s
+        self.rng = random.Random(seed)
+        self.kills: list = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        wait = self.every_s / 4
+        while not self._stop.wait(wait):
+            wait = self.every_s
+            workers = []
+            for child in psutil.Process(self.stack.proc.pid).children():
+                try:
+                    if "hq.workers" in child.cmdline():
+                        workers.append(child)
+                except psutil.Error:
+                    continue
+            if workers:
+                victim = self.rng.choice(workers)
+                try:
+                    victim.send_signal(signal.SIGKILL)
+                    self.kills.append(victim.pid)
+                except psutil.Error:
+                    pass
+
+    def stop(self) -> list:
+        self._stop.set()
+        self._thread.join(5)
+        return self.kills
 
 
 def _finish_figures(result: dict) -> None:

@@ -146,3 +146,33 @@ def test_populate_writes_what_store_report_writes(tmp_path):
     assert _rows(bulk) == _rows(reported)
     created = sqlite3.connect(bulk).execute("SELECT min(created) > 0 FROM outhashes").fetchone()[0]
     assert created == 1
+
+
+def test_worker_kills_during_a_burst_lose_nothing(tmp_path):
+    """Fault injection: workers killed -9 mid-burst; hq-server restarts them; all answers right."""
+    out = tmp_path / "kill.json"
+    proc = bench(
+        "burst", "--clients", "4", "--tasks", "20000", "--waves", "20", "--repeats", "1", "--quiet",
+        "--kill-workers-every", "0.4", "--server-arg=--heartbeat-interval=0.2", "--json", str(out),
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (repeat,) = json.loads(out.read_text())["repeats"]
+    assert repeat["ok"] and repeat["metrics"]["bad_answers"] == 0
+    assert repeat["metrics"]["worker_kills"] >= 1
+
+
+@pytest.mark.slow
+def test_burst_with_a_worker_kill_every_2s_keeps_half_the_throughput(tmp_path):
+    """Issue 4's first fault test: 40 x 9,000 lookups, a worker killed -9 every 2 s."""
+    rates = {}
+    for name, extra in (("calm", []), ("kills", ["--kill-workers-every", "2"])):
+        out = tmp_path / f"{name}.json"
+        proc = bench("burst", "--repeats", "3", "--quiet", "--server-arg=--heartbeat-interval=0.2", "--json", str(out), *extra, timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        data = json.loads(out.read_text())
+        assert all(r["ok"] for r in data["repeats"])
+        rates[name] = data["summary"]["lookups_per_s"]["median"]
+        if name == "kills":
+            assert all(r["metrics"]["worker_kills"] >= 1 for r in data["repeats"])
+    print("median lookups/s:", rates)
+    assert rates["kills"] >= 0.5 * rates["calm"]

@@ -2,7 +2,8 @@
 
 It starts ``hq-broker`` and N ``hq-worker`` processes on one SQLite file (passing on
 ``--config``, so its ``[hq-broker]`` and ``[hq-worker]`` sections tune them), restarts any that
-exits unexpectedly (with backoff), reports ready once a real request has gone through, and
+exits unexpectedly (with backoff), reports ready once every worker has registered and a real
+request has gone through, and
 on SIGTERM/SIGINT stops them all. For production, run the same two programs under
 supervisord (``configs/supervisord.conf``).
 """
@@ -77,18 +78,20 @@ def _module_argv(module: str, args: list) -> list:
     return [sys.executable, "-m", module, *args]
 
 
-def wait_ready(address: str, deadline_s: float, stop) -> bool:
-    """Ping through the broker until a worker answers or the deadline passes."""
+def wait_ready(address: str, workers: int, deadline_s: float, stop) -> bool:
+    """Until the deadline: has every worker registered, and does a request go through?"""
     from hq.client import create_client
 
     end = time.monotonic() + deadline_s
-    while not stop and time.monotonic() < end:
-        with create_client(address, timeout=0.5) as client:
+    with create_client(address, timeout=0.5) as client:
+        while not stop and time.monotonic() < end:
             try:
-                client.ping()
-                return True
+                if len(client.get_stats()["workers"]) >= workers:
+                    client.ping()
+                    return True
             except ConnectionError:
-                pass
+                continue
+            time.sleep(0.02)
     return False
 
 
@@ -128,7 +131,7 @@ def main(argv=None) -> int:
             if not ready and os.path.exists(broker_endpoints):
                 with open(broker_endpoints, encoding="utf-8") as fh:
                     endpoints = fh.read().split()
-                if wait_ready(endpoints[0], 0.5, stop):
+                if wait_ready(endpoints[0], opts.workers, 0.5, stop):
                     ready = True
                     # A restarted broker binds the same endpoints, even where the first bind
                     # said tcp://...:* : connected clients and workers find it again.

@@ -1,10 +1,9 @@
 """hq-server: a whole local stack in the foreground, for the quick start and for tests.
 
 It starts ``hq-broker`` and N ``hq-worker`` processes on one SQLite file (passing on
-``--config``, so its ``[hq-broker]`` and ``[hq-worker]`` sections tune them), restarts any that
-exits unexpectedly (with backoff), reports ready once every worker has registered and a real
-request has gone through, and
-on SIGTERM/SIGINT stops them all. For production, run the same two programs under
+``--config``, so its ``[hq-broker]`` and ``[hq-worker]`` sections tune them), restarts any
+that exits unexpectedly (with backoff), reports ready once every worker has registered and
+a real request has gone through, and on SIGTERM/SIGINT stops them all. For production, run the same two programs under
 supervisord (``configs/supervisord.conf``).
 """
 

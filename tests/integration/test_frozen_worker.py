@@ -15,7 +15,7 @@ def test_stopped_worker_is_dropped_and_its_chunks_redispatched(tmp_path):
     # hq-server's test stacks heartbeat every 0.2 s: liveness 3 x 0.2 = 0.6 s.
     with Stack(tmp_path, workers=2) as stack:
         known = seed_known(stack.address, 300, 5)
-        rng = random.Random(5)
+        rng = random.Random("queries")
         with create_client(stack.address, timeout=20) as c:
             wait_for(lambda: len(c.get_stats()["workers"]) == 2, 10, what="both workers")
         queries = (list(known) + ["%064x" % rng.getrandbits(256) for _ in range(300)]) * 100

@@ -130,7 +130,7 @@ def test_worker_killed_mid_batch_loses_nothing(tmp_path):
 
     with Stack(tmp_path, workers=2) as stack:
         known = seed_known(stack.address, 2000, 11)
-        rng = random.Random(11)
+        rng = random.Random("queries")
         queries = list(known) + ["%064x" % rng.getrandbits(256) for _ in range(2000)]
         queries = queries * 50  # 200k lookups
         rng.shuffle(queries)

@@ -133,7 +133,7 @@ CASES = [
     ("extra not an object", p.encode_request(RID, p.REPORT, [*GOOD, b"a" * 64, b"[1]"]), p.E_BAD_REQUEST, RID, "object"),
     ("chunk over the limit", p.encode_request(RID, p.GET, _batch(p.GET, 1, p.MAX_CHUNK_ITEMS + 1)), p.E_TOO_LARGE, RID, "chunk"),
     ("batch over the limit", p.encode_request(RID, p.EXISTS, _batch(p.EXISTS, 66, 1000)), p.E_TOO_LARGE, RID, "batch"),
-    ("10k tiny frames", p.encode_request(RID, p.GET, [b""] * 10_000), p.E_TOO_LARGE, RID, "frames"),
+    ("100k tiny frames", p.encode_request(RID, p.GET, [b""] * 100_000), p.E_TOO_LARGE, RID, "frames"),
 ]
 
 
@@ -271,18 +271,21 @@ def test_non_zmtp_bytes_on_the_tcp_port(stack, pids, blob):
     assert_serving(stack, pids)
 
 
+SILENT = 500  # connections opened at once that never speak
+
+
 def test_silent_tcp_connections(stack, pids):
     baseline = broker_fds(stack)
     conns = []
     try:
-        for _ in range(200):
+        for _ in range(SILENT):
             conns.append(socket.create_connection(("127.0.0.1", tcp_port(stack)), timeout=5))
-        wait_for(lambda: broker_fds(stack) >= baseline + 200, what="the broker accepting 200 connections")
+        wait_for(lambda: broker_fds(stack) >= baseline + SILENT, what=f"the broker accepting {SILENT} connections")
         assert_serving(stack, pids)
         # Half of them hang up; the broker cuts the other half after its handshake interval.
-        for conn in conns[:100]:
+        for conn in conns[: SILENT // 2]:
             conn.close()
-        silent = conns[100:]
+        silent = conns[SILENT // 2 :]
         selector = selectors.DefaultSelector()
         for conn in silent:
             conn.setblocking(False)
@@ -315,12 +318,12 @@ def test_client_that_never_reads_does_not_block_others(stack, pids, zsockets):
     with create_client(stack.address, timeout=5) as client:
         client.report_unihash(taskhash, M, os.urandom(32).hex(), unihash)
         dropped_before = client.get_stats()["broker"]["counters"].get("replies.dropped", 0)
-    # Each reply is 200 hits (13 KB): 2000 of them overflow the broker's send queue to this
+    # Each reply is 20 hits (1.3 KB): 10,000 of them overflow the broker's send queue to this
     # peer (1000 messages) plus the kernel buffers, which are kept small on the reading side.
     greedy = zsockets.dealer(stack.address, RCVHWM=10, RCVBUF=4096, SNDTIMEO=10_000)
     try:
-        chunk = p.pack_items([taskhash] * 200)
-        for i in range(2000):
+        chunk = p.pack_items([taskhash] * 20)
+        for i in range(10_000):
             greedy.send_multipart(p.encode_request(b"g%x" % i, p.GET, [M.encode(), chunk]))
         latencies = []
         overlapped = 0

@@ -162,6 +162,7 @@ def test_worker_kills_during_a_burst_lose_nothing(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_burst_with_a_worker_kill_every_2s_keeps_half_the_throughput(tmp_path):
     """Issue 4's first fault test: 40 x 9,000 lookups, a worker killed -9 every 2 s."""
     rates = {}

@@ -319,6 +319,7 @@ def test_startup_race_under_supervisord(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_startup_race_under_supervisord_20_times(tmp_path_factory):
     times = [start_race_once(tmp_path_factory.mktemp("race")) for _ in range(20)]
     print("ready after (s):", [round(t, 2) for t in times])

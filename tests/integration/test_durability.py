@@ -107,6 +107,7 @@ def test_acknowledged_reports_survive_kills(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_acknowledged_reports_survive_kills_100k(tmp_path):
     acked, failed, kills = run(tmp_path, clients=8, per_client=12500, kill_every=(1.0, 3.0))
     print(f"acknowledged {acked}, failed {failed}, kills {len(kills)}")

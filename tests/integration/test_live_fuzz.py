@@ -133,5 +133,6 @@ def test_live_fuzz(tmp_path, fuzz_messages, ratio_limit=None):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_live_fuzz_10k_and_p99(tmp_path):
     test_live_fuzz(tmp_path, 10_000, ratio_limit=2.0)

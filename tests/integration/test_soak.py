@@ -35,6 +35,7 @@ def test_connect_request_close_cycles_leave_nothing_behind(tmp_path, cycles=1000
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_ten_thousand_cycles(tmp_path):
     test_connect_request_close_cycles_leave_nothing_behind(tmp_path, cycles=10_000)
 
@@ -68,10 +69,14 @@ def sample(stack) -> dict:
     return out
 
 
+SOAK_S = float(os.environ.get("HQ_SOAK_S", "600"))
+
+
 @pytest.mark.slow
+@pytest.mark.timeout(SOAK_S + 300)
 def test_soak(tmp_path):
     """10 minutes (HQ_SOAK_S): a new client every 2 s, a worker killed every 60 s."""
-    duration = float(os.environ.get("HQ_SOAK_S", "600"))
+    duration = SOAK_S
     ctx = multiprocessing.get_context("fork")
     out = ctx.Queue()
     with Stack(tmp_path, workers=2) as stack:

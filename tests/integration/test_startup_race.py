@@ -29,6 +29,7 @@ def test_startup_race(tmp_path, run):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_startup_race_20_times(tmp_path_factory):
     times = [start_once(tmp_path_factory.mktemp("race")) for _ in range(20)]
     assert max(times) < 5.0, times

@@ -9,8 +9,10 @@ import time
 import psutil
 import pytest
 
-from helpers import Stack, seed_known, wait_for
+from helpers import Stack, wait_for
 from hq.client import create_client
+from hq.workers.schema import open_database
+from hq.workers.store import Store
 
 M = "TestMethod"
 
@@ -41,8 +43,9 @@ def test_ten_thousand_cycles(tmp_path):
 
 
 def churn_client(address, known, seed, rounds, out):
-    rng = random.Random(f"churn-{seed}")  # never the seed of seed_known's stream
-    queries = list(known) + ["%064x" % rng.getrandbits(256) for _ in range(len(known))]
+    rng = random.Random(f"churn-{seed}")  # never the seed of the populated stream
+    hits = rng.sample(list(known), 2000)
+    queries = hits + ["%064x" % rng.getrandbits(256) for _ in range(2000)]
     wrong = []
     with create_client(address, timeout=30) as c:
         for _ in range(rounds):
@@ -55,6 +58,22 @@ def churn_client(address, known, seed, rounds, out):
                 wrong.append(("report", t, got, u))
             time.sleep(0.05)  # pacing: a steady load, not a flood
     out.put(wrong)
+
+
+def populate(path: str, n: int) -> dict:
+    """n mappings written straight into a new database (as Store would write them)."""
+    db = open_database(path)
+    store = Store(db)
+    rng = random.Random("soak")
+    known = {"%064x" % rng.getrandbits(256): "%064x" % rng.getrandbits(256) for _ in range(n)}
+    with store.write_transaction():
+        mid = store.method_id(M, create=True)
+        db.connection().executemany(
+            "INSERT INTO unihashes (method, taskhash, unihash, gc_mark) VALUES (?, ?, ?, '')",
+            [(mid, bytes.fromhex(t), bytes.fromhex(u)) for t, u in known.items()],
+        )
+    db.close()
+    return known
 
 
 def sample(stack) -> dict:
@@ -79,8 +98,13 @@ def test_soak(tmp_path):
     duration = SOAK_S
     ctx = multiprocessing.get_context("fork")
     out = ctx.Queue()
+    # A database bigger than the workers' page cache (16 MiB each), so the caches are full
+    # by the first sample and RSS growth after it can only be a leak.
+    known = populate(str(tmp_path / "hq.db"), 200_000)
     with Stack(tmp_path, workers=2) as stack:
-        known = seed_known(stack.address, 2000, 12)
+        with create_client(stack.address, timeout=60) as warm:  # fill both page caches
+            for _ in range(3):
+                assert warm.get_unihash_batch([(M, t) for t in known]) == list(known.values())
         start = time.monotonic()
         procs, samples, kills = [], {}, 0
         next_client = next_kill = start

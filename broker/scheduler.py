@@ -196,12 +196,8 @@ class Scheduler:
             return
         group = p.BATCH_GROUP_FRAMES.get(command)
         body = request.body
-        if group is None:
-            bodies = [body]
-            counts = [1]
-        else:
-            bodies = [body[i : i + group] for i in range(0, len(body), group)]
-            counts = [p.count_items(b[-1]) for b in bodies]
+        bodies = [body] if group is None else [body[i : i + group] for i in range(0, len(body), group)]
+        counts = request.counts  # counted once, while decoding
         items = sum(counts)
         if (
             self.queue.client_length(client_id) + len(bodies) > self.max_client_jobs

@@ -150,6 +150,7 @@ class Request(NamedTuple):
     command: bytes
     credentials: bytes
     body: list
+    counts: list  # items of each job the request makes (see chunk_counts)
 
 
 class Reply(NamedTuple):
@@ -190,14 +191,20 @@ def decode_request(frames: list) -> Request:
     command = bytes(frames[2])
     credentials = bytes(frames[3])
     body = frames[4:]
-    check_body_shape(command, body, request_id)
+    counts = chunk_counts(command, body, request_id)
     if len(credentials) > MAX_CREDENTIALS_BYTES:
         raise ProtocolError(E_TOO_LARGE, "credentials frame too large", request_id)
-    return Request(request_id, command, credentials, body)
+    return Request(request_id, command, credentials, body, counts)
 
 
 def check_body_shape(command: bytes, body: list, request_id: bytes | None = None) -> int:
     """Check the frame layout of a request body; return the number of items it carries."""
+    return sum(chunk_counts(command, body, request_id))
+
+
+def chunk_counts(command: bytes, body: list, request_id: bytes | None = None) -> list:
+    """Check the frame layout of a request body; return the items of each job it makes
+    (one per chunk of a batched command, ``[1]`` otherwise). Raises ProtocolError."""
     if command not in CLIENT_COMMANDS:
         raise ProtocolError(E_UNKNOWN_COMMAND, f"unknown command {_show(command)}", request_id)
     if len(body) + 4 > MAX_FRAMES:
@@ -212,26 +219,23 @@ def check_body_shape(command: bytes, body: list, request_id: bytes | None = None
                 f"{command.decode()} takes {want} body frames, got {len(body)}",
                 request_id,
             )
-        return 1
+        return [1]
     if not body or len(body) % group:
         raise ProtocolError(
             E_BAD_REQUEST,
             f"{command.decode()} body must be one or more groups of {group} frames",
             request_id,
         )
-    total = 0
-    for i in range(group - 1, len(body), group):
-        n = count_items(body[i])
-        if n > MAX_CHUNK_ITEMS:
-            raise ProtocolError(
-                E_TOO_LARGE, f"chunk of {n} items exceeds {MAX_CHUNK_ITEMS}", request_id
-            )
-        total += n
+    counts = [count_items(body[i]) for i in range(group - 1, len(body), group)]
+    if max(counts) > MAX_CHUNK_ITEMS:
+        n = max(counts)
+        raise ProtocolError(E_TOO_LARGE, f"chunk of {n} items exceeds {MAX_CHUNK_ITEMS}", request_id)
+    total = sum(counts)
     if total > MAX_BATCH_ITEMS:
         raise ProtocolError(
             E_TOO_LARGE, f"batch of {total} items exceeds {MAX_BATCH_ITEMS}", request_id
         )
-    return total
+    return counts
 
 
 def encode_reply(request_id: bytes, status: int = OK, body=()) -> list:

@@ -98,7 +98,7 @@ def test_request_round_trip(command):
     frames = p.encode_request(RID, command, body, credentials=b"token")
     assert frames[:4] == [p.CLIENT_PROTOCOL, RID, command, b"token"]
     request = p.decode_request(frames)
-    assert request == p.Request(RID, command, b"token", body)
+    assert request == p.Request(RID, command, b"token", body, p.chunk_counts(command, body))
 
 
 def test_request_id_and_credentials_at_their_limits():
@@ -457,6 +457,13 @@ def test_frame_count_limit():
     refused(p.encode_request(RID, p.EXISTS, body + [b"a"]), p.E_TOO_LARGE, RID)
     refused(p.encode_request(RID, p.GET, [b(M), b"a"] * (limit // 2 + 1)), p.E_TOO_LARGE, RID)
     refused(p.encode_request(RID, p.PING, [b""] * 100_000), p.E_TOO_LARGE, RID)
+
+
+def test_chunk_counts_give_the_items_of_each_job():
+    assert p.chunk_counts(p.PING, []) == [1]
+    assert p.chunk_counts(p.GET, batch(p.GET, [[T1, T2], [T1]])) == [2, 1]
+    assert p.chunk_counts(p.EXISTS, [b"a\nb\nc", b""]) == [3, 1]
+    assert p.decode_request(p.encode_request(RID, p.GET, batch(p.GET, [[T1], [T1, T2, T1]]))).counts == [1, 3]
 
 
 def test_check_body_shape_counts_items():

@@ -84,7 +84,7 @@ class Handlers:
                 p.check_body_shape(command, body)
                 parsed.append((job_id, parse(body)))
             except p.ProtocolError as exc:
-                results[job_id] = (exc.code, [exc.message.encode("utf-8", "replace")[: p.MAX_ERROR_BYTES]])
+                results[job_id] = self._error(command, exc)
         if parsed:
             try:
                 bodies = run([args for _, args in parsed])
@@ -188,9 +188,7 @@ class Handlers:
 
 
 def _storage_reason(exc: Exception) -> bytes:
-    text = str(exc).lower()
-    if "locked" in text or "busy" in text:
-        return b"database busy"
+    text = str(exc).lower()  # busy/locked never gets here: that is BUSY, not STORAGE
     if "full" in text:
         return b"database or disk is full"
     if "readonly" in text or "read-only" in text:

@@ -144,13 +144,7 @@ class WorkerKiller:
         wait = self.every_s / 4
         while not self._stop.wait(wait):
             wait = self.every_s
-            workers = []
-            for child in psutil.Process(self.stack.proc.pid).children():
-                try:
-                    if "hq.workers" in child.cmdline():
-                        workers.append(child)
-                except psutil.Error:
-                    continue
+            workers = [proc for name, proc in self.stack.children().items() if name != "hq-broker"]
             if workers:
                 victim = self.rng.choice(workers)
                 try:

@@ -95,7 +95,8 @@ class Stack:
                 raise StackError(f"hq-server: no {what} within {START_TIMEOUT_S:g} s:\n{self.log_tail()}")
             time.sleep(POLL_S)
 
-    def _find_processes(self) -> bool:
+    def children(self) -> dict:
+        """name -> psutil.Process of hq-server's broker ("hq-broker") and workers, now."""
         found = {}
         for child in psutil.Process(self.proc.pid).children():
             try:
@@ -106,6 +107,10 @@ class Stack:
                 found["hq-broker"] = child
             elif "hq.workers" in argv and "--name" in argv:
                 found[argv[argv.index("--name") + 1]] = child
+        return found
+
+    def _find_processes(self) -> bool:
+        found = self.children()
         if len(found) < self.workers + 1:
             return False
         self.processes = dict(sorted(found.items()))

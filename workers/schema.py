@@ -211,6 +211,11 @@ def open_database(
                 Config.insert(name="schema-version", value=SCHEMA_VERSION).on_conflict_ignore().execute()
             break
         except OperationalError as exc:
+            if "readonly" in str(exc) and database.table_exists("unihashes"):
+                # A read-only file with the schema in place: serve lookups; the store
+                # refuses writes with a clear reason until the file is writable again.
+                log.warning("database %s is read-only; serving lookups only", path)
+                break
             if "locked" not in str(exc) and "busy" not in str(exc):
                 raise
             if time.monotonic() > deadline:

@@ -99,6 +99,7 @@ class Store:
         self.reopen = None  # callable that opens the database file again (set by the worker)
         self._file_id = _file_id(db.database)
         self.file_problem = ""  # why writes are refused, or "" when the file is fine
+        self._reopen_when_writable = False
         self._method_ids: dict = {}
         self._uncommitted_methods: set = set()
 
@@ -108,31 +109,53 @@ class Store:
         return self.db.execute_sql(sql, params)
 
     def check_file(self) -> None:
-        """Notice the database file being removed or replaced under this worker.
+        """Notice the database file being removed, replaced or made read-only under this worker.
 
         SQLite would keep writing to the open, unlinked file, and every report acknowledged
         after that would be lost. So writes are refused (STORAGE) until a file is back at
         the path; then the worker opens it again. Reads go on from the open file meanwhile.
+        A file (or filesystem) made read-only refuses writes the same way, at once, instead
+        of through the worker's still-writable descriptor; when it is writable again the
+        connection is opened again, since SQLite keeps a connection it opened read-only so.
         """
-        now_id = _file_id(self.db.database)
-        if now_id == self._file_id:
-            if self.file_problem:
-                log.warning("database file %s is back; writes resume", self.db.database)
-            self.file_problem = ""
-            return
+        path = self.db.database
+        now_id = _file_id(path)
         if now_id is None:
-            if not self.file_problem:
-                log.error("database file %s was removed; refusing writes", self.db.database)
+            if not self.file_problem.startswith("database file was removed"):
+                log.error("database file %s was removed; refusing writes", path)
             self.file_problem = "database file was removed; restore it or restart hq"
             return
-        log.warning("database file %s was replaced; opening it again", self.db.database)
-        self.file_problem = "database file was replaced; reopening"
-        if self.reopen is not None:
-            self.db.close()
-            self.reopen()
-            self._method_ids.clear()
-            self._file_id = _file_id(self.db.database)
+        if now_id != self._file_id:
+            log.warning("database file %s was replaced; opening it again", path)
+            self._reopen()
+            return
+        if not os.access(path, os.W_OK):
+            if not self.file_problem.startswith("database file is read-only"):
+                log.error("database file %s is read-only; refusing writes", path)
+            self.file_problem = "database file is read-only; make it writable again"
+            self._reopen_when_writable = True
+            return
+        if self.file_problem:
+            log.warning("database file %s is writable again; writes resume", path)
             self.file_problem = ""
+        if self._reopen_when_writable:
+            self._reopen()
+
+    def _reopen(self) -> None:
+        self.file_problem = "database file changed; reopening"
+        if self.reopen is None:
+            return
+        self.db.close()
+        self.reopen()
+        self._method_ids.clear()
+        self._file_id = _file_id(self.db.database)
+        self._reopen_when_writable = False
+        self.file_problem = ""
+
+    def writes_failed(self, exc: Exception) -> None:
+        """A write failed with ``exc``: after "read-only", reopen once the file is writable."""
+        if "readonly" in str(exc) or "read-only" in str(exc):
+            self._reopen_when_writable = True
 
     @contextmanager
     def write_transaction(self):
@@ -142,7 +165,7 @@ class Store:
         transaction back itself (disk full, I/O error), peewee's ROLLBACK fails with "no
         transaction is active" and hides the real error from the caller.
         """
-        self.check_file()  # a stat, ~2 us: no write goes to a file that left its path
+        self.check_file()  # stat + access, ~3 us: no write to a file that left its path
         if self.file_problem:
             raise StorageUnavailable(self.file_problem)
         deadline = time.monotonic() + self.lock_wait_s
@@ -157,7 +180,8 @@ class Store:
         try:
             yield
             self._sql("COMMIT")
-        except BaseException:
+        except BaseException as exc:
+            self.writes_failed(exc)
             if self.db.connection().in_transaction:
                 self._sql("ROLLBACK")
             raise

@@ -2,6 +2,7 @@
 with a clear error, lookups go on, no process dies, and writes resume once the fault clears."""
 
 import os
+import shutil
 import subprocess
 import time
 
@@ -128,4 +129,50 @@ def test_database_replaced_is_reopened(tmp_path):
             wait_for(lambda: all(c.get_unihash(M, fresh(4)[0]) == fresh(4)[2] for _ in range(6)), 5, 0.05, "all workers on the new file")
             assert c.get_unihash(M, t0) is None  # the old file's rows are not in the new one
     finally:
+        stack.stop()
+
+
+def without_root_override(stack):
+    """Make file modes bind the stack: as root, run it without CAP_DAC_OVERRIDE."""
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root and setpriv is missing: file modes would not apply")
+        stack.argv[:0] = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"]
+    return stack
+
+
+def test_database_made_read_only_then_writable(tmp_path):
+    stack = without_root_override(Stack(tmp_path, workers=2)).start()
+    try:
+        with create_client(stack.address, timeout=10) as c:
+            t0, o0, u0 = fresh(0)
+            assert c.report_unihash(t0, M, o0, u0)["unihash"] == u0
+            os.chmod(stack.db, 0o444)
+            # The workers' descriptors are still writable; they refuse writes anyway.
+            for i in range(1, 6):
+                report_fails_fast(c, i, ["read-only"])
+            assert c.get_unihash(M, t0) == u0
+            # A worker restarted meanwhile opens the file read-only: it serves lookups and
+            # refuses writes with the same reason, and does not crash-loop.
+            victim = stack.children()["hq-worker-00"]
+            victim.kill()
+            wait_for(
+                lambda: stack.children().get("hq-worker-00") not in (None, victim)
+                and len(c.get_stats()["workers"]) == 2,
+                10, 0.05, "worker restarted",
+            )
+            restarted = {n: p.pid for n, p in stack.children().items()}
+            for i in range(6, 12):
+                report_fails_fast(c, i, ["read-only"])
+                assert c.get_unihash(M, t0) == u0
+            os.chmod(stack.db, 0o644)  # the fault clears
+            wait_for(lambda: _reports(c, *fresh(20)), 5, 0.05, "writes resume")
+            # Every worker writes again, including the one that opened the file read-only.
+            for i in range(21, 41):
+                t, o, u = fresh(i)
+                assert c.report_unihash(t, M, o, u)["unihash"] == u
+            assert {n: p.pid for n, p in stack.children().items()} == restarted
+            assert "Traceback" not in stack.log()
+    finally:
+        os.chmod(stack.db, 0o644)
         stack.stop()

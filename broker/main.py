@@ -36,6 +36,7 @@ OPTIONS = [
     config.Option("max-queued-jobs", 65536, "queued chunks allowed in total before BUSY", int),
     config.Option("worker-credit", 1, "REQUEST messages a worker holds at a time", int),
     config.Option("merge-items", 1000, "items of small same-command jobs merged into one worker REQUEST (1 = no merging)", int),
+    config.Option("max-attempts", 3, "workers a request may be lost with (crash, stall) before it is answered INTERNAL", int),
     config.Option("endpoint-file", "", "once bound, write the client endpoints here, one per line"),
     config.Option("log-level", "INFO", "logging level", choices=logs.LEVELS),
 ]
@@ -74,6 +75,7 @@ class Broker:
             max_queued_jobs=opts.max_queued_jobs,
             worker_credit=opts.worker_credit,
             merge_items=opts.merge_items,
+            max_attempts=opts.max_attempts,
             now=time.monotonic(),
         )
         self.frontend = router(self.ctx, public=True)

@@ -60,7 +60,7 @@ class PendingRequest:
 
 
 class Job:
-    __slots__ = ("job_id", "request", "index", "command", "credentials", "body", "items", "worker_id", "start")
+    __slots__ = ("job_id", "request", "index", "command", "credentials", "body", "items", "worker_id", "start", "attempts")
 
     def __init__(self, job_id, request, index, command, credentials, body, items):
         self.job_id = job_id
@@ -72,6 +72,7 @@ class Job:
         self.items = items
         self.worker_id = None
         self.start = 0  # fair-queuing start tag
+        self.attempts = 0  # workers lost while holding this job
 
 
 class Worker:
@@ -135,6 +136,7 @@ class Scheduler:
         max_queued_jobs: int = 65536,
         worker_credit: int = 1,
         merge_items: int = p.MAX_CHUNK_ITEMS,
+        max_attempts: int = 3,
         now: float = 0.0,
     ):
         self.heartbeat_interval_s = heartbeat_interval_s
@@ -144,6 +146,7 @@ class Scheduler:
         self.max_queued_jobs = max_queued_jobs
         self.worker_credit = worker_credit
         self.merge_items = merge_items
+        self.max_attempts = max_attempts
         self.started = now
 
         self.to_clients: list = []  # outbox: [client_id, *frames]
@@ -249,7 +252,7 @@ class Scheduler:
         worker = self.workers.get(worker_id)
         if kind == p.READY:
             if worker is not None:
-                self._drop_worker(worker, "registered again")
+                self._drop_worker(worker, "registered again", now)
             self._add_worker(worker_id, fields, now)
         elif worker is None:
             # Unknown (expired, or this broker restarted): make it register again.
@@ -273,7 +276,7 @@ class Scheduler:
         elif kind == p.HEARTBEAT:
             worker.expiry = self._expiry(now)
         elif kind == p.DISCONNECT:
-            self._drop_worker(worker, "disconnected")
+            self._drop_worker(worker, "disconnected", now)
         self.dispatch(now)
 
     def _add_worker(self, worker_id, info, now):
@@ -284,7 +287,7 @@ class Scheduler:
         self.count("workers.registered")
         log.info("worker %s registered (pid %s)", worker.name, info.get("pid"))
 
-    def _drop_worker(self, worker: Worker, why: str):
+    def _drop_worker(self, worker: Worker, why: str, now: float):
         del self.workers[worker.worker_id]
         if self.writer == worker.worker_id:
             self.writer = None
@@ -293,7 +296,18 @@ class Scheduler:
         for job in reversed(jobs):  # back to the front of their queues, in order
             del self.jobs[job.job_id]
             job.worker_id = None
-            if not job.request.done:
+            job.attempts += 1
+            if job.request.done:
+                continue
+            if job.attempts >= self.max_attempts:
+                # A poison request (one that crashes or stalls every worker it reaches)
+                # must not take the whole pool down in turn: give up on it.
+                self.count("jobs.abandoned")
+                log.warning("%s job lost %d workers; answering INTERNAL", job.command.decode(), job.attempts)
+                message = f"the request was lost with {job.attempts} workers; not retried further"
+                self.count(f"errors.{p.E_INTERNAL}")
+                self._finish(job.request, now, p.encode_error(job.request.request_id, p.E_INTERNAL, message))
+            else:
                 self._requeue_front(job)
         self.count("workers.dropped")
         if jobs:
@@ -380,7 +394,7 @@ class Scheduler:
         """Heartbeats, worker expiry and request timeouts. Call at least every interval."""
         for worker in list(self.workers.values()):
             if now >= worker.expiry:
-                self._drop_worker(worker, "expired (no heartbeat)")
+                self._drop_worker(worker, "expired (no heartbeat)", now)
             elif now - worker.last_sent >= self.heartbeat_interval_s:
                 worker.last_sent = now
                 self.to_workers.append([worker.worker_id, *p.HEARTBEAT_MESSAGE])
@@ -422,6 +436,7 @@ class Scheduler:
                     "max_queued_jobs": self.max_queued_jobs,
                     "worker_credit": self.worker_credit,
                     "merge_items": self.merge_items,
+                    "max_attempts": self.max_attempts,
                 },
                 "uptime_s": now - self.started,
                 "queued_jobs": len(self.queue),

@@ -14,7 +14,7 @@ import time
 
 import zmq
 
-from hq import config, logs
+from hq import config, failpoints, logs
 from hq import protocol as p
 from hq.signals import StopFlag
 from hq.sockets import readable, recv_frames, send_frames
@@ -118,6 +118,7 @@ class WorkerLoop:
             return True
         if kind == p.REQUEST:
             command, credentials, jobs = fields
+            failpoints.hit("worker.request")
             results = self.handlers.handle_jobs(command, credentials, jobs)
             for i, (job_id, status, reply) in enumerate(results):
                 if any(len(frame) > p.MAX_FRAME_BYTES for frame in reply):
@@ -135,6 +136,8 @@ def main(argv=None) -> int:
     name = opts.name or f"hq-worker-{os.getpid()}"
     logs.setup(name if opts.name else "hq-worker", opts.log_level)
     stop = StopFlag().install()
+    if failpoints.ACTIVE:
+        log.warning("failpoints active (HQ_FAILPOINTS): %s", ", ".join(failpoints.ACTIVE))
     try:
         db = open_database(
             opts.db,

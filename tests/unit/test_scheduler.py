@@ -138,6 +138,41 @@ def test_silent_worker_is_dropped_and_its_work_redispatched():
     assert s.counters["jobs.redispatched"] == 1
 
 
+def test_a_poison_job_is_abandoned_after_it_loses_max_attempts_workers():
+    # A request that stalls or kills every worker it reaches must not take the pool down
+    # in turn: after max_attempts losses it is answered INTERNAL, and other work goes on.
+    s = make(max_attempts=3)
+    for w in (b"w1", b"w2", b"w3", b"w4"):
+        ready(s, w)
+    s.on_client(get_request(b"c", b"poison", [["p"]]), 0.0)
+    for lost in range(3):
+        (job,) = take_jobs(s)
+        assert job[2] == [M, b"p"]
+        s.on_worker([job[0], *p.DISCONNECT_MESSAGE], 0.1 * (lost + 1))
+    (reply,) = replies(s)
+    assert reply.request_id == b"poison" and reply.status == p.E_INTERNAL
+    assert b"3 workers" in reply.body[0]
+    assert take_jobs(s) == []  # not dispatched to the last worker
+    assert s.counters["jobs.abandoned"] == 1
+    s.on_client(get_request(b"c", b"next", [["n"]]), 1.0)
+    (job,) = take_jobs(s)
+    answer(s, job[0], job[1], echo_reply(job[2]), 1.1)
+    assert [(r.request_id, r.body) for r in replies(s)] == [(b"next", [b"n"])]
+
+
+def test_a_job_lost_with_fewer_than_max_attempts_workers_is_still_answered():
+    s = make(max_attempts=3)
+    for w in (b"w1", b"w2", b"w3"):
+        ready(s, w)
+    s.on_client(get_request(b"c", b"r", [["a"]]), 0.0)
+    for lost in range(2):
+        (job,) = take_jobs(s)
+        s.on_worker([job[0], *p.DISCONNECT_MESSAGE], 0.1 * (lost + 1))
+    (job,) = take_jobs(s)
+    answer(s, job[0], job[1], echo_reply(job[2]), 0.5)
+    assert [(r.status, r.body) for r in replies(s)] == [(p.OK, [b"a"])]
+
+
 def test_heartbeats_keep_a_worker_alive_and_are_sent_to_idle_workers():
     s = make()
     ready(s, b"w1", 0.0)

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 #: Commands whose jobs a worker can run together (one query per method, one transaction).
 MERGE_COMMANDS = frozenset({p.GET, p.EXISTS, p.REPORT, p.REPORT_EQUIV})
 #: Commands that write: at most one REQUEST of them is in flight at a time (see dispatch).
-WRITE_COMMANDS = frozenset({p.REPORT, p.REPORT_EQUIV})
+WRITE_COMMANDS = frozenset({p.REPORT, p.REPORT_EQUIV}) | p.ADMIN_WRITE_COMMANDS
 
 
 def _mergeable(first: "Job", other: "Job") -> bool:

@@ -31,7 +31,7 @@ from typing import NamedTuple
 # --- protocol identifiers (frame 0) ------------------------------------------------------
 CLIENT_PROTOCOL = b"HQC01"
 WORKER_PROTOCOL = b"HQW01"
-SPEC_VERSION = "1.0"  # version of PROTOCOL.md; bumps with any wire change
+SPEC_VERSION = "1.1"  # version of PROTOCOL.md; bumps with any wire change
 
 # --- client commands (frame 2 of a request) ----------------------------------------------
 PING = b"ping"
@@ -43,9 +43,24 @@ REPORT_EQUIV = b"report-equiv"  # method, taskhash, unihash[, extra_json] -> uni
 EXISTS = b"exists"  # batched: unihash list frames
 STATS = b"stats"  # answered by the broker
 RESET_STATS = b"reset-stats"  # answered by the broker
+# Database administration (ref. §7.5-7.8), answered by a worker; the writes go one at a time.
+REMOVE = b"remove"  # where_json[, dry_run] -> {"count"}
+CLEAN_UNUSED = b"clean-unused"  # max_age_seconds[, dry_run] -> {"count"}
+GC_MARK = b"gc-mark"  # mark, where_json -> {"count"}
+GC_MARK_STREAM = b"gc-mark-stream"  # batched: (mark, where-JSON chunk) pairs -> count per chunk
+GC_STATUS = b"gc-status"  # -> {"keep", "remove", "mark"}
+GC_SWEEP = b"gc-sweep"  # mark[, dry_run] -> {"count"}
+DB_USAGE = b"db-usage"  # -> {"usage": {table: {"rows"}}}
+QUERY_COLUMNS = b"query-columns"  # -> {"columns": [...]}
+IMPORT = b"import"  # source, table, last_id, row-JSON chunk -> {"imported", "skipped"}
+IMPORT_STATUS = b"import-status"  # source -> {table: last_id}
 
+#: Commands that change the database other than by reporting.
+ADMIN_WRITE_COMMANDS = frozenset({REMOVE, CLEAN_UNUSED, GC_MARK, GC_MARK_STREAM, GC_SWEEP, IMPORT})
 #: Commands a worker executes.
-WORKER_COMMANDS = frozenset({PING, GET, GET_FULL, GET_OUTHASH, REPORT, REPORT_EQUIV, EXISTS})
+WORKER_COMMANDS = frozenset(
+    {PING, GET, GET_FULL, GET_OUTHASH, REPORT, REPORT_EQUIV, EXISTS, GC_STATUS, DB_USAGE, QUERY_COLUMNS, IMPORT_STATUS}
+) | ADMIN_WRITE_COMMANDS
 #: Commands the broker answers itself.
 BROKER_COMMANDS = frozenset({STATS, RESET_STATS})
 CLIENT_COMMANDS = WORKER_COMMANDS | BROKER_COMMANDS
@@ -53,7 +68,7 @@ CLIENT_COMMANDS = WORKER_COMMANDS | BROKER_COMMANDS
 #: Batched commands: the body is a run of groups of this many frames. Each group is one
 #: chunk, the unit of scheduling: the broker spreads the chunks of one request over the
 #: workers and joins their replies (one frame per chunk) in order.
-BATCH_GROUP_FRAMES = {GET: 2, EXISTS: 1}
+BATCH_GROUP_FRAMES = {GET: 2, EXISTS: 1, GC_MARK_STREAM: 2}
 
 #: Exact body frame counts (min, max) for the single-item commands.
 BODY_FRAMES = {
@@ -64,6 +79,15 @@ BODY_FRAMES = {
     REPORT_EQUIV: (3, 4),
     STATS: (0, 0),
     RESET_STATS: (0, 0),
+    REMOVE: (1, 2),
+    CLEAN_UNUSED: (1, 2),
+    GC_MARK: (2, 2),
+    GC_STATUS: (0, 0),
+    GC_SWEEP: (1, 2),
+    DB_USAGE: (0, 0),
+    QUERY_COLUMNS: (0, 0),
+    IMPORT: (4, 4),
+    IMPORT_STATUS: (1, 1),
 }
 
 # --- worker message types (frame 1 of a worker message) -----------------------------------

@@ -52,6 +52,16 @@ def valid_body(command: bytes) -> list:
         p.EXISTS: [p.pack_items([U1, U2])],
         p.STATS: [],
         p.RESET_STATS: [],
+        p.REMOVE: [b'{"taskhash":"%s"}' % b(T1), b"1"],
+        p.CLEAN_UNUSED: [b"3600"],
+        p.GC_MARK: [b"m1", b'{"unihash":"%s"}' % b(U1)],
+        p.GC_MARK_STREAM: [b"m1", p.pack_items(['{"unihash":"%s"}' % U1, '{"unihash":"%s"}' % U2])],
+        p.GC_STATUS: [],
+        p.GC_SWEEP: [b"m1"],
+        p.DB_USAGE: [],
+        p.QUERY_COLUMNS: [],
+        p.IMPORT: [b"/srv/hashserv.db", b"unihashes_v3", b"7", b'{"id":7}'],
+        p.IMPORT_STATUS: [b"/srv/hashserv.db"],
     }[command]
 
 

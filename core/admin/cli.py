@@ -1,0 +1,67 @@
+"""hq-admin's entry point: common options, subcommand registry, error -> exit code mapping.
+
+Each module in :data:`MODULES` adds its subcommands with ``add_commands(subparsers, common)``
+and sets ``func(args, client) -> exit code`` on each; ``client`` is an :class:`hq.client.Client`
+for ``--address`` with ``--timeout`` as the deadline of every call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from hq.broker.main import DEFAULT_BIND
+from hq.client import InvokeError, create_client
+
+from . import output
+from . import status
+
+#: Subcommand modules, in the order ``--help`` lists them.
+MODULES = [status]
+
+
+def parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--address",
+        default=os.environ.get("HQ_ADDRESS", DEFAULT_BIND),
+        help="broker address, tcp://HOST:PORT or ipc://PATH (env HQ_ADDRESS; default %(default)s)",
+    )
+    common.add_argument(
+        "--timeout",
+        type=float,
+        default=float(os.environ.get("HQ_ADMIN_TIMEOUT", "10")),
+        help="deadline of each call to the server, seconds (env HQ_ADMIN_TIMEOUT; default %(default)s)",
+    )
+    common.add_argument("--format", choices=("table", "json"), default="table", help="output format (default: table)")
+    top = argparse.ArgumentParser(
+        prog="hq-admin",
+        description="Operate an hq service through its broker. Exit codes: 0 done or healthy, "
+        "1 refused or unhealthy, 2 usage error, 3 server unreachable.",
+    )
+    sub = top.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in MODULES:
+        module.add_commands(sub, common)
+    return top
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        with create_client(args.address, timeout=args.timeout) as client:
+            return args.func(args, client)
+    except InvokeError as exc:
+        output.error(f"refused: {exc}")
+        return output.FAILED
+    except ConnectionError as exc:
+        output.error(f"cannot reach hq at {args.address}: {exc}")
+        return output.UNREACHABLE
+    except KeyboardInterrupt:
+        return output.INTERRUPTED
+    except BrokenPipeError:  # e.g. piped into head
+        return output.OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -33,9 +33,14 @@ class InvokeError(Exception):
 
 
 class _Outstanding:
-    __slots__ = ("index", "command", "body", "deadline", "attempt_deadline", "resend_at", "backoff", "decode")
+    __slots__ = ("index", "command", "body", "deadline", "attempt_s", "attempt_deadline", "resend_at", "backoff", "decode")
 
     def __init__(self, index, command, body, decode, now, timeout_s, attempt_s):
+        if command in p.ADMIN_WRITE_COMMANDS:
+            # A sweep of millions of rows may take long; sent again it would run again (a
+            # second gc-sweep is refused: the mark is gone). Wait the whole deadline instead.
+            attempt_s = timeout_s
+        self.attempt_s = attempt_s
         self.index = index
         self.command = command
         self.body = body
@@ -194,7 +199,7 @@ class Client:
                 if self._reconnected():
                     now = time.monotonic()
                     for request_id, entry in list(outstanding.items()):
-                        self._resend(outstanding, request_id, entry, now, attempt_s)
+                        self._resend(outstanding, request_id, entry, now)
             now = time.monotonic()
             for request_id, entry in list(outstanding.items()):
                 if now >= entry.deadline:
@@ -203,11 +208,11 @@ class Client:
                         f"no answer from hq at {self.address} within {self.timeout:g} s"
                     )
                 if entry.resend_at is not None and now >= entry.resend_at:
-                    self._resend(outstanding, request_id, entry, now, attempt_s)
+                    self._resend(outstanding, request_id, entry, now)
             if any(now >= e.attempt_deadline and e.resend_at is None for e in outstanding.values()):
                 self._reset_socket()
                 for request_id, entry in list(outstanding.items()):
-                    self._resend(outstanding, request_id, entry, now, attempt_s)
+                    self._resend(outstanding, request_id, entry, now)
 
     def _reconnected(self) -> bool:
         """Read connection events; True when the connection is back after it dropped."""
@@ -221,11 +226,11 @@ class Client:
                 back = True
         return back
 
-    def _resend(self, outstanding, request_id, entry, now, attempt_s):
+    def _resend(self, outstanding, request_id, entry, now):
         del outstanding[request_id]
         new_id = b"%x" % next(self._ids)
         entry.resend_at = None
-        entry.attempt_deadline = now + attempt_s
+        entry.attempt_deadline = now + entry.attempt_s
         outstanding[new_id] = entry
         self._send(new_id, entry)
 
@@ -369,6 +374,68 @@ class Client:
     def reset_stats(self) -> dict:
         return self._call(p.RESET_STATS, (), _json_body)
 
+    # --- database administration (PROTOCOL.md §3.7) -------------------------------------
+    def remove(self, where: dict, dry_run: bool = False) -> dict:
+        """Delete the reports and mappings matching ``where`` -> ``{"count"}``."""
+        return self._call(p.REMOVE, [_where(where), p.encode_flag(dry_run)], _json_body)
+
+    def clean_unused(self, max_age: int, dry_run: bool = False) -> dict:
+        """Delete reports without a mapping older than ``max_age`` seconds -> ``{"count"}``."""
+        if int(max_age) < 0:
+            raise ValueError("max_age must not be negative")
+        return self._call(p.CLEAN_UNUSED, [b"%d" % int(max_age), p.encode_flag(dry_run)], _json_body)
+
+    def gc_mark(self, mark: str, where: dict) -> dict:
+        return self._call(p.GC_MARK, [_enc(mark), _where(where)], _json_body)
+
+    def gc_mark_stream(self, mark: str, rows) -> dict:
+        """gc-mark for each row of an iterable, sent in chunks -> ``{"count"}`` (the sum).
+        A row is a where dict or, as for BitBake's client, a string "column value ..."."""
+        return {"count": sum(self._exchange(self._gc_mark_requests(mark, rows)))}
+
+    def _gc_mark_requests(self, mark: str, rows):
+        mark_frame = _enc(mark)
+        for chunks in self._chunked((None, _where_line(row)) for row in rows):
+            body: list = []
+            for _, lines in chunks:
+                body += (mark_frame, p.pack_items(lines))
+            yield p.GC_MARK_STREAM, body, _counts_decoder(len(chunks))
+
+    def gc_status(self) -> dict:
+        return self._call(p.GC_STATUS, (), _json_body)
+
+    def gc_sweep(self, mark: str, dry_run: bool = False) -> dict:
+        return self._call(p.GC_SWEEP, [_enc(mark), p.encode_flag(dry_run)], _json_body)
+
+    def get_db_usage(self) -> dict:
+        """``{table: {"rows": N}}``, unwrapped from the reply as BitBake's client does."""
+        return self._call(p.DB_USAGE, (), _json_body)["usage"]
+
+    def get_db_query_columns(self) -> list:
+        """The column names a where dict may use, unwrapped as BitBake's client does."""
+        return self._call(p.QUERY_COLUMNS, (), _json_body)["columns"]
+
+    # --- hq-specific: import of a bitbake-hashserv database (PROTOCOL.md §3.7) -----------
+    def import_rows(self, source: str, table: str, last_id: int, rows) -> dict:
+        """Send 1-1000 rows (dicts with the source table's columns, or lines already made by
+        :func:`encode_import_row`) of ``table`` read from ``source``, whose highest source id
+        is ``last_id``; returns ``{"imported", "skipped", "invalid"}``. The rows and the
+        checkpoint commit together."""
+        lines = [r if isinstance(r, str) else encode_import_row(r) for r in rows]
+        body = [_enc(source), _enc(table), b"%d" % last_id, p.pack_items(lines)]
+        return self._call(p.IMPORT, body, _json_body)
+
+    def import_status(self, source: str) -> dict:
+        """``{table: last source id imported}`` for ``source`` (0: nothing yet)."""
+        return self._call(p.IMPORT_STATUS, [_enc(source)], _json_body)
+
+
+def encode_import_row(row: dict) -> str:
+    """One row of an ``import`` chunk: JSON on one line (json escapes every LF). ASCII-only,
+    so text read with ``surrogateescape`` from a file that is not UTF-8 still travels, and
+    the server refuses that row alone."""
+    return json.dumps(row, separators=(",", ":"))
+
 
 def _enc(value) -> bytes:
     if value is None:
@@ -385,6 +452,36 @@ def _unihash_body(body: list) -> str:
     if not p.is_unihash(value):
         raise ValueError("malformed unihash in reply")
     return value
+
+
+def _where(where) -> bytes:
+    if not isinstance(where, dict):
+        raise TypeError("where must be a dict of column names to values")
+    return p.encode_json(where)
+
+
+def _where_line(row) -> str:
+    """One item of a gc-mark-stream chunk: a where dict, or "column value ..." text."""
+    if isinstance(row, str):
+        words = row.split()
+        if len(words) % 2:
+            raise ValueError(f"row {row!r} is not column/value pairs")
+        row = dict(zip(words[::2], words[1::2]))
+    return _where(row).decode("utf-8")
+
+
+def _counts_decoder(n: int):
+    """Decoder of a gc-mark-stream reply: one ASCII decimal count per chunk; their sum."""
+
+    def decode(body: list) -> int:
+        if len(body) != n:
+            raise ValueError(f"reply has {len(body)} counts, expected {n}")
+        frames = [bytes(frame) for frame in body]
+        if not all(f.isdigit() for f in frames):
+            raise ValueError("malformed count in reply")
+        return sum(int(f) for f in frames)
+
+    return decode
 
 
 def _list_decoder(unpack, counts: list):

@@ -14,6 +14,8 @@ import peewee
 
 from hq import protocol as p
 
+from . import importer as imp
+from . import maintenance as mt
 from .store import Store, StorageUnavailable, is_busy
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,24 @@ class Handlers:
             p.REPORT: (self.parse_report, self.run_reports),
             p.REPORT_EQUIV: (self.parse_report_equiv, self.run_report_equivs),
         }
+        # Database administration (PROTOCOL.md §3.7): the SQL and body parsing live in
+        # maintenance.py; the import of a bitbake-hashserv database in importer.py.
+        admin = self.maintenance = mt.Maintenance(store)
+        importer = self.importer = imp.Importer(store)
+        self.table.update(
+            {
+                p.REMOVE: (mt.parse_remove, self.run_each(_json(admin.remove))),
+                p.CLEAN_UNUSED: (mt.parse_clean_unused, self.run_each(_json(admin.clean_unused))),
+                p.GC_MARK: (mt.parse_gc_mark, self.run_each(_json(admin.gc_mark))),
+                p.GC_MARK_STREAM: (mt.parse_gc_mark_stream, self.run_each(_counts(admin.gc_mark_stream))),
+                p.GC_STATUS: (mt.parse_nothing, self.run_each(_json(admin.gc_status))),
+                p.GC_SWEEP: (mt.parse_gc_sweep, self.run_each(_json(admin.gc_sweep))),
+                p.DB_USAGE: (mt.parse_nothing, self.run_each(_json(admin.db_usage))),
+                p.QUERY_COLUMNS: (mt.parse_nothing, self.run_each(_json(admin.query_columns))),
+                p.IMPORT: (imp.parse_import, self.run_each(_json(importer.import_chunk))),
+                p.IMPORT_STATUS: (imp.parse_import_status, self.run_each(_json(importer.status))),
+            }
+        )
 
     def handle(self, command: bytes, credentials: bytes, body: list) -> tuple:
         """Return (status, reply body frames) for one job."""
@@ -185,6 +205,16 @@ class Handlers:
 
     def run_report_equivs(self, many: list) -> list:
         return [[u.encode()] for u in self.store.report_equiv_many(many)]
+
+
+def _json(fn):
+    """A reply of one JSON frame from what ``fn`` returns."""
+    return lambda *args: [p.encode_json(fn(*args))]
+
+
+def _counts(fn):
+    """A reply of one ASCII decimal frame per count ``fn`` returns (gc-mark-stream)."""
+    return lambda *args: [b"%d" % n for n in fn(*args)]
 
 
 def _storage_reason(exc: Exception) -> bytes:

@@ -14,11 +14,12 @@ import sys
 from hq.broker.main import DEFAULT_BIND
 from hq.client import InvokeError, create_client
 
-from . import output
-from . import status
+from . import database, importer, output, status
+
+DEFAULT_TIMEOUT_S = 10.0
 
 #: Subcommand modules, in the order ``--help`` lists them.
-MODULES = [status]
+MODULES = [status, database, importer]
 
 
 def parser() -> argparse.ArgumentParser:
@@ -31,8 +32,9 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--timeout",
         type=float,
-        default=float(os.environ.get("HQ_ADMIN_TIMEOUT", "10")),
-        help="deadline of each call to the server, seconds (env HQ_ADMIN_TIMEOUT; default %(default)s)",
+        default=None,
+        help="deadline of each call to the server, seconds (env HQ_ADMIN_TIMEOUT; default 10, "
+        "600 for the commands that scan or rewrite whole tables)",
     )
     common.add_argument("--format", choices=("table", "json"), default="table", help="output format (default: table)")
     top = argparse.ArgumentParser(
@@ -48,9 +50,19 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    if args.timeout is None:
+        env = os.environ.get("HQ_ADMIN_TIMEOUT")
+        try:
+            args.timeout = float(env) if env else getattr(args, "default_timeout", DEFAULT_TIMEOUT_S)
+        except ValueError:
+            output.error(f"HQ_ADMIN_TIMEOUT={env!r} is not a number of seconds")
+            return output.USAGE
     try:
         with create_client(args.address, timeout=args.timeout) as client:
             return args.func(args, client)
+    except BrokenPipeError:  # piped into head: not an error (a ConnectionError subclass)
+        sys.stdout = open(os.devnull, "w")
+        return output.OK
     except InvokeError as exc:
         output.error(f"refused: {exc}")
         return output.FAILED
@@ -59,8 +71,6 @@ def main(argv=None) -> int:
         return output.UNREACHABLE
     except KeyboardInterrupt:
         return output.INTERRUPTED
-    except BrokenPipeError:  # e.g. piped into head
-        return output.OK
 
 
 if __name__ == "__main__":

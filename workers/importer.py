@@ -1,0 +1,310 @@
+"""Copying a database written by BitBake's ``bitbake-hashserv`` into hq (``import``,
+``import-status``; PROTOCOL.md §3.7).
+
+hq-admin reads the source file and sends its rows here, chunk by chunk, in source ``id``
+order. Each chunk is converted to hq's storage exactly as a report would be (methods
+interned, hashes as keys, unihashes as 32-byte blobs, ``created`` as microseconds since
+the epoch) and inserted in ONE write transaction together with the checkpoint
+``import:<table>:<source>`` = the chunk's last source id, in hq's ``config`` table. So an
+import that is interrupted resumes exactly after the last committed chunk, and running a
+chunk twice (a re-dispatch, a resend) changes nothing: mappings are ``INSERT OR IGNORE``
+(first mapping wins), an outhash row already present is skipped.
+
+Rows hq cannot hold (a unihash that is not 64 lower-case hex, a hash hq's protocol cannot
+carry, an unreadable ``created``, ...) are left out and counted as ``invalid``: one bad row
+never blocks the rest of the import.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from typing import NamedTuple
+
+from hq import protocol as p
+
+from .schema import to_key
+from .store import Store
+
+#: Source tables hq imports, in the order hq-admin sends them: users and config first
+#: (small), then the mappings, then the outhash rows. Mappings go before outhash rows
+#: because an outhash row only takes part in equivalence (report, §9) once its
+#: (method, taskhash) has a mapping: each outhash row is useful the moment it lands, and
+#: ``clean-unused`` never sees an imported outhash row without its mapping.
+TABLES = ("users", "config", "unihashes_v3", "outhashes_v2")
+
+#: Columns each source row must carry (others, such as ``id``, are ignored).
+COLUMNS = {
+    "users": ("username", "token", "permissions"),
+    "config": ("name", "value"),
+    "unihashes_v3": ("method", "taskhash", "unihash", "gc_mark"),
+    "outhashes_v2": ("method", "taskhash", "outhash", "created", *p.REPORT_EXTRA_FIELDS),
+}
+
+#: The only source config row hq uses; every other (hq's own ``schema-version``,
+#: checkpoints, names hq does not know) is skipped.
+IMPORTED_CONFIG = ("gc-mark",)
+
+MAX_SOURCE_BYTES = 256
+_MAX_ID_DIGITS = 18  # below 2**63, SQLite's integer range
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+_US = datetime.timedelta(microseconds=1)
+
+
+def checkpoint_name(table: str, source: str) -> str:
+    """The ``config`` row holding the last source id imported from ``source``'s ``table``."""
+    return f"import:{table}:{source}"
+
+
+class Chunk(NamedTuple):
+    source: str
+    table: str
+    last_id: int
+    rows: list  # converted rows, ready for SQL
+    invalid: int  # rows left out because hq cannot hold them
+
+
+class _Invalid(Exception):
+    """This row cannot be stored by hq; it is skipped and counted."""
+
+
+# --- parse: one job's body -> Chunk (raises ProtocolError) ------------------------------------
+
+
+def parse_source(frame) -> str:
+    return p.decode_text(frame, "source", MAX_SOURCE_BYTES)
+
+
+def parse_import_status(body: list) -> tuple:
+    return (parse_source(body[0]),)
+
+
+def parse_import(body: list) -> Chunk:
+    source = parse_source(body[0])
+    table = bytes(body[1]).decode("ascii", "replace")
+    if table not in TABLES:
+        raise p.ProtocolError(p.E_INVALID, f"cannot import table {table[:40]!r}; tables: {', '.join(TABLES)}")
+    raw_id = bytes(body[2])
+    if not raw_id.isdigit() or len(raw_id) > _MAX_ID_DIGITS:
+        raise p.ProtocolError(p.E_BAD_REQUEST, "last_id must be a non-negative decimal integer")
+    data = bytes(body[3])
+    n = p.count_items(data)
+    if n > p.MAX_CHUNK_ITEMS:
+        raise p.ProtocolError(p.E_TOO_LARGE, f"chunk of {n} rows exceeds {p.MAX_CHUNK_ITEMS}")
+    try:
+        lines = data.decode("utf-8").split("\n")
+    except UnicodeDecodeError:
+        raise p.ProtocolError(p.E_BAD_REQUEST, "rows are not valid UTF-8") from None
+    convert = _CONVERTERS[table]
+    rows, invalid = [], 0
+    for number, row in enumerate(list(_json_rows(lines)), 1):  # 400 before 422
+        missing = [c for c in COLUMNS[table] if c not in row]
+        if missing:
+            raise p.ProtocolError(p.E_INVALID, f"row {number} of {table} lacks {', '.join(missing)}")
+        try:
+            rows.append(convert(row))
+        except _Invalid:
+            invalid += 1
+    return Chunk(source, table, int(raw_id), rows, invalid)
+
+
+def _json_rows(lines: list):
+    """One JSON object per line, else 400 naming the line."""
+    for number, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except (ValueError, RecursionError):
+            raise p.ProtocolError(p.E_BAD_REQUEST, f"row {number} is not valid JSON") from None
+        if not isinstance(row, dict):
+            raise p.ProtocolError(p.E_BAD_REQUEST, f"row {number} is not a JSON object")
+        yield row
+
+
+def _hash(row: dict, name: str, max_bytes: int = p.MAX_HASH_BYTES) -> str:
+    """A method, taskhash or outhash hq's protocol can carry (§3.2), else the row is invalid."""
+    value = row[name]
+    if not isinstance(value, str):
+        raise _Invalid(name)
+    try:
+        return p.check_text(value, name, max_bytes)
+    except p.ProtocolError:
+        raise _Invalid(name) from None
+
+
+def _text(row: dict, name: str, optional: bool = True):
+    """A text column; ``None`` when optional; numbers as their ``str()``, like ``report``."""
+    value = row[name]
+    if value is None and optional:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        raise _Invalid(name)
+    try:
+        value.encode("utf-8")  # JSON may carry lone surrogates, which SQLite refuses
+    except UnicodeEncodeError:
+        raise _Invalid(name) from None
+    return value
+
+
+def created_us(value) -> int:
+    """The source's ``created`` as microseconds since the epoch, UTC.
+
+    BitBake stores ``created`` as ISO 8601 text: ``2026-11-27T12:14:00.721026+00:00`` since
+    2025, ``2026-11-27 12:14:00.721026`` (no zone) before. A time without a zone is taken as
+    UTC. A missing ``created`` becomes 0, which sorts first as SQLite's NULL does, so the
+    oldest-report order is the source's.
+    """
+    if value is None:
+        return 0
+    if not isinstance(value, str):
+        raise _Invalid("created")
+    text = value.strip()
+    if text[-1:] in ("Z", "z"):
+        text = text[:-1] + "+00:00"
+    try:
+        when = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise _Invalid("created") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return (when - _EPOCH) // _US
+
+
+def _mapping_row(row: dict) -> tuple:
+    unihash = row["unihash"]
+    if not p.is_unihash(unihash):  # hq's protocol carries only valid unihashes
+        raise _Invalid("unihash")
+    mark = row["gc_mark"]
+    if mark is not None and not isinstance(mark, str):
+        raise _Invalid("gc_mark")
+    return _hash(row, "method"), to_key(_hash(row, "taskhash")), bytes.fromhex(unihash), _text(row, "gc_mark") or ""
+
+
+def _outhash_row(row: dict) -> tuple:
+    extra = tuple(_text(row, name) for name in p.REPORT_EXTRA_FIELDS)
+    siginfo = extra[-1]
+    if siginfo is not None and len(siginfo.encode("utf-8")) > p.MAX_EXTRA_BYTES:
+        raise _Invalid("outhash_siginfo")  # as report: a bigger one could not be read back
+    return (
+        _hash(row, "method"),
+        to_key(_hash(row, "taskhash")),
+        to_key(_hash(row, "outhash")),
+        created_us(row["created"]),
+        *extra,
+    )
+
+
+def _user_row(row: dict) -> tuple:
+    username = _text(row, "username", optional=False)
+    if not username:
+        raise _Invalid("username")
+    return username, _text(row, "token", optional=False), _text(row, "permissions", optional=False)
+
+
+def _config_row(row: dict) -> tuple:
+    return _text(row, "name", optional=False), _text(row, "value")
+
+
+_CONVERTERS = {
+    "users": _user_row,
+    "config": _config_row,
+    "unihashes_v3": _mapping_row,
+    "outhashes_v2": _outhash_row,
+}
+
+
+# --- run: write a parsed chunk -----------------------------------------------------------
+
+
+class Importer:
+    """Writes parsed chunks into a worker's :class:`Store`; reads the checkpoints."""
+
+    def __init__(self, store: Store):
+        self.store = store
+
+    def import_chunk(self, source: str, table: str, last_id: int, rows: list, invalid: int) -> dict:
+        """Insert a parsed :class:`Chunk`'s rows and its checkpoint in one transaction;
+        return ``{"imported", "skipped", "invalid"}``, which add up to the chunk's rows."""
+        with self.store.write_transaction():
+            conn = self.store.db.connection()
+            imported = _WRITERS[table](self, conn, rows)
+            conn.execute(
+                "INSERT OR REPLACE INTO config (name, value) VALUES (?, ?)",
+                (checkpoint_name(table, source), str(last_id)),
+            )
+        return {"imported": imported, "skipped": len(rows) - imported, "invalid": invalid}
+
+    def status(self, source: str) -> dict:
+        """``{table: last source id imported}``, 0 for a table not imported from ``source``."""
+        names = {checkpoint_name(t, source): t for t in TABLES}
+        cursor = self.store.db.execute_sql(
+            "SELECT name, value FROM config WHERE name IN (%s)" % ",".join("?" * len(names)), list(names)
+        )
+        out = dict.fromkeys(TABLES, 0)
+        for name, value in cursor:
+            out[names[name]] = int(value) if str(value).isdigit() else 0
+        return out
+
+    # Each writer returns how many rows it inserted; the others were already present
+    # (or, for config, are not used by hq).
+
+    @staticmethod
+    def _current_mark(conn) -> str:
+        row = conn.execute("SELECT value FROM config WHERE name = 'gc-mark'").fetchone()
+        return row[0] if row and row[0] else ""
+
+    def _method_ids(self, rows: list) -> dict:
+        return {m: self.store.method_id(m, create=True) for m in {row[0] for row in rows}}
+
+    def _write_mappings(self, conn, rows: list) -> int:
+        """First mapping wins. While hq has a current gc mark an imported mapping gets it,
+        as a mapping reported now would (so the next sweep keeps it); without one it keeps
+        the source's mark."""
+        mark = self._current_mark(conn)
+        ids = self._method_ids(rows)
+        cursor = conn.executemany(
+            "INSERT OR IGNORE INTO unihashes (method, taskhash, unihash, gc_mark) VALUES (?, ?, ?, ?)",
+            [(ids[m], t, u, mark or g) for m, t, u, g in rows],
+        )
+        return cursor.rowcount
+
+    def _write_outhashes(self, conn, rows: list) -> int:
+        """The row unless (method, taskhash, outhash) is present: the statement of report."""
+        ids = self._method_ids(rows)
+        cursor = conn.executemany(
+            "INSERT INTO outhashes (method, taskhash, outhash, created, owner, PN, PV, PR, task, "
+            "outhash_siginfo) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM "
+            "outhashes WHERE method = ? AND substr(taskhash, 1, 8) = substr(?, 1, 8) "
+            "AND taskhash = ? AND outhash = ?)",
+            [(ids[m], t, o, *rest, ids[m], t, t, o) for m, t, o, *rest in rows],
+        )
+        return cursor.rowcount
+
+    def _write_users(self, conn, rows: list) -> int:
+        """Users as they are (the token column holds BitBake's salted token hash); a user
+        name hq already has is kept."""
+        cursor = conn.executemany("INSERT OR IGNORE INTO users (username, token, permissions) VALUES (?, ?, ?)", rows)
+        return cursor.rowcount
+
+    def _write_config(self, conn, rows: list) -> int:
+        """Only ``gc-mark``, and only into an hq with no mark and no mappings yet: a mark
+        taken over in the middle of hq's own data would make hq's unmarked mappings
+        candidates for the next sweep."""
+        imported = 0
+        for name, value in rows:
+            if name not in IMPORTED_CONFIG or not value:
+                continue
+            if self._current_mark(conn) or conn.execute("SELECT 1 FROM unihashes LIMIT 1").fetchone():
+                continue
+            conn.execute("INSERT OR REPLACE INTO config (name, value) VALUES (?, ?)", (name, value))
+            imported += 1
+        return imported
+
+
+_WRITERS = {
+    "users": Importer._write_users,
+    "config": Importer._write_config,
+    "unihashes_v3": Importer._write_mappings,
+    "outhashes_v2": Importer._write_outhashes,
+}

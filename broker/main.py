@@ -3,6 +3,8 @@
 Poll, drain the backend, drain the frontend, tick, send. Every send is non-blocking on a
 ROUTER with ROUTER_MANDATORY set: a reply for a client that is gone or not reading is
 dropped and counted, never waited for.
+With ``--metrics`` the same loop also answers HTTP scrapes on a ZMQ_STREAM socket
+(:mod:`hq.broker.metrics`), without threads and without ever blocking.
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ import time
 
 import zmq
 
-from hq import config, logs
+from hq import config, logs, proctitle
 from hq import protocol as p
 from hq.signals import StopFlag
 from hq.sockets import readable, recv_frames, send_frames
 
+from .metrics import HttpEndpoint, render
 from .scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -32,12 +35,14 @@ OPTIONS = [
     config.Option("heartbeat-interval", 0.5, "seconds between heartbeats with workers", float),
     config.Option("heartbeat-liveness", 3, "missed heartbeats before a worker is dropped", int),
     config.Option("request-timeout", 10.0, "seconds before an unanswered request gets UNAVAILABLE", float),
+    config.Option("admin-timeout", 600.0, "request-timeout for database maintenance writes (remove, gc-sweep, import, ...)", float),
     config.Option("max-client-jobs", 4096, "queued chunks allowed per client before BUSY", int),
     config.Option("max-queued-jobs", 65536, "queued chunks allowed in total before BUSY", int),
     config.Option("worker-credit", 1, "REQUEST messages a worker holds at a time", int),
     config.Option("merge-items", 1000, "items of small same-command jobs merged into one worker REQUEST (1 = no merging)", int),
     config.Option("max-attempts", 3, "workers a request may be lost with (crash, stall) before it is answered INTERNAL", int),
     config.Option("endpoint-file", "", "once bound, write the client endpoints here, one per line"),
+    config.Option("metrics", "", "serve Prometheus metrics over HTTP on this tcp://HOST:PORT (empty: off)"),
     config.Option("log-level", "INFO", "logging level", choices=logs.LEVELS),
 ]
 
@@ -63,6 +68,19 @@ def router(ctx: zmq.Context, public: bool) -> zmq.Socket:
     return sock
 
 
+def metrics_stream(ctx: zmq.Context, address: str) -> zmq.Socket:
+    """A ZMQ_STREAM socket (raw TCP) bound to ``address`` for the HTTP metrics endpoint."""
+    if not address.startswith("tcp://"):
+        raise zmq.ZMQError(zmq.EPROTONOSUPPORT, f"--metrics needs a tcp:// address, not {address!r}")
+    sock = ctx.socket(zmq.STREAM)
+    sock.linger = 0
+    sock.setsockopt(zmq.STREAM_NOTIFY, 1)  # connect and disconnect arrive as empty frames
+    sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+    sock.setsockopt(zmq.TCP_MAXRT, 30000)  # a peer that never reads its answer is cut after 30 s
+    sock.bind(address)
+    return sock
+
+
 class Broker:
     def __init__(self, opts, ctx: zmq.Context | None = None):
         self.opts = opts
@@ -71,6 +89,7 @@ class Broker:
             heartbeat_interval_s=opts.heartbeat_interval,
             heartbeat_liveness=opts.heartbeat_liveness,
             request_timeout_s=opts.request_timeout,
+            admin_timeout_s=opts.admin_timeout,
             max_client_jobs=opts.max_client_jobs,
             max_queued_jobs=opts.max_queued_jobs,
             worker_credit=opts.worker_credit,
@@ -86,6 +105,14 @@ class Broker:
             self.endpoints.append(self.frontend.last_endpoint.decode())
         self.backend.bind(opts.backend)
         self.backend_endpoint = self.backend.last_endpoint.decode()
+        self.metrics_socket = self.metrics = None
+        if getattr(opts, "metrics", ""):
+            self.metrics_socket = metrics_stream(self.ctx, opts.metrics)
+            self.metrics_endpoint = self.metrics_socket.last_endpoint.decode()
+            self.metrics = HttpEndpoint(self.render_metrics)
+
+    def render_metrics(self) -> str:
+        return render(self.scheduler, time.monotonic(), self.metrics.responses)
 
     def serve(self, stop) -> None:
         sched = self.scheduler
@@ -94,8 +121,14 @@ class Broker:
         poller.register(frontend, zmq.POLLIN)
         poller.register(backend, zmq.POLLIN)
         log.info("broker serving clients on %s, workers on %s", ", ".join(self.endpoints), self.backend_endpoint)
+        metrics, metrics_socket = self.metrics, self.metrics_socket
+        if metrics is not None:
+            poller.register(metrics_socket, zmq.POLLIN)
+            log.info("metrics (Prometheus text format) on http://%s/metrics", self.metrics_endpoint.split("://", 1)[1])
         while not stop:
             timeout_ms = sched.next_wakeup(time.monotonic()) * 1000
+            if metrics is not None and metrics.conns:
+                timeout_ms = min(timeout_ms, metrics.next_wakeup(time.monotonic()) * 1000)
             events = dict(poller.poll(max(1, int(timeout_ms))))
             now = time.monotonic()
             if backend in events:
@@ -110,7 +143,34 @@ class Broker:
                         break
             sched.tick(now)
             self.flush()
+            if metrics is not None:
+                if metrics_socket in events:
+                    self.serve_metrics(now)
+                if metrics.conns:
+                    metrics.tick(now)
+                if metrics.outbox:
+                    self.flush_metrics()
         self.shutdown()
+
+    def serve_metrics(self, now: float) -> None:
+        """Take what the metrics socket has (connections, request bytes) and answer."""
+        sock, metrics = self.metrics_socket, self.metrics
+        for _ in range(BURST):
+            try:
+                frames = recv_frames(sock)
+            except zmq.Again:
+                break
+            if len(frames) == 2:
+                metrics.on_message(frames[0], frames[1], now)
+
+    def flush_metrics(self) -> None:
+        """Send answers and closes without blocking; one that cannot leave now is dropped."""
+        for frames in self.metrics.outbox:
+            try:
+                send_frames(self.metrics_socket, frames)
+            except zmq.ZMQError:  # the peer is gone (EHOSTUNREACH) or not reading (EAGAIN)
+                pass
+        self.metrics.outbox.clear()
 
     def flush(self) -> None:
         sched = self.scheduler
@@ -139,6 +199,8 @@ class Broker:
         # A short linger lets the last answers and DISCONNECTs leave; never wait longer.
         self.frontend.close(linger=500)
         self.backend.close(linger=500)
+        if self.metrics_socket is not None:
+            self.metrics_socket.close(linger=0)
         log.info("broker stopped")
 
 
@@ -153,6 +215,7 @@ def write_lines(path: str, lines: list) -> None:
 def main(argv=None) -> int:
     opts = config.parse("hq-broker", "The hq broker: clients in front, workers behind.", OPTIONS, argv)
     logs.setup("hq-broker", opts.log_level)
+    proctitle.set_title("hq-broker", " ".join(opts.bind))
     stop = StopFlag().install()
     try:
         broker = Broker(opts)

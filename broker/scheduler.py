@@ -30,6 +30,7 @@ from collections import deque
 from hq import protocol as p
 
 from .fairqueue import FairQueue
+from .histogram import Histogram
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def _mergeable(first: "Job", other: "Job") -> bool:
 
 
 class PendingRequest:
-    __slots__ = ("client_id", "request_id", "command", "results", "remaining", "queued", "started", "deadline", "done", "items")
+    __slots__ = ("client_id", "request_id", "command", "results", "remaining", "queued", "started", "deadline", "done", "items", "slow")
 
     def __init__(self, client_id, request_id, command, n_jobs, items, now, timeout_s):
         self.client_id = client_id
@@ -57,6 +58,7 @@ class PendingRequest:
         self.started = now
         self.deadline = now + timeout_s
         self.done = False
+        self.slow = False  # in Scheduler.slow_pending (admin writes: a longer timeout)
 
 
 class Job:
@@ -76,7 +78,7 @@ class Job:
 
 
 class Worker:
-    __slots__ = ("worker_id", "info", "expiry", "last_sent", "jobs", "busy", "credit", "served")
+    __slots__ = ("worker_id", "info", "expiry", "last_sent", "jobs", "busy", "credit", "served", "stats", "registered")
 
     def __init__(self, worker_id, info, credit, now, expiry):
         self.worker_id = worker_id
@@ -87,6 +89,8 @@ class Worker:
         self.jobs = {}  # job_id -> Job, of every REQUEST in flight
         self.busy = 0  # REQUEST messages in flight (what credit limits)
         self.served = 0
+        self.stats: dict = {}  # the worker's last HEARTBEAT statistics
+        self.registered = now
 
     @property
     def name(self) -> str:
@@ -132,6 +136,7 @@ class Scheduler:
         heartbeat_interval_s: float = 0.5,
         heartbeat_liveness: int = 3,
         request_timeout_s: float = 10.0,
+        admin_timeout_s: float = 600.0,
         max_client_jobs: int = 4096,
         max_queued_jobs: int = 65536,
         worker_credit: int = 1,
@@ -142,6 +147,7 @@ class Scheduler:
         self.heartbeat_interval_s = heartbeat_interval_s
         self.heartbeat_liveness = heartbeat_liveness
         self.request_timeout_s = request_timeout_s
+        self.admin_timeout_s = admin_timeout_s
         self.max_client_jobs = max_client_jobs
         self.max_queued_jobs = max_queued_jobs
         self.worker_credit = worker_credit
@@ -156,11 +162,23 @@ class Scheduler:
         self.free_slots: deque = deque()  # worker ids, one entry per free credit
         self.queue = FairQueue()
         self.writer = None  # worker id holding the one write REQUEST allowed in flight
-        self.pending: dict = {}  # (client_id, request_id) -> PendingRequest, oldest first
+        # (client_id, request_id) -> PendingRequest, oldest first, so the first one is the
+        # next to time out. Admin writes (a sweep of millions of rows) get admin_timeout_s and
+        # their own table, which keeps both in deadline order.
+        self.pending: dict = {}
+        self.slow_pending: dict = {}
         self.jobs: dict = {}  # job_id -> Job, dispatched and not yet answered
         self._next_job = 0
+        # Statistics. Counters and histograms only grow (the Prometheus endpoint exports them
+        # as they are); reset-stats keeps copies and `stats` reports the differences.
         self.counters: dict = {}
+        self.latency: dict = {}  # command -> Histogram, arrival to reply
+        self.registrations: dict = {}  # worker name -> (pid, restarts)
         self.request_stats = RunningStats()
+        self._base_counters: dict = {}
+        self._base_latency: dict = {}
+        self._base_workers: dict = {}  # worker name -> its counters at the last reset
+        self.last_reset = now
 
     # --- helpers ------------------------------------------------------------------------
     def count(self, name: str, n: int = 1):
@@ -194,7 +212,7 @@ class Scheduler:
             self._broker_command(client_id, request, now)
             return
         key = (client_id, request.request_id)
-        if key in self.pending:
+        if key in self.pending or key in self.slow_pending:
             self._error(client_id, request.request_id, p.E_BAD_REQUEST, "request id already in use")
             return
         group = p.BATCH_GROUP_FRAMES.get(command)
@@ -208,10 +226,13 @@ class Scheduler:
         ):
             self._error(client_id, request.request_id, p.E_BUSY, "broker queue full, retry later")
             return
+        slow = command in p.ADMIN_WRITE_COMMANDS
         pending = PendingRequest(
-            client_id, request.request_id, command, len(bodies), items, now, self.request_timeout_s
+            client_id, request.request_id, command, len(bodies), items, now,
+            self.admin_timeout_s if slow else self.request_timeout_s,
         )
-        self.pending[key] = pending
+        pending.slow = slow
+        (self.slow_pending if slow else self.pending)[key] = pending
         jobs = []
         for index, chunk in enumerate(bodies):
             self._next_job += 1
@@ -223,16 +244,20 @@ class Scheduler:
     def _broker_command(self, client_id, request, now):
         body = [p.encode_json(self.stats(now))]
         if request.command == p.RESET_STATS:  # answers the values before the reset, as hashserv
-            self.counters = {}
-            self.request_stats.reset()
+            self.reset_stats(now)
         self._reply(client_id, p.encode_reply(request.request_id, p.OK, body))
 
     def _finish(self, pending: PendingRequest, now: float, frames: list):
         pending.done = True
-        del self.pending[(pending.client_id, pending.request_id)]
+        del (self.slow_pending if pending.slow else self.pending)[(pending.client_id, pending.request_id)]
         if pending.queued:  # failed or timed out with chunks still queued: drop them now
             self._purge(pending)
-        self.request_stats.add(now - pending.started)
+        elapsed = now - pending.started
+        self.request_stats.add(elapsed)
+        hist = self.latency.get(pending.command)
+        if hist is None:
+            hist = self.latency[pending.command] = Histogram()
+        hist.add(elapsed)
         self._reply(pending.client_id, frames)
 
     def _purge(self, pending: PendingRequest):
@@ -275,6 +300,8 @@ class Scheduler:
                 self.free_slots.append(worker.worker_id)
         elif kind == p.HEARTBEAT:
             worker.expiry = self._expiry(now)
+            if fields:
+                worker.stats = fields
         elif kind == p.DISCONNECT:
             self._drop_worker(worker, "disconnected", now)
         self.dispatch(now)
@@ -285,7 +312,18 @@ class Scheduler:
         self.workers[worker_id] = worker
         self.free_slots.extend([worker_id] * credit)
         self.count("workers.registered")
-        log.info("worker %s registered (pid %s)", worker.name, info.get("pid"))
+        pid = info.get("pid")
+        last = self.registrations.get(worker.name)
+        if last is None:
+            self.registrations[worker.name] = (pid, 0)
+            log.info("worker %s registered (pid %s)", worker.name, pid)
+        elif last[0] == pid:  # the same process again (e.g. after a stall): not a restart
+            log.info("worker %s registered again (pid %s)", worker.name, pid)
+        else:  # a new process under the name: it counts from zero
+            self.registrations[worker.name] = (pid, last[1] + 1)
+            self._base_workers.pop(worker.name, None)
+            self.count("workers.restarted")
+            log.info("worker %s registered (pid %s, restart %d)", worker.name, pid, last[1] + 1)
 
     def _drop_worker(self, worker: Worker, why: str, now: float):
         del self.workers[worker.worker_id]
@@ -398,17 +436,18 @@ class Scheduler:
             elif now - worker.last_sent >= self.heartbeat_interval_s:
                 worker.last_sent = now
                 self.to_workers.append([worker.worker_id, *p.HEARTBEAT_MESSAGE])
-        while self.pending:
-            pending = next(iter(self.pending.values()))
-            if pending.deadline > now:
-                break
-            self.count("requests.timed_out")
-            self.count(f"errors.{p.E_UNAVAILABLE}")
-            self._finish(
-                pending,
-                now,
-                p.encode_error(pending.request_id, p.E_UNAVAILABLE, "no worker answered in time"),
-            )
+        for table in (self.pending, self.slow_pending):
+            while table:
+                pending = next(iter(table.values()))
+                if pending.deadline > now:
+                    break
+                self.count("requests.timed_out")
+                self.count(f"errors.{p.E_UNAVAILABLE}")
+                self._finish(
+                    pending,
+                    now,
+                    p.encode_error(pending.request_id, p.E_UNAVAILABLE, "no worker answered in time"),
+                )
         self.dispatch(now)
 
     def next_wakeup(self, now: float) -> float:
@@ -416,22 +455,36 @@ class Scheduler:
         wake = now + self.heartbeat_interval_s
         for worker in self.workers.values():
             wake = min(wake, worker.expiry, worker.last_sent + self.heartbeat_interval_s)
-        if self.pending:
-            wake = min(wake, next(iter(self.pending.values())).deadline)
+        for table in (self.pending, self.slow_pending):
+            if table:
+                wake = min(wake, next(iter(table.values())).deadline)
         return max(0.0, wake - now)
 
     def drop_client_replies(self, n: int = 1):
         self.count("replies.dropped", n)
 
     # --- stats --------------------------------------------------------------------------
+    def reset_stats(self, now: float) -> None:
+        self._base_counters = dict(self.counters)
+        self._base_latency = {command: h.copy() for command, h in self.latency.items()}
+        for h in self.latency.values():
+            h.max = 0.0
+        self._base_workers = {w.name: dict(w.stats.get("counters", {})) for w in self.workers.values()}
+        self.request_stats.reset()
+        self.last_reset = now
+
     def stats(self, now: float) -> dict:
+        """Raw numbers since the last reset-stats (presentation is hq-admin's job)."""
+        base = self._base_counters
         return {
             "requests": self.request_stats.as_dict(),
+            "since_reset_s": now - self.last_reset,
             "broker": {
                 "settings": {
                     "heartbeat_interval_s": self.heartbeat_interval_s,
                     "heartbeat_liveness": self.heartbeat_liveness,
                     "request_timeout_s": self.request_timeout_s,
+                    "admin_timeout_s": self.admin_timeout_s,
                     "max_client_jobs": self.max_client_jobs,
                     "max_queued_jobs": self.max_queued_jobs,
                     "worker_credit": self.worker_credit,
@@ -441,26 +494,39 @@ class Scheduler:
                 "uptime_s": now - self.started,
                 "queued_jobs": len(self.queue),
                 "inflight_jobs": len(self.jobs),
-                "pending_requests": len(self.pending),
+                "pending_requests": len(self.pending) + len(self.slow_pending),
                 "clients_queued": len(self.queue.queues),
-                "counters": dict(self.counters),
+                "counters": {k: v - base.get(k, 0) for k, v in self.counters.items() if v != base.get(k, 0)},
+                "latency": {
+                    command.decode(): h.minus(self._base_latency.get(command)).summary()
+                    for command, h in sorted(self.latency.items())
+                },
             },
-            "workers": [
-                {
-                    "name": w.name,
-                    "pid": w.info.get("pid"),
-                    "inflight": len(w.jobs),
-                    "busy": w.busy,
-                    "served": w.served,
-                    "settings": w.info.get("settings"),
-                }
-                for w in self.workers.values()
-            ],
+            "workers": [self._worker_stats(w, now) for w in self.workers.values()],
+        }
+
+    def _worker_stats(self, w: Worker, now: float) -> dict:
+        counters = w.stats.get("counters", {})
+        base = self._base_workers.get(w.name, {})
+        return {
+            "name": w.name,
+            "pid": w.info.get("pid"),
+            "inflight": len(w.jobs),
+            "busy": w.busy,
+            "served": w.served,
+            "registered_s": now - w.registered,
+            "restarts": self.registrations.get(w.name, (None, 0))[1],
+            "uptime_s": w.stats.get("uptime_s"),
+            # What the worker measured on its connection (falls back to what it sent at READY).
+            "settings": w.stats.get("settings") or w.info.get("settings"),
+            "db": w.stats.get("db", {}),
+            # A counter below its baseline belongs to a new process: it counts from zero.
+            "counters": {k: v - b if v >= b else v for k, v in counters.items() if v != (b := base.get(k, 0))},
         }
 
     def shutdown(self, now: float):
         """Answer every pending request UNAVAILABLE and tell workers to re-register."""
-        for pending in list(self.pending.values()):
+        for pending in [*self.pending.values(), *self.slow_pending.values()]:
             self._finish(pending, now, p.encode_error(pending.request_id, p.E_UNAVAILABLE, "broker stopping"))
         for worker_id in list(self.workers):
             self.to_workers.append([worker_id, *p.DISCONNECT_MESSAGE])

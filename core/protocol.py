@@ -14,7 +14,7 @@ Client <-> broker (HQC, a DEALER talking to the broker's frontend ROUTER)::
 Worker <-> broker (HQW, a DEALER talking to the broker's backend ROUTER)::
 
     worker -> broker: [HQW01, READY, info_json]
-                      [HQW01, HEARTBEAT]
+                      [HQW01, HEARTBEAT[, stats_json]]
                       [HQW01, REPLY, (job_id, status, n, n body frames)...]
                       [HQW01, DISCONNECT]
     broker -> worker: [HQW01, REQUEST, command, credentials, (job_id, n, n body frames)...]
@@ -52,7 +52,7 @@ GC_STATUS = b"gc-status"  # -> {"keep", "remove", "mark"}
 GC_SWEEP = b"gc-sweep"  # mark[, dry_run] -> {"count"}
 DB_USAGE = b"db-usage"  # -> {"usage": {table: {"rows"}}}
 QUERY_COLUMNS = b"query-columns"  # -> {"columns": [...]}
-IMPORT = b"import"  # source, table, last_id, row-JSON chunk -> {"imported", "skipped"}
+IMPORT = b"import"  # source, table, last_id, row-JSON chunk -> {"imported", "skipped", "invalid"}
 IMPORT_STATUS = b"import-status"  # source -> {table: last_id}
 
 #: Commands that change the database other than by reporting.
@@ -317,6 +317,11 @@ def encode_job_reply(job_id: bytes, status: int, body=()) -> list:
 
 
 HEARTBEAT_MESSAGE = [WORKER_PROTOCOL, HEARTBEAT]
+
+
+def encode_heartbeat(stats: dict) -> list:
+    """A worker's HEARTBEAT carrying its statistics (cumulative counters, database facts)."""
+    return [WORKER_PROTOCOL, HEARTBEAT, json.dumps(stats, separators=(",", ":")).encode()]
 DISCONNECT_MESSAGE = [WORKER_PROTOCOL, DISCONNECT]
 
 
@@ -358,7 +363,8 @@ def _split_jobs(frames: list, start: int, with_status: bool) -> list:
 def decode_worker_message(frames: list) -> tuple:
     """Decode a message from a worker: (kind, fields). Raises ProtocolError.
 
-    REPLY fields are ``[(job_id, status, body)]``; READY fields are the info dict.
+    REPLY fields are ``[(job_id, status, body)]``; READY fields are the info dict;
+    HEARTBEAT fields are the worker's statistics dict, or ``()`` when it sent none.
     """
     if len(frames) < 2 or bytes(frames[0]) != WORKER_PROTOCOL:
         raise ProtocolError(E_BAD_REQUEST, "not an HQW01 worker message")
@@ -367,13 +373,14 @@ def decode_worker_message(frames: list) -> tuple:
         return kind, _split_jobs(frames, 2, with_status=True)
     if kind in (HEARTBEAT, DISCONNECT) and len(frames) == 2:
         return kind, ()
-    if kind == READY and len(frames) == 3:
+    if kind in (READY, HEARTBEAT) and len(frames) == 3:
+        what = kind.decode()
         try:
             info = json.loads(bytes(frames[2]))
-        except ValueError:
-            raise ProtocolError(E_BAD_REQUEST, "READY info is not JSON") from None
+        except (ValueError, RecursionError):
+            raise ProtocolError(E_BAD_REQUEST, f"{what} info is not JSON") from None
         if not isinstance(info, dict):
-            raise ProtocolError(E_BAD_REQUEST, "READY info is not an object")
+            raise ProtocolError(E_BAD_REQUEST, f"{what} info is not an object")
         return kind, info
     raise ProtocolError(E_BAD_REQUEST, f"bad worker message {_show(kind)}")
 

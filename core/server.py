@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 
-from hq import config, logs
+from hq import config, logs, proctitle
 from hq.signals import StopFlag
 
 log = logging.getLogger("hq.server")
@@ -30,6 +30,7 @@ OPTIONS = [
     config.Option("backend", "", "broker<->worker endpoint (default: ipc in a private directory)"),
     config.Option("synchronous", "normal", "SQLite synchronous mode for the workers", choices=("off", "normal", "full", "extra")),
     config.Option("heartbeat-interval", 0.5, "seconds between broker<->worker heartbeats", float),
+    config.Option("metrics", "", "broker's Prometheus metrics endpoint, tcp://HOST:PORT, served at /metrics (empty: off)"),
     config.Option("endpoint-file", "", "once ready, write the client endpoints here, one per line"),
     config.Option("log-level", "INFO", "logging level", choices=logs.LEVELS),
 ]
@@ -97,6 +98,7 @@ def wait_ready(address: str, workers: int, deadline_s: float, stop) -> bool:
 def main(argv=None) -> int:
     opts = config.parse("hq-server", "Run a whole local hq stack: one broker and N workers on one SQLite file.", OPTIONS, argv)
     logs.setup("hq-server", opts.log_level)
+    proctitle.set_title("hq-server", opts.db)
     if opts.workers < 1:
         log.error("--workers must be at least 1")
         return 2
@@ -109,6 +111,8 @@ def main(argv=None) -> int:
         # One file tunes the whole stack: [hq-broker] and [hq-worker] sections reach them.
         common += ["--config", os.path.abspath(opts.config)]
     broker_args = ["--backend", backend, "--endpoint-file", broker_endpoints, *common]
+    if opts.metrics:
+        broker_args.append(f"--metrics={opts.metrics}")
 
     def broker_argv(binds: list) -> list:
         return _module_argv("hq.broker", [*broker_args, *(f"--bind={b}" for b in binds)])

@@ -14,13 +14,14 @@ import time
 
 import zmq
 
-from hq import config, failpoints, logs
+from hq import config, failpoints, logs, proctitle
 from hq import protocol as p
 from hq.signals import StopFlag
 from hq.sockets import readable, recv_frames, send_frames
 
 from .handlers import Handlers
 from .schema import SYNCHRONOUS_MODES, open_database, settings_in_force
+from .stats import WorkerStats
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ OPTIONS = [
     config.Option("mmap-size", 0, "SQLite mmap_size, bytes (0 = off)", int),
     config.Option("heartbeat-interval", 0.5, "seconds between heartbeats with the broker", float),
     config.Option("heartbeat-liveness", 3, "missed heartbeats before reconnecting", int),
+    config.Option("stats-rows-interval", 60.0, "seconds between row counts for stats (each is a table scan)", float),
     config.Option("name", "", "worker name shown in stats and logs (default hq-worker-PID)"),
     config.Option("log-level", "INFO", "logging level", choices=logs.LEVELS),
 ]
@@ -53,9 +55,10 @@ class WorkerLoop:
         self.socket = None
         self.poller = None
         self.maintenance = lambda: None  # run once per heartbeat interval
+        self.stats = None  # a WorkerStats, counted per REQUEST and sent in heartbeats
         self.broker_expiry = 0.0
         self.last_sent = 0.0
-        self.last_maintenance = 0.0
+        self.last_beat = 0.0
 
     def _liveness_s(self) -> float:
         return self.opts.heartbeat_interval * self.opts.heartbeat_liveness
@@ -81,6 +84,15 @@ class WorkerLoop:
             log.warning("broker not accepting messages; reply dropped (it will re-dispatch)")
         self.last_sent = time.monotonic()
 
+    def heartbeat(self) -> list:
+        if self.stats is None:
+            return p.HEARTBEAT_MESSAGE
+        try:
+            return p.encode_heartbeat(self.stats.snapshot())
+        except Exception as exc:  # e.g. the database file went away: still a heartbeat
+            log.debug("no stats in this heartbeat: %s", exc)
+            return p.HEARTBEAT_MESSAGE
+
     def heartbeat_if_due(self) -> None:
         """Called while a long step (waiting for the write lock) holds up the loop."""
         if time.monotonic() - self.last_sent >= self.opts.heartbeat_interval:
@@ -90,7 +102,7 @@ class WorkerLoop:
         self.connect()
         interval = self.opts.heartbeat_interval
         while not stop:
-            wait_s = max(0.0, min(self.last_sent + interval, self.broker_expiry) - time.monotonic())
+            wait_s = max(0.0, min(self.last_beat + interval, self.broker_expiry) - time.monotonic())
             if self.poller.poll(max(1, int(wait_s * 1000))):
                 for _ in range(BURST):
                     if not self.on_message(recv_frames(self.socket)) or not readable(self.socket):
@@ -99,11 +111,11 @@ class WorkerLoop:
             if now >= self.broker_expiry:
                 log.warning("broker silent for %.1f s; reconnecting", self._liveness_s())
                 self.connect()
-            elif now - self.last_sent >= interval:
-                self.send(p.HEARTBEAT_MESSAGE)
-            if now - self.last_maintenance >= interval:
-                self.last_maintenance = now
+            elif now - self.last_beat >= interval:
+                # Every interval, busy or not: maintenance, then a HEARTBEAT with the stats.
+                self.last_beat = now
                 self.maintenance()
+                self.send(self.heartbeat())
         self.send(p.DISCONNECT_MESSAGE)
         self.socket.close(linger=200)  # long enough for DISCONNECT to leave
         log.info("worker %s stopped", self.info["name"])
@@ -123,6 +135,8 @@ class WorkerLoop:
             for i, (job_id, status, reply) in enumerate(results):
                 if any(len(frame) > p.MAX_FRAME_BYTES for frame in reply):
                     results[i] = (job_id, p.E_TOO_LARGE, [b"reply larger than MAX_FRAME_BYTES"])
+            if self.stats is not None:
+                self.stats.record(command, results)
             self.send(p.encode_results(results))
         elif kind == p.DISCONNECT:
             log.info("broker asked this worker to register again")
@@ -135,6 +149,7 @@ def main(argv=None) -> int:
     opts = config.parse("hq-worker", "An hq worker: answers the broker's jobs from SQLite.", OPTIONS, argv)
     name = opts.name or f"hq-worker-{os.getpid()}"
     logs.setup(name if opts.name else "hq-worker", opts.log_level)
+    proctitle.set_title(name, opts.db)
     stop = StopFlag().install()
     if failpoints.ACTIVE:
         log.warning("failpoints active (HQ_FAILPOINTS): %s", ", ".join(failpoints.ACTIVE))
@@ -160,6 +175,7 @@ def main(argv=None) -> int:
     )
     loop = WorkerLoop(opts, Handlers(store), info)
     loop.maintenance = store.check_file
+    loop.stats = WorkerStats(store, rows_interval_s=opts.stats_rows_interval)
     store.on_wait = loop.heartbeat_if_due
     loop.serve(stop)
     db.close()

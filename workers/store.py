@@ -100,8 +100,12 @@ class Store:
         self._file_id = _file_id(db.database)
         self.file_problem = ""  # why writes are refused, or "" when the file is fine
         self._reopen_when_writable = False
+        self.counters: dict = {}  # cumulative, never reset: the broker keeps reset baselines
         self._method_ids: dict = {}
         self._uncommitted_methods: set = set()
+
+    def _count(self, name: str, n: int = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + n
 
     def _sql(self, sql: str, params=()):
         """Run fixed SQL through peewee (measured: 7 us a statement, against 6 us straight on
@@ -361,7 +365,10 @@ class Store:
                 (mid, tkey, mid, okey, okey, tkey, bytes.fromhex(unihash), mark),
             ).fetchone()
             if row is not None:
-                return row[0].hex()
+                mapped = row[0].hex()
+                self._count("reports.new" if mapped == unihash else "reports.equivalent")
+                return mapped
+        self._count("reports.existing")
         return self._mapping(mid, tkey) or unihash
 
     def _report_equiv(self, mark: str, method: str, taskhash: str, unihash: str) -> str:

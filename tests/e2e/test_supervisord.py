@@ -228,7 +228,7 @@ def test_worker_killed_mid_batch_is_restarted_and_no_answer_is_lost(supervisor):
         new_pid = wait_for(restarted, timeout=20, interval=0.1, what=f"supervisord to restart {victim}")
         # The new process registered with the broker under the same name.
         wait_for(
-            lambda: f"worker {victim} registered (pid {new_pid})" in supervisor.log("hq-broker"),
+            lambda: f"worker {victim} registered (pid {new_pid}, restart 1)" in supervisor.log("hq-broker"),
             timeout=10, what="the restarted worker to register",
         )
         done_before = len(rounds)

@@ -287,6 +287,91 @@ def test_stats_and_reset_stats():
     assert json.loads(replies(s)[0].body[0])["requests"]["num"] == 0
 
 
+def stats_of(s, now=1.0, command=p.STATS):
+    import json
+
+    s.on_client([b"admin", *p.encode_request(b"s", command)], now)
+    return json.loads(replies(s)[-1].body[0])
+
+
+def heartbeat(s, worker_id, counters, now):
+    s.on_worker([worker_id, *p.encode_heartbeat({"counters": counters, "uptime_s": now})], now)
+
+
+def test_latency_histogram_per_command_and_reset_keeps_raw_counters_growing():
+    s = make()
+    ready(s, b"w1")
+    for i, elapsed in enumerate([0.001, 0.002, 0.004, 0.100]):
+        s.on_client(get_request(b"c", b"r%d" % i, [["a"]]), 10.0 * i)
+        (job,) = take_jobs(s)
+        answer(s, b"w1", job[1], echo_reply(job[2]), 10.0 * i + elapsed)
+    replies(s)
+    latency = stats_of(s, 50.0)["broker"]["latency"]["get"]
+    assert latency["count"] == 4 and latency["max_s"] == pytest.approx(0.100)
+    assert 0.002 <= latency["p50_s"] <= 0.002 * 1.19 + 1e-9  # within one bucket (2^(1/4))
+    assert latency["p99_s"] == pytest.approx(0.100)
+    before = stats_of(s, 50.0, p.RESET_STATS)
+    assert before["broker"]["counters"]["requests.get"] == 4
+    after = stats_of(s, 50.0)
+    assert after["broker"]["latency"]["get"]["count"] == 0
+    assert "requests.get" not in after["broker"]["counters"]
+    # The raw values keep growing (the metrics endpoint exports them as counters).
+    assert s.counters["requests.get"] == 4 and s.latency[p.GET].count == 4
+
+
+def test_worker_counters_come_from_heartbeats_and_reset_by_baseline():
+    s = make()
+    ready(s, b"w1", 0.0)
+    heartbeat(s, b"w1", {"lookups": 100, "lookups.hit": 40}, 0.5)
+    (w,) = stats_of(s, 0.6)["workers"]
+    assert w["counters"] == {"lookups": 100, "lookups.hit": 40} and w["restarts"] == 0
+    stats_of(s, 0.7, p.RESET_STATS)
+    heartbeat(s, b"w1", {"lookups": 130, "lookups.hit": 40}, 1.0)
+    (w,) = stats_of(s, 1.1)["workers"]
+    assert w["counters"] == {"lookups": 30}  # since the reset; unchanged counters left out
+
+
+def test_a_worker_registering_again_under_its_name_counts_a_restart():
+    s = make()
+    s.on_worker([b"id1", *p.encode_ready({"name": "hq-worker-00", "pid": 1})], 0.0)
+    heartbeat(s, b"id1", {"lookups": 50}, 0.1)
+    stats_of(s, 0.2, p.RESET_STATS)
+    s.on_worker([b"id1", *p.DISCONNECT_MESSAGE], 0.3)
+    s.on_worker([b"id2", *p.encode_ready({"name": "hq-worker-00", "pid": 2})], 0.4)
+    heartbeat(s, b"id2", {"lookups": 7}, 0.5)
+    data = stats_of(s, 0.6)
+    (w,) = data["workers"]
+    assert (w["pid"], w["restarts"]) == (2, 1)
+    assert w["counters"] == {"lookups": 7}  # the new process from zero, not 7 - 50
+    assert data["broker"]["counters"]["workers.restarted"] == 1
+
+
+def test_admin_writes_wait_admin_timeout_while_lookups_time_out_as_usual():
+    s = make(request_timeout_s=10.0, admin_timeout_s=600.0)
+    s.on_client([b"admin", *p.encode_request(b"sweep", p.GC_SWEEP, [b"m"])], 0.0)
+    s.on_client(get_request(b"c", b"get", [["a"]]), 1.0)
+    assert s.next_wakeup(1.0) == pytest.approx(1.0)  # heartbeat interval, not a deadline
+    s.tick(11.5)
+    assert [(r.request_id, r.status) for r in replies(s)] == [(b"get", p.E_UNAVAILABLE)]
+    s.tick(599.0)
+    assert replies(s) == []
+    s.tick(600.0)
+    assert [(r.request_id, r.status) for r in replies(s)] == [(b"sweep", p.E_UNAVAILABLE)]
+    assert s.stats(600.0)["broker"]["pending_requests"] == 0
+
+
+def test_an_admin_write_is_answered_and_forgotten_like_any_request():
+    s = make()
+    ready(s, b"w1")
+    s.on_client([b"admin", *p.encode_request(b"rm", p.REMOVE, [b'{"method":"M"}'])], 0.0)
+    s.on_client([b"admin", *p.encode_request(b"rm", p.REMOVE, [b'{"method":"M"}'])], 0.0)
+    assert replies(s)[0].status == p.E_BAD_REQUEST  # request id in use, also among admin writes
+    (job,) = take_jobs(s)
+    answer(s, b"w1", job[1], [b'{"count":3}'], 0.5)
+    assert [(r.request_id, r.body) for r in replies(s)] == [(b"rm", [b'{"count":3}'])]
+    assert s.slow_pending == {} and s.stats(1.0)["broker"]["pending_requests"] == 0
+
+
 def test_shutdown_answers_pending_requests():
     s = make()
     ready(s, b"w1")

@@ -190,7 +190,7 @@ def render(sched, now: float, http_counts: dict | None = None) -> str:
     _histograms(t, sched.latency)
     t.family("hq_queued_jobs", "gauge", "Jobs (chunks) waiting in the broker's queues.", [("", len(sched.queue))])
     t.family("hq_inflight_jobs", "gauge", "Jobs given to workers and not yet answered.", [("", len(sched.jobs))])
-    t.family("hq_pending_requests", "gauge", "Client requests not yet answered.", [("", len(sched.pending))])
+    t.family("hq_pending_requests", "gauge", "Client requests not yet answered.", [("", len(sched.pending) + len(sched.slow_pending))])
     t.family("hq_clients_queued", "gauge", "Clients with jobs in the queue.", [("", len(sched.queue.queues))])
     t.family("hq_workers", "gauge", "Workers registered with the broker.", [("", len(sched.workers))])
     t.family(

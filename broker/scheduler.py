@@ -44,6 +44,22 @@ def _mergeable(first: "Job", other: "Job") -> bool:
     return first.command in MERGE_COMMANDS and other.command == first.command and other.credentials == first.credentials
 
 
+def _valid_stats(stats: dict):
+    """A worker's HEARTBEAT statistics if they have the expected shape, else None: counters
+    a dict of name -> int, settings and db dicts, uptime a number."""
+    counters = stats.get("counters", {})
+    if not isinstance(counters, dict) or not all(
+        isinstance(v, int) and not isinstance(v, bool) for v in counters.values()
+    ):
+        return None
+    if not isinstance(stats.get("settings", {}), dict) or not isinstance(stats.get("db", {}), dict):
+        return None
+    uptime = stats.get("uptime_s")
+    if uptime is not None and (not isinstance(uptime, (int, float)) or isinstance(uptime, bool)):
+        return None
+    return stats
+
+
 class PendingRequest:
     __slots__ = ("client_id", "request_id", "command", "results", "remaining", "queued", "started", "deadline", "done", "items", "slow")
 
@@ -78,7 +94,7 @@ class Job:
 
 
 class Worker:
-    __slots__ = ("worker_id", "info", "expiry", "last_sent", "jobs", "busy", "credit", "served", "stats", "registered")
+    __slots__ = ("worker_id", "info", "expiry", "last_sent", "jobs", "busy", "credit", "served", "stats", "registered", "long_until")
 
     def __init__(self, worker_id, info, credit, now, expiry):
         self.worker_id = worker_id
@@ -91,6 +107,7 @@ class Worker:
         self.served = 0
         self.stats: dict = {}  # the worker's last HEARTBEAT statistics
         self.registered = now
+        self.long_until = 0.0  # holding a LONG_COMMANDS job: not expired before this
 
     @property
     def name(self) -> str:
@@ -194,6 +211,9 @@ class Scheduler:
     def _expiry(self, now):
         return now + self.heartbeat_interval_s * self.heartbeat_liveness
 
+    def _worker_expiry(self, worker, now):
+        return max(self._expiry(now), worker.long_until)
+
     # --- clients ------------------------------------------------------------------------
     def on_client(self, frames: list, now: float):
         """A message from the frontend: [client_id, protocol, request_id, command, ...]."""
@@ -226,7 +246,7 @@ class Scheduler:
         ):
             self._error(client_id, request.request_id, p.E_BUSY, "broker queue full, retry later")
             return
-        slow = command in p.ADMIN_WRITE_COMMANDS
+        slow = command in p.LONG_COMMANDS
         pending = PendingRequest(
             client_id, request.request_id, command, len(bodies), items, now,
             self.admin_timeout_s if slow else self.request_timeout_s,
@@ -287,21 +307,27 @@ class Scheduler:
                 self.to_workers.append([worker_id, *p.DISCONNECT_MESSAGE])
             return
         elif kind == p.REPLY:
-            worker.expiry = self._expiry(now)
             held = False
             for job_id, status, body in fields:
                 job = worker.jobs.get(job_id)
                 if job is not None and job.command in WRITE_COMMANDS and self.writer == worker_id:
                     self.writer = None
                 held |= self._job_done(worker, job_id, status, body, now)
+            if worker.long_until and not any(j.command in p.LONG_COMMANDS for j in worker.jobs.values()):
+                worker.long_until = 0.0
+            worker.expiry = self._worker_expiry(worker, now)
             if held:  # one REQUEST answered: one credit back
                 worker.busy = max(0, worker.busy - 1)
                 worker.served += 1
                 self.free_slots.append(worker.worker_id)
         elif kind == p.HEARTBEAT:
-            worker.expiry = self._expiry(now)
+            worker.expiry = self._worker_expiry(worker, now)
             if fields:
-                worker.stats = fields
+                stats = _valid_stats(fields)
+                if stats is None:
+                    self.count("workers.bad_stats")
+                else:
+                    worker.stats = stats
         elif kind == p.DISCONNECT:
             self._drop_worker(worker, "disconnected", now)
         self.dispatch(now)
@@ -412,6 +438,11 @@ class Scheduler:
             job = batch[0]
             if job.command in WRITE_COMMANDS:
                 self.writer = worker.worker_id
+            if job.command in p.LONG_COMMANDS:
+                # A sweep of millions of rows ends in a COMMIT that can take seconds without a
+                # heartbeat: do not take the worker for dead (and run the sweep twice) meanwhile.
+                worker.long_until = now + self.admin_timeout_s
+                worker.expiry = max(worker.expiry, worker.long_until)
             worker.busy += 1
             worker.last_sent = now
             for item in batch:

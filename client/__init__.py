@@ -8,6 +8,6 @@ back to the taskhash. A refusal by the server (for example "Invalid unihash") ra
 :class:`InvokeError`, as BitBake's client raises ``bb.asyncrpc.InvokeError``.
 """
 
-from .client import DEFAULT_TIMEOUT_S, Client, InvokeError, create_client
+from .client import DEFAULT_TIMEOUT_S, Client, InvokeError, ServerError, create_client
 
-__all__ = ["Client", "InvokeError", "create_client", "DEFAULT_TIMEOUT_S"]
+__all__ = ["Client", "InvokeError", "ServerError", "create_client", "DEFAULT_TIMEOUT_S"]

@@ -32,11 +32,22 @@ class InvokeError(Exception):
         self.code = code
 
 
+class ServerError(ConnectionError):
+    """The server answered with an error status that is neither a refusal of the value
+    (:class:`InvokeError`) nor worth retrying: BitBake sees a ``ConnectionError`` and falls
+    back to the taskhash; tools such as hq-admin can tell it from an unreachable server by
+    ``code`` (the PROTOCOL.md status; 0 when the outcome of an admin write is unknown)."""
+
+    def __init__(self, message: str, code: int = 0):
+        super().__init__(message)
+        self.code = code
+
+
 class _Outstanding:
     __slots__ = ("index", "command", "body", "deadline", "attempt_s", "attempt_deadline", "resend_at", "backoff", "decode")
 
     def __init__(self, index, command, body, decode, now, timeout_s, attempt_s):
-        if command in p.ADMIN_WRITE_COMMANDS:
+        if command in p.LONG_COMMANDS:
             # A sweep of millions of rows may take long; sent again it would run again (a
             # second gc-sweep is refused: the mark is gone). Wait the whole deadline instead.
             attempt_s = timeout_s
@@ -199,6 +210,7 @@ class Client:
                 if self._reconnected():
                     now = time.monotonic()
                     for request_id, entry in list(outstanding.items()):
+                        _no_second_run(entry, "the connection to the broker was lost")
                         self._resend(outstanding, request_id, entry, now)
             now = time.monotonic()
             for request_id, entry in list(outstanding.items()):
@@ -259,22 +271,26 @@ class Client:
                     raise ConnectionError(f"malformed reply from hq: {exc}") from None
                 del outstanding[reply.request_id]
             elif reply.status in p.RETRYABLE_STATUSES:
+                if reply.status != p.E_BUSY:  # BUSY: refused before it ran; the rest may have run
+                    _no_second_run(entry, f"hq answered {p.STATUS_NAMES.get(reply.status)}: {p.error_text(reply.body)}")
                 now = time.monotonic()
                 entry.resend_at = now + entry.backoff
                 entry.backoff = min(entry.backoff * 2, _BACKOFF_MAX_S)
                 if entry.resend_at >= entry.deadline:
-                    raise ConnectionError(
+                    raise ServerError(
                         f"hq could not serve the request: {p.error_text(reply.body)} "
-                        f"({p.STATUS_NAMES.get(reply.status, reply.status)})"
+                        f"({p.STATUS_NAMES.get(reply.status, reply.status)})",
+                        reply.status,
                     )
             elif reply.status in (p.E_INVALID, p.E_FORBIDDEN, p.E_UNAUTHORIZED):
                 raise InvokeError(p.error_text(reply.body), reply.status)
             else:
-                # Malformed request, unknown command, wrong version: the two sides do not
-                # speak the same protocol. For a build that is a transport failure.
-                raise ConnectionError(
+                # Malformed request, unknown command, wrong version, storage refused: for a
+                # build that is a transport failure (a ConnectionError).
+                raise ServerError(
                     f"hq rejected the request: {p.error_text(reply.body)} "
-                    f"({p.STATUS_NAMES.get(reply.status, reply.status)})"
+                    f"({p.STATUS_NAMES.get(reply.status, reply.status)})",
+                    reply.status,
                 )
 
     def _call(self, command: bytes, body=(), decode=lambda body: body):
@@ -435,6 +451,16 @@ def encode_import_row(row: dict) -> str:
     so text read with ``surrogateescape`` from a file that is not UTF-8 still travels, and
     the server refuses that row alone."""
     return json.dumps(row, separators=(",", ":"))
+
+
+def _no_second_run(entry, why: str) -> None:
+    """An admin write whose first run may have happened is not sent again: a second
+    gc-sweep would be refused, a second remove would count 0. Say so instead."""
+    if entry.command in p.ADMIN_WRITE_COMMANDS:
+        raise ServerError(
+            f"{why}; {entry.command.decode()} may or may not have run: check (e.g. gc-status, "
+            "or the command with --dry-run) before running it again"
+        )
 
 
 def _enc(value) -> bytes:

@@ -57,6 +57,10 @@ IMPORT_STATUS = b"import-status"  # source -> {table: last_id}
 
 #: Commands that change the database other than by reporting.
 ADMIN_WRITE_COMMANDS = frozenset({REMOVE, CLEAN_UNUSED, GC_MARK, GC_MARK_STREAM, GC_SWEEP, IMPORT})
+#: Commands that may scan or rewrite whole tables: the broker allows them its admin request
+#: timeout and keeps the worker running one registered that long; a client waits for them
+#: instead of resending after a third of its deadline.
+LONG_COMMANDS = ADMIN_WRITE_COMMANDS | frozenset({DB_USAGE, GC_STATUS})
 #: Commands a worker executes.
 WORKER_COMMANDS = frozenset(
     {PING, GET, GET_FULL, GET_OUTHASH, REPORT, REPORT_EQUIV, EXISTS, GC_STATUS, DB_USAGE, QUERY_COLUMNS, IMPORT_STATUS}
@@ -445,7 +449,11 @@ def check_text(value: str, what: str, max_bytes: int) -> str:
     """A method or hash string: 1..max_bytes UTF-8 bytes, no control characters."""
     if not value:
         raise ProtocolError(E_INVALID, f"empty {what}")
-    if len(value.encode("utf-8")) > max_bytes:
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:  # a lone surrogate (from JSON, or surrogateescape'd bytes)
+        raise ProtocolError(E_INVALID, f"{what} is not valid Unicode") from None
+    if size > max_bytes:
         raise ProtocolError(E_INVALID, f"{what} longer than {max_bytes} bytes")
     if not value.isprintable():
         raise ProtocolError(E_INVALID, f"{what} contains control characters")

@@ -195,7 +195,8 @@ def iso_utc(created: str) -> str:
 
 def expected_hq_state(path, hq_mark: str = "") -> dict:
     """What hq's tables must hold after importing the file into an empty hq:
-    mappings with a valid unihash (gc mark: hq's current mark if any, else the source's)
+    mappings with a valid unihash (gc mark: ``hq_mark`` if given, else the source's: an hq that
+    took its mark from this file keeps the marks of its mappings)
     and every outhash row, with ``created`` as ISO text in UTC."""
     with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
         mappings = {

@@ -51,6 +51,11 @@ _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
 _US = datetime.timedelta(microseconds=1)
 
 
+def _mark_from(source: str) -> str:
+    """The ``config`` row saying hq's current gc mark was taken from ``source``."""
+    return f"import:gc-mark-from:{source}"
+
+
 def checkpoint_name(table: str, source: str) -> str:
     """The ``config`` row holding the last source id imported from ``source``'s ``table``."""
     return f"import:{table}:{source}"
@@ -228,7 +233,7 @@ class Importer:
         return ``{"imported", "skipped", "invalid"}``, which add up to the chunk's rows."""
         with self.store.write_transaction():
             conn = self.store.db.connection()
-            imported = _WRITERS[table](self, conn, rows)
+            imported = _WRITERS[table](self, conn, rows, source)
             conn.execute(
                 "INSERT OR REPLACE INTO config (name, value) VALUES (?, ?)",
                 (checkpoint_name(table, source), str(last_id)),
@@ -257,11 +262,14 @@ class Importer:
     def _method_ids(self, rows: list) -> dict:
         return {m: self.store.method_id(m, create=True) for m in {row[0] for row in rows}}
 
-    def _write_mappings(self, conn, rows: list) -> int:
+    def _write_mappings(self, conn, rows: list, source: str) -> int:
         """First mapping wins. While hq has a current gc mark an imported mapping gets it,
-        as a mapping reported now would (so the next sweep keeps it); without one it keeps
-        the source's mark."""
+        as a mapping reported now would (so the next sweep keeps it); without one, or when
+        the current mark is the one taken from this same source (a gc cycle in progress
+        there), it keeps the source's mark, so the cycle goes on as it would have there."""
         mark = self._current_mark(conn)
+        if mark and conn.execute("SELECT 1 FROM config WHERE name = ?", (_mark_from(source),)).fetchone():
+            mark = ""
         ids = self._method_ids(rows)
         cursor = conn.executemany(
             "INSERT OR IGNORE INTO unihashes (method, taskhash, unihash, gc_mark) VALUES (?, ?, ?, ?)",
@@ -269,7 +277,7 @@ class Importer:
         )
         return cursor.rowcount
 
-    def _write_outhashes(self, conn, rows: list) -> int:
+    def _write_outhashes(self, conn, rows: list, source: str) -> int:
         """The row unless (method, taskhash, outhash) is present: the statement of report."""
         ids = self._method_ids(rows)
         cursor = conn.executemany(
@@ -281,13 +289,13 @@ class Importer:
         )
         return cursor.rowcount
 
-    def _write_users(self, conn, rows: list) -> int:
+    def _write_users(self, conn, rows: list, source: str) -> int:
         """Users as they are (the token column holds BitBake's salted token hash); a user
         name hq already has is kept."""
         cursor = conn.executemany("INSERT OR IGNORE INTO users (username, token, permissions) VALUES (?, ?, ?)", rows)
         return cursor.rowcount
 
-    def _write_config(self, conn, rows: list) -> int:
+    def _write_config(self, conn, rows: list, source: str) -> int:
         """Only ``gc-mark``, and only into an hq with no mark and no mappings yet: a mark
         taken over in the middle of hq's own data would make hq's unmarked mappings
         candidates for the next sweep."""
@@ -298,6 +306,7 @@ class Importer:
             if self._current_mark(conn) or conn.execute("SELECT 1 FROM unihashes LIMIT 1").fetchone():
                 continue
             conn.execute("INSERT OR REPLACE INTO config (name, value) VALUES (?, ?)", (name, value))
+            conn.execute("INSERT OR REPLACE INTO config (name, value) VALUES (?, ?)", (_mark_from(source), value))
             imported += 1
         return imported
 

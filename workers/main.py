@@ -38,7 +38,7 @@ OPTIONS = [
     config.Option("mmap-size", 0, "SQLite mmap_size, bytes (0 = off)", int),
     config.Option("heartbeat-interval", 0.5, "seconds between heartbeats with the broker", float),
     config.Option("heartbeat-liveness", 3, "missed heartbeats before reconnecting", int),
-    config.Option("stats-rows-interval", 60.0, "seconds between row counts for stats (each is a table scan)", float),
+    config.Option("stats-rows-interval", 15.0, "seconds between row counts for stats, taken when idle (each is a table scan)", float),
     config.Option("name", "", "worker name shown in stats and logs (default hq-worker-PID)"),
     config.Option("log-level", "INFO", "logging level", choices=logs.LEVELS),
 ]

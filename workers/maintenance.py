@@ -22,7 +22,6 @@ from __future__ import annotations
 import datetime
 import json
 import logging
-import sqlite3
 from collections import Counter
 from contextlib import contextmanager
 
@@ -41,8 +40,6 @@ MAX_MARK_BYTES = 256
 QUERY_COLUMNS = tuple(dict.fromkeys(UNIHASH_COLUMNS + OUTHASH_COLUMNS))
 #: hq's tables, as db-usage lists them.
 USAGE_TABLES = ("methods", "unihashes", "outhashes", "users", "config")
-#: SQLite VM steps between two calls of the heartbeat hook during a long statement.
-_PROGRESS_STEPS = 20000
 _MAX_AGE_DIGITS = 15  # about 31 million years; keeps the cutoff inside SQLite's integers
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
 
@@ -169,26 +166,8 @@ class Maintenance:
         return self.store._sql(sql, params)
 
     # transactions ----------------------------------------------------------------------------
-    @contextmanager
     def _heartbeats(self):
-        """Let the worker heartbeat from inside a long statement (SQLite progress handler)."""
-        connection = self.store.db.connection()
-
-        def tick():
-            try:
-                self.store.on_wait()
-            except Exception as exc:  # never abort the statement for a heartbeat
-                log.debug("heartbeat during a statement failed: %s", exc)
-            return 0
-
-        connection.set_progress_handler(tick, _PROGRESS_STEPS)
-        try:
-            yield
-        finally:
-            try:
-                connection.set_progress_handler(None, 0)
-            except sqlite3.ProgrammingError:  # closed: the store reopened a replaced file
-                pass
+        return self.store.heartbeating()
 
     @contextmanager
     def _writing(self, dry_run: bool = False):

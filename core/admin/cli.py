@@ -12,7 +12,7 @@ import os
 import sys
 
 from hq.broker.main import DEFAULT_BIND
-from hq.client import InvokeError, create_client
+from hq.client import InvokeError, ServerError, create_client
 
 from . import database, importer, output, status
 
@@ -22,26 +22,36 @@ DEFAULT_TIMEOUT_S = 10.0
 MODULES = [status, database, importer]
 
 
-def parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
+def _add_common(parser: argparse.ArgumentParser, defaults: bool) -> None:
+    """The options every subcommand takes. They may come before the subcommand or after
+    it: the copy on the subcommands has no defaults (SUPPRESS), so it only overrides."""
+    default = (lambda value: value) if defaults else (lambda value: argparse.SUPPRESS)
+    parser.add_argument(
         "--address",
-        default=os.environ.get("HQ_ADDRESS", DEFAULT_BIND),
-        help="broker address, tcp://HOST:PORT or ipc://PATH (env HQ_ADDRESS; default %(default)s)",
+        default=default(os.environ.get("HQ_ADDRESS", DEFAULT_BIND)),
+        help=f"broker address, tcp://HOST:PORT or ipc://PATH (env HQ_ADDRESS; default {os.environ.get('HQ_ADDRESS', DEFAULT_BIND)})",
     )
-    common.add_argument(
+    parser.add_argument(
         "--timeout",
         type=float,
-        default=None,
+        default=default(None),
         help="deadline of each call to the server, seconds (env HQ_ADMIN_TIMEOUT; default 10, "
         "600 for the commands that scan or rewrite whole tables)",
     )
-    common.add_argument("--format", choices=("table", "json"), default="table", help="output format (default: table)")
+    parser.add_argument(
+        "--format", choices=("table", "json"), default=default("table"), help="output format (default: table)"
+    )
+
+
+def parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    _add_common(common, defaults=False)
     top = argparse.ArgumentParser(
         prog="hq-admin",
         description="Operate an hq service through its broker. Exit codes: 0 done or healthy, "
         "1 refused or unhealthy, 2 usage error, 3 server unreachable.",
     )
+    _add_common(top, defaults=True)
     sub = top.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in MODULES:
         module.add_commands(sub, common)
@@ -63,7 +73,7 @@ def main(argv=None) -> int:
     except BrokenPipeError:  # piped into head: not an error (a ConnectionError subclass)
         sys.stdout = open(os.devnull, "w")
         return output.OK
-    except InvokeError as exc:
+    except (InvokeError, ServerError) as exc:  # the server answered: it is reachable
         output.error(f"refused: {exc}")
         return output.FAILED
     except ConnectionError as exc:

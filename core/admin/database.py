@@ -35,7 +35,7 @@ _ANY_TASKHASH = "0" * 64
 
 
 #: Default deadline of the commands that may scan or rewrite a whole table (the broker's
-#: --admin-timeout is as long); --timeout or HQ_ADMIN_TIMEOUT overrides it.
+#: --admin-request-timeout is as long); --timeout or HQ_ADMIN_TIMEOUT overrides it.
 LONG_TIMEOUT_S = 600.0
 
 

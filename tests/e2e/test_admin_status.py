@@ -157,3 +157,32 @@ def test_processes_are_named_in_ps(busy_stack):
     names = {p.name() for p in busy_stack.children().values()}
     assert names == {"hq-broker", "hq-worker-00", "hq-worker-01"}
     assert psutil.Process(busy_stack.proc.pid).name() == "hq-server"
+
+
+def test_one_log_line_per_lifecycle_event_and_none_per_request(tmp_path):
+    import re
+
+    stack = Stack(tmp_path, workers=2).start()
+    try:
+        with create_client(stack.address, timeout=10) as c:
+            c.ping()
+            before = stack.log().count(" INFO ")
+            for i in range(200):
+                c.get_unihash(M, h(i))
+            c.report_unihash(h(1), M, h(2), h(3))
+            assert stack.log().count(" INFO ") == before  # no per-request logging at INFO
+            victim = stack.children()["hq-worker-01"]
+            victim.kill()
+            # hq-server starts a successor under the same name; the broker logs it as a restart.
+            wait_for(lambda: "restart 1)" in stack.log() and "hq-worker-01 expired" in stack.log(),
+                     10, 0.05, "the killed worker expired and its successor registered")
+    finally:
+        assert stack.stop() == 0
+    log = stack.log()
+    line = re.compile(r"^\S+ \S+ (hq-server|hq-broker|hq-worker-0[01])\[(\d+)\] (INFO|WARNING) ", re.M)
+    assert all(line.match(l) for l in log.splitlines()), log  # program name and pid on every line
+    for event in ("started hq-broker", "broker serving clients", "worker hq-worker-00 connecting",
+                  "worker hq-worker-00 registered (pid", "worker hq-worker-01 expired (no heartbeat)",
+                  "re-dispatched", "restart 1)", "worker hq-worker-00 stopped", "broker stopped",
+                  "hq-server stopped"):
+        assert event in log, event

@@ -183,6 +183,13 @@ def test_usage_errors_and_unreachable_server(stack):
     assert bad.returncode == 2 and "line 1" in bad.stderr
     result = admin(stack, "db-usage", "--address", "tcp://127.0.0.1:1", "--timeout", "0.5")
     assert result.returncode == 3 and "cannot reach" in result.stderr
+    # A refusal is not "unreachable": the server answered (here 413, a mark over 256 bytes).
+    result = admin(stack, "gc-mark", "m" * 300, "--where", f"unihash={unihash(1)}")
+    assert result.returncode == 1 and "refused" in result.stderr and "TOO_LARGE" in result.stderr
+    # The common options may come before the subcommand too.
+    result = subprocess.run([script("hq-admin"), "--address", stack.address, "--format", "json", "gc-status"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0 and set(json.loads(result.stdout)) == {"keep", "remove", "mark"}
 
 
 def test_client_api_shapes(stack):

@@ -11,7 +11,7 @@ import zmq
 
 from helpers import script, wait_for
 from hq import protocol as p
-from hq.client import InvokeError, create_client
+from hq.client import InvokeError, ServerError, create_client
 
 M = "TestMethod"
 U1 = "a69ec97f5af2e21e1a1f9cc8896965515d5559425666f734e245a3d40cee33d9"
@@ -240,6 +240,45 @@ def test_a_slow_admin_write_is_not_sent_twice(peer_factory):
         # A lookup that slow is resent, as before (Lazy Pirate); both answers are fine.
         assert c.ping() == {"alive": True}
     assert len(peer.requests) == 3
+
+
+@pytest.mark.parametrize("status", [p.E_UNAVAILABLE, p.E_INTERNAL])
+def test_an_admin_write_that_may_have_run_is_not_retried(peer_factory, status):
+    """503 (timed out at the broker) or 500 (its worker lost): the sweep may have run. It is
+    not sent again (the second would be refused); the error says to check first."""
+    def answer(request, n):
+        yield p.encode_error(request.request_id, status, "no worker answered in time")
+
+    peer = peer_factory(answer)
+    with create_client(peer.address, timeout=5) as c:
+        with pytest.raises(ServerError, match="may or may not have run") as info:
+            c.gc_sweep("m")
+        assert info.value.code == 0 and isinstance(info.value, ConnectionError)
+        assert len(peer.requests) == 1
+
+
+def test_an_admin_write_refused_busy_is_retried(peer_factory):
+    def answer(request, n):
+        if n == 1:
+            yield p.encode_error(request.request_id, p.E_BUSY, "queue full")
+        else:
+            yield p.encode_reply(request.request_id, p.OK, [b'{"count":2}'])
+
+    peer = peer_factory(answer)
+    with create_client(peer.address, timeout=5) as c:
+        assert c.remove({"method": "M"}) == {"count": 2}
+    assert len(peer.requests) == 2
+
+
+def test_other_error_statuses_are_server_errors_with_their_code(peer_factory):
+    def answer(request, n):
+        yield p.encode_error(request.request_id, p.E_STORAGE, "database is read-only")
+
+    peer = peer_factory(answer)
+    with create_client(peer.address, timeout=5) as c:
+        with pytest.raises(ServerError, match="read-only") as info:
+            c.report_unihash("a" * 64, "M", "b" * 64, "c" * 64)
+    assert info.value.code == p.E_STORAGE
 
 
 def test_client_works_in_a_forked_child(shared_stack):

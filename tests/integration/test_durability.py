@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from helpers import Stack, wait_for
+from helpers import Stack
 from hq.client import create_client
 from hq.workers.schema import open_database
 from hq.workers.store import Store

@@ -35,14 +35,15 @@ def source(tmp_path_factory):
     return path, facts
 
 
-def full_row(rows: list, mappings: dict, method: str, taskhash: str):
+def full_row(rows: list, mappings: dict, marks: dict, method: str, taskhash: str):
     """What get_taskhash(all_properties=True) answers, from the source rows (ref. §7.4):
-    the oldest report of (method, taskhash) joined with its mapping."""
+    the oldest report of (method, taskhash) joined with its mapping (whose gc mark hq took
+    from the source, as it took the source's current mark)."""
     mine = [r for r in rows if (r["method"], r["taskhash"]) == (method, taskhash)]
     oldest = min(mine, key=lambda r: (datetime.datetime.fromisoformat(iso_utc(r["created"])), r["id"]))
     row = {k: v for k, v in oldest.items() if k != "id"}
     row["created"] = iso_utc(row["created"])
-    return {**row, "unihash": mappings[(method, taskhash)], "gc_mark": "mark-2026"}  # hq's mark, from config
+    return {**row, "unihash": mappings[(method, taskhash)], "gc_mark": marks[(method, taskhash)]}
 
 
 def without_id(row):
@@ -55,13 +56,15 @@ def test_an_import_keeps_every_equivalence(stack, source, tmp_path):
     assert data["complete"] and not data["resumed"]
     assert data["source"] == str(path.resolve())
     mappings = source_mappings(path)
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
+        marks = {(m, t): g for m, t, g in conn.execute("SELECT method, taskhash, gc_mark FROM unihashes_v3")}
     rows = source_outhash_rows(path)
     t = data["tables"]
     assert (t["unihashes_v3"]["rows"], t["unihashes_v3"]["imported"], t["unihashes_v3"]["invalid"]) == (len(mappings), len(mappings) - 1, 1)
     assert (t["outhashes_v2"]["rows"], t["outhashes_v2"]["imported"], t["outhashes_v2"]["skipped"]) == (len(rows), len(rows), 0)
     assert (t["users"]["imported"], t["config"]["imported"]) == (2, 1)
     assert data["chunks"] > 1 + 1 + len(mappings) // 1000 + len(rows) // 1000  # big siginfo split a chunk
-    assert hq_state(stack.db) == expected_hq_state(path, hq_mark="mark-2026")
+    assert hq_state(stack.db) == expected_hq_state(path)
 
     with create_client(stack.address, timeout=30) as client:
         # Every valid mapping answers exactly as the source; the invalid one is absent.
@@ -72,11 +75,11 @@ def test_an_import_keeps_every_equivalence(stack, source, tmp_path):
         # Full rows and outhash lookups return the imported rows (hq numbers its own ids).
         for method, taskhash, outhash in facts["reported"][::97]:
             got = client.get_taskhash(method, taskhash, all_properties=True)
-            assert without_id(got) == full_row(rows, mappings, method, taskhash)
+            assert without_id(got) == full_row(rows, mappings, marks, method, taskhash)
             got = client.get_outhash(method, outhash, taskhash)
             same = [r for r in rows if (r["method"], r["outhash"]) == (method, outhash)]
             oldest = min(same, key=lambda r: (datetime.datetime.fromisoformat(iso_utc(r["created"])), r["id"]))
-            assert without_id(got) == full_row(rows, mappings, method, oldest["taskhash"])
+            assert without_id(got) == full_row(rows, mappings, marks, method, oldest["taskhash"])
         big = next(r for r in rows if r["outhash_siginfo"] and len(r["outhash_siginfo"]) > 500_000)
         got = client.get_taskhash(big["method"], big["taskhash"], all_properties=True)
         assert got["outhash_siginfo"] == big["outhash_siginfo"]
@@ -123,7 +126,7 @@ def test_an_import_stopped_after_some_chunks_resumes_where_it_stopped(stack, sou
         # Nothing sent twice, nothing left out.
         assert part["tables"][table]["sent"] + r["sent"] == r["rows"]
         assert part["tables"][table]["skipped"] + r["skipped"] == 0
-    assert hq_state(stack.db) == expected_hq_state(path, hq_mark="mark-2026")
+    assert hq_state(stack.db) == expected_hq_state(path)
 
 
 def test_ctrl_c_stops_an_import_and_running_again_finishes_it(stack, source):
@@ -145,7 +148,7 @@ def test_ctrl_c_stops_an_import_and_running_again_finishes_it(stack, source):
         assert proc.returncode == 0, err
     data = import_json(stack, path)
     assert data["complete"] and data["resumed"]
-    assert hq_state(stack.db) == expected_hq_state(path, hq_mark="mark-2026")
+    assert hq_state(stack.db) == expected_hq_state(path)
 
 
 def test_the_table_output_names_every_table(stack, source):

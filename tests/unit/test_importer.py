@@ -111,6 +111,11 @@ def test_created_keeps_the_oldest_first_order(handlers):
         mapping("a" * 257, U1),  # longer than MAX_HASH_BYTES
         mapping(T1, U1, method=17),
         mapping(T1, U1, gc_mark=["x"]),
+        # Bytes that are not UTF-8, as hq-admin reads them (surrogateescape): once crashed
+        # every worker that parsed the chunk.
+        mapping("Test\udce9", U1),
+        mapping(T1, U1, method="TestM\udce9"),
+        mapping(T1, U1, gc_mark="\udce9"),
     ],
 )
 def test_a_mapping_hq_cannot_hold_is_skipped_and_counted(handlers, row):
@@ -128,6 +133,8 @@ def test_a_mapping_hq_cannot_hold_is_skipped_and_counted(handlers, row):
         outhash(T1, "", created=None),
         outhash(T1, O1, outhash_siginfo="x" * (p.MAX_EXTRA_BYTES + 1)),  # as report refuses it
         outhash(T1, O1, PN="\ud800"),  # a lone surrogate SQLite cannot store
+        outhash(T1, "ab\udce9"),
+        outhash(T1, O1, method="M\udce9"),
         outhash(T1, O1, PN={"no": "objects"}),
     ],
 )
@@ -192,6 +199,18 @@ def test_users_are_copied_and_an_existing_user_is_kept(handlers):
         ("admin", "hq-token", "@all"),
         ("builder", "$hash$", "@read @report"),
     ]
+
+
+def test_a_gc_cycle_in_progress_at_the_source_goes_on_in_hq(handlers):
+    # The source is mid-cycle: current mark ABC, T1 marked (kept), T2 not (to be swept).
+    run_import(handlers, "config", [{"id": 1, "name": "gc-mark", "value": "ABC"}])
+    run_import(handlers, "unihashes_v3", [mapping(T1, U1, gc_mark="ABC"), mapping(T2, U2)], last_id=2)
+    gc = lambda command, body: json.loads(handlers.handle(command, b"", body)[1][0])
+    assert gc(p.GC_STATUS, []) == {"keep": 1, "remove": 1, "mark": "ABC"}
+    assert gc(p.GC_SWEEP, [b"ABC", b"1"]) == {"count": 1}  # as the source would sweep
+    # Another source's mappings, imported while hq has that mark, get it (kept).
+    run_import(handlers, "unihashes_v3", [mapping("cd" * 32, U2)], source="other")
+    assert gc(p.GC_STATUS, []) == {"keep": 2, "remove": 1, "mark": "ABC"}
 
 
 def config_rows(handlers):
@@ -332,7 +351,8 @@ def test_a_whole_hashserv_file_imports_to_the_same_equivalences(handlers, tmp_pa
                 1 if facts["bad_taskhash"] in "".join(lines) else 0
             )
     conn.close()
-    assert hq_state(tmp_path / "hq.db") == expected_hq_state(source, hq_mark="mark-2026")
+    # hq took its gc mark from this source: every mapping keeps its own mark, as there.
+    assert hq_state(tmp_path / "hq.db") == expected_hq_state(source)
     # Equivalent taskhashes keep sharing their unihash, and a new one joins them.
     for method, out, unihash in facts["equivalent"][:20]:
         assert handlers.store.report(method, "f" * 64, out, U2) == unihash

@@ -372,6 +372,41 @@ def test_an_admin_write_is_answered_and_forgotten_like_any_request():
     assert s.slow_pending == {} and s.stats(1.0)["broker"]["pending_requests"] == 0
 
 
+@pytest.mark.parametrize(
+    "junk",
+    [{"counters": {"lookups": "many"}}, {"counters": None}, {"counters": {"lookups": None}},
+     {"counters": {"x": True}}, {"settings": [1]}, {"db": "big"}, {"uptime_s": "long"}],
+)
+def test_a_heartbeat_with_malformed_stats_is_ignored_not_fatal(junk):
+    s = make()
+    ready(s, b"w1", 0.0)
+    heartbeat(s, b"w1", {"lookups": 5}, 0.1)
+    s.on_worker([b"w1", *p.encode_heartbeat(junk)], 0.2)
+    assert s.counters["workers.bad_stats"] == 1
+    stats_of(s, 0.3, p.RESET_STATS)  # once crashed the broker
+    (w,) = stats_of(s, 0.4)["workers"]
+    assert w["counters"] == {}  # the last good stats, and the reset baseline taken from them
+    assert b"w1" in s.workers  # the heartbeat still counted as a sign of life
+
+
+def test_a_worker_running_a_long_command_is_not_expired_until_admin_timeout():
+    # A sweep of millions of rows ends in a COMMIT that cannot heartbeat for seconds.
+    s = make(heartbeat_liveness=3, admin_timeout_s=100.0)  # liveness 3 s
+    ready(s, b"w1", 0.0)
+    ready(s, b"w2", 0.0)
+    s.on_client([b"admin", *p.encode_request(b"sweep", p.GC_SWEEP, [b"m"])], 0.0)
+    ((sweeper, job_id, _),) = take_jobs(s)
+    s.on_worker([b"w1" if sweeper == b"w2" else b"w2", *p.HEARTBEAT_MESSAGE], 40.0)
+    s.tick(50.0)
+    assert sweeper in s.workers and s.counters.get("jobs.redispatched", 0) == 0
+    answer(s, sweeper, job_id, [b'{"count":1}'], 60.0)
+    assert replies(s)[0].status == p.OK
+    s.tick(62.0)
+    assert sweeper in s.workers  # normal liveness again from its last message (60 s)
+    s.tick(63.5)
+    assert sweeper not in s.workers
+
+
 def test_shutdown_answers_pending_requests():
     s = make()
     ready(s, b"w1")

@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import math
 import os
+import pathlib
+import sqlite3
 import time
 
 from hq import protocol as p
 
 from .schema import settings_in_force
+from .store import _PROGRESS_STEPS
 
 _TABLES = ("methods", "unihashes", "outhashes", "users", "config")
 
@@ -77,12 +80,31 @@ class WorkerStats:
         age = math.inf if self._rows_at is None else now - self._rows_at
         idle = now - self.last_request >= 0.5
         if age >= self.rows_interval_s and idle:
-            with self.store.heartbeating():  # 35 ms per million rows: keep heartbeating
-                self._rows = {t: db.execute_sql(f"SELECT count(*) FROM {t}").fetchone()[0] for t in _TABLES}
+            self._rows = self._count_rows(path)
             self._rows_at = now
         facts["rows"] = self._rows
         facts["rows_age_s"] = None if self._rows_at is None else now - self._rows_at
         return facts
+
+    def _count_rows(self, path: str) -> dict:
+        """Rows per table, counted on a short-lived read-only connection with a small page
+        cache: the scan neither evicts the lookups' hot pages from the worker's cache nor
+        grows the worker's memory (measured: +16 MiB RSS when counted on the main
+        connection). The worker heartbeats during the scan (35 ms per million rows)."""
+        conn = sqlite3.connect(pathlib.Path(path).resolve().as_uri() + "?mode=ro", uri=True, timeout=1.0)
+        try:
+            conn.execute("PRAGMA cache_size = -256")
+            conn.set_progress_handler(self._tick, _PROGRESS_STEPS)
+            return {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in _TABLES}
+        finally:
+            conn.close()
+
+    def _tick(self) -> int:
+        try:
+            self.store.on_wait()  # the worker heartbeats there when one is due
+        except Exception:  # never abort the count for a heartbeat
+            pass
+        return 0
 
     def snapshot(self) -> dict:
         return {

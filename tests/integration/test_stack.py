@@ -152,7 +152,7 @@ def test_worker_killed_mid_batch_loses_nothing(tmp_path):
         assert not thread.is_alive()
         assert result["answers"] == [known.get(t) for t in queries]
         # hq-server restarts the killed worker.
-        wait_for(lambda: "hq-worker-00" in stack.children() and stack.children()["hq-worker-00"].pid != victim.pid, 15, what="worker restart")
+        wait_for(lambda: getattr(stack.children().get("hq-worker-00"), "pid", victim.pid) != victim.pid, 15, what="worker restart")
         counters = stats_client.get_stats()["broker"]["counters"]
         stats_client.close()
         assert counters["workers.dropped"] >= 1

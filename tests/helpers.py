@@ -115,3 +115,18 @@ def seed_known(address: str, n: int, seed: int, method: str = "TestMethod") -> d
         for taskhash, unihash in known.items():
             client.report_unihash_equiv(taskhash, method, unihash)
     return known
+
+
+class Statements:
+    """The SQL statements a peewee database runs inside the block (SQLite trace callback)."""
+
+    def __init__(self, db):
+        self.db = db
+        self.sql = []
+
+    def __enter__(self):
+        self.db.connection().set_trace_callback(self.sql.append)
+        return self.sql
+
+    def __exit__(self, *exc):
+        self.db.connection().set_trace_callback(None)

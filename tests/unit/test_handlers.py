@@ -2,6 +2,8 @@
 
 import pytest
 
+from helpers import Statements
+
 from hq import protocol as p
 from hq.workers.handlers import Handlers
 from hq.workers.schema import open_database
@@ -17,19 +19,6 @@ def handlers(tmp_path):
     db = open_database(str(tmp_path / "hq.db"))
     yield Handlers(Store(db))
     db.close()
-
-
-class Statements:
-    def __init__(self, db):
-        self.db = db
-        self.sql = []
-
-    def __enter__(self):
-        self.db.connection().set_trace_callback(self.sql.append)
-        return self.sql
-
-    def __exit__(self, *exc):
-        self.db.connection().set_trace_callback(None)
 
 
 def report_body(taskhash, outhash, unihash):

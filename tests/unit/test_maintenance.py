@@ -7,6 +7,8 @@ import shutil
 import sqlite3
 
 import pytest
+
+from helpers import Statements
 from hq import protocol as p
 from hq.workers.handlers import Handlers
 from hq.workers.maintenance import GC_MARK_KEY, MAX_MARK_BYTES, QUERY_COLUMNS
@@ -355,19 +357,6 @@ def test_gc_mark_stream_chunks(handlers, store):
     status_code, reply = call(handlers, p.GC_MARK_STREAM, "ABC", chunk, "ABC", where(unihash=U2))
     assert (status_code, reply) == (p.OK, [b"5", b"1"])
     assert status(handlers) == {"keep": 3, "remove": 0, "mark": "ABC"}
-
-
-class Statements:
-    def __init__(self, db):
-        self.db = db
-        self.sql = []
-
-    def __enter__(self):
-        self.db.connection().set_trace_callback(self.sql.append)
-        return self.sql
-
-    def __exit__(self, *exc):
-        self.db.connection().set_trace_callback(None)
 
 
 def test_gc_mark_stream_of_unihashes_is_one_update_per_chunk(handlers, store):

@@ -212,7 +212,8 @@ class Scheduler:
         return now + self.heartbeat_interval_s * self.heartbeat_liveness
 
     def _worker_expiry(self, worker, now):
-        return max(self._expiry(now), worker.long_until)
+        expiry = now + self.heartbeat_interval_s * self.heartbeat_liveness
+        return expiry if expiry > worker.long_until else worker.long_until
 
     # --- clients ------------------------------------------------------------------------
     def on_client(self, frames: list, now: float):

@@ -166,13 +166,10 @@ class Maintenance:
         return self.store._sql(sql, params)
 
     # transactions ----------------------------------------------------------------------------
-    def _heartbeats(self):
-        return self.store.heartbeating()
-
     @contextmanager
     def _writing(self, dry_run: bool = False):
         """A write transaction, or for a dry run a read transaction rolled back at the end."""
-        with self._heartbeats():
+        with self.store.heartbeating():
             if not dry_run:
                 with self.store.write_transaction():
                     yield

@@ -24,7 +24,6 @@ import time
 from hq import protocol as p
 
 from .schema import settings_in_force
-from .store import _PROGRESS_STEPS
 
 _TABLES = ("methods", "unihashes", "outhashes", "users", "config")
 
@@ -94,17 +93,10 @@ class WorkerStats:
         conn = sqlite3.connect(pathlib.Path(path).resolve().as_uri() + "?mode=ro", uri=True, timeout=1.0)
         try:
             conn.execute("PRAGMA cache_size = -256")
-            conn.set_progress_handler(self._tick, _PROGRESS_STEPS)
-            return {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in _TABLES}
+            with self.store.heartbeating(conn):
+                return {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in _TABLES}
         finally:
             conn.close()
-
-    def _tick(self) -> int:
-        try:
-            self.store.on_wait()  # the worker heartbeats there when one is due
-        except Exception:  # never abort the count for a heartbeat
-            pass
-        return 0
 
     def snapshot(self) -> dict:
         return {

@@ -169,11 +169,11 @@ class Store:
             self._reopen_when_writable = True
 
     @contextmanager
-    def heartbeating(self):
+    def heartbeating(self, connection=None):
         """Run ``on_wait`` (the worker heartbeats there) every few thousand SQLite VM steps
-        of the statements inside: a scan or a delete of millions of rows does not make the
-        broker take this worker for dead."""
-        connection = self.db.connection()
+        of the statements inside, on ``connection`` (default: the store's): a scan or a
+        delete of millions of rows does not make the broker take this worker for dead."""
+        connection = connection or self.db.connection()
 
         def tick():
             try:

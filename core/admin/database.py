@@ -99,7 +99,7 @@ def add_commands(sub, common) -> None:
     cmd = sub.add_parser(
         "gc-status", parents=[common], help="mappings kept and removed by a sweep now; the current mark"
     )
-    cmd.set_defaults(func=gc_status)
+    cmd.set_defaults(func=gc_status, default_timeout=LONG_TIMEOUT_S)  # counts every mapping
 
     cmd = sub.add_parser(
         "gc-sweep",

@@ -1,24 +1,12 @@
 """A worker REQUEST's jobs run together: one query per method, one transaction for reports."""
 
-import pytest
-
 from helpers import Statements
 
 from hq import protocol as p
-from hq.workers.handlers import Handlers
-from hq.workers.schema import open_database
-from hq.workers.store import Store
 
 M = b"TestMethod"
 U1 = "a69ec97f5af2e21e1a1f9cc8896965515d5559425666f734e245a3d40cee33d9"
 U2 = "bf6e81926066f770e960f9f777cd088c62bea9addb7745f3e77deaa81a645747"
-
-
-@pytest.fixture
-def handlers(tmp_path):
-    db = open_database(str(tmp_path / "hq.db"))
-    yield Handlers(Store(db))
-    db.close()
 
 
 def report_body(taskhash, outhash, unihash):

@@ -9,9 +9,6 @@ from hashserv_db import HashservDB, expected_hq_state, hq_state, populate
 from hq import protocol as p
 from hq.admin.importer import CHUNK_BYTES, SourceError, open_source, read_chunks
 from hq.workers import importer as imp
-from hq.workers.handlers import Handlers
-from hq.workers.schema import open_database
-from hq.workers.store import Store
 
 M = "TestMethod"
 T1 = "35788efcb8dfb0a02659d81cf2bfd695fb30faf9"
@@ -19,13 +16,6 @@ T2 = "3bf6f1e89d26205aec90da04854fbdbf73afe6b4"
 O1 = "2765d4a5884be49b28601445c2760c5f21e7e5c0ee2b7e3fce98fd7e5970796f"
 U1 = "a69ec97f5af2e21e1a1f9cc8896965515d5559425666f734e245a3d40cee33d9"
 U2 = "bf6e81926066f770e960f9f777cd088c62bea9addb7745f3e77deaa81a645747"
-
-
-@pytest.fixture
-def handlers(tmp_path):
-    db = open_database(str(tmp_path / "hq.db"))
-    yield Handlers(Store(db))
-    db.close()
 
 
 def body(table, rows, last_id=1, source="src"):

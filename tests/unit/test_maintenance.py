@@ -10,10 +10,9 @@ import pytest
 
 from helpers import Statements
 from hq import protocol as p
-from hq.workers.handlers import Handlers
 from hq.workers.maintenance import GC_MARK_KEY, MAX_MARK_BYTES, QUERY_COLUMNS
 from hq.workers.schema import open_database
-from hq.workers.store import Store, now_us
+from hq.workers.store import now_us
 
 M = "TestMethod"
 T1 = "35788efcb8dfb0a02659d81cf2bfd695fb30faf9"
@@ -26,13 +25,6 @@ U2 = "bf6e81926066f770e960f9f777cd088c62bea9addb7745f3e77deaa81a645747"
 O3 = "cc" * 32
 U3 = "9217a7d6c5c6a47d1b8e6fd1b3d0b87a3c6a2f5b3e6e2b0b4e1e1c9a8f7d6e5c"
 HOUR_US = 3600 * 1_000_000
-
-
-@pytest.fixture
-def handlers(tmp_path):
-    db = open_database(str(tmp_path / "hq.db"))
-    yield Handlers(Store(db))
-    db.close()
 
 
 @pytest.fixture

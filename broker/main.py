@@ -16,7 +16,8 @@ import time
 
 import zmq
 
-from hq import config, logs, proctitle
+from hq import addresses, config, logs, proctitle
+from hq.addresses import DEFAULT_ADDRESS, DEFAULT_BACKEND
 from hq import protocol as p
 from hq.signals import StopFlag
 from hq.sockets import readable, recv_frames, send_frames
@@ -26,23 +27,20 @@ from .scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BIND = "tcp://127.0.0.1:8686"
-DEFAULT_BACKEND = "ipc://hq-backend.ipc"
-
 OPTIONS = [
-    config.Option("bind", [DEFAULT_BIND], "client endpoint(s) to bind, tcp:// or ipc://", multiple=True),
-    config.Option("backend", DEFAULT_BACKEND, "endpoint to bind for workers"),
-    config.Option("heartbeat-interval", 0.5, "seconds between heartbeats with workers", float),
-    config.Option("heartbeat-liveness", 3, "missed heartbeats before a worker is dropped", int),
-    config.Option("request-timeout", 10.0, "seconds before an unanswered request gets UNAVAILABLE", float),
-    config.Option("admin-request-timeout", 600.0, "request-timeout for commands that scan or rewrite whole tables (gc-sweep, remove, import, db-usage, ...)", float),
-    config.Option("max-client-jobs", 4096, "queued chunks allowed per client before BUSY", int),
-    config.Option("max-queued-jobs", 65536, "queued chunks allowed in total before BUSY", int),
-    config.Option("worker-credit", 1, "REQUEST messages a worker holds at a time", int),
-    config.Option("merge-items", 1000, "items of small same-command jobs merged into one worker REQUEST (1 = no merging)", int),
-    config.Option("max-attempts", 3, "workers a request may be lost with (crash, stall) before it is answered INTERNAL", int),
-    config.Option("endpoint-file", "", "once bound, write the client endpoints here, one per line"),
-    config.Option("metrics", "", "serve Prometheus metrics over HTTP on this tcp://HOST:PORT (empty: off)"),
+    config.Option("bind", [DEFAULT_ADDRESS], "client endpoint(s) to bind, tcp:// or ipc://", addresses.bind_address, multiple=True),
+    config.Option("backend", DEFAULT_BACKEND, "endpoint to bind for workers", addresses.bind_address),
+    config.Option("heartbeat-interval", 0.5, "seconds between heartbeats with workers", config.POSITIVE_FLOAT),
+    config.Option("heartbeat-liveness", 3, "missed heartbeats before a worker is dropped", config.POSITIVE_INT),
+    config.Option("request-timeout", 10.0, "seconds before an unanswered request gets UNAVAILABLE", config.POSITIVE_FLOAT),
+    config.Option("admin-request-timeout", 600.0, "request-timeout for commands that scan or rewrite whole tables (gc-sweep, remove, import, db-usage, ...)", config.POSITIVE_FLOAT),
+    config.Option("max-client-jobs", 4096, "queued chunks allowed per client before BUSY", config.POSITIVE_INT),
+    config.Option("max-queued-jobs", 65536, "queued chunks allowed in total before BUSY", config.POSITIVE_INT),
+    config.Option("worker-credit", 1, "REQUEST messages a worker holds at a time", config.POSITIVE_INT),
+    config.Option("merge-items", 1000, "items of small same-command jobs merged into one worker REQUEST (1 = no merging)", config.POSITIVE_INT),
+    config.Option("max-attempts", 3, "workers a request may be lost with (crash, stall) before it is answered INTERNAL", config.POSITIVE_INT),
+    config.Option("endpoint-file", "", "once bound, write the client endpoints here, one per line", config.writable_file),
+    config.Option("metrics", "", "serve Prometheus metrics over HTTP on this tcp://HOST:PORT (empty: off)", addresses.metrics_address),
     config.Option("log-level", "INFO", "logging level", choices=logs.LEVELS),
 ]
 
@@ -68,16 +66,27 @@ def router(ctx: zmq.Context, public: bool) -> zmq.Socket:
     return sock
 
 
+class BindError(Exception):
+    """An endpoint could not be bound (address in use, no such directory, ...): one line."""
+
+
+def bind(sock: zmq.Socket, address: str, what: str) -> str:
+    """Bind ``sock`` to ``address``; return the endpoint bound (the real port for ``:*``)."""
+    try:
+        sock.bind(address)
+    except zmq.ZMQError as exc:
+        raise BindError(f"cannot bind the {what} endpoint {address}: {zmq.strerror(exc.errno)}") from None
+    return sock.last_endpoint.decode()
+
+
 def metrics_stream(ctx: zmq.Context, address: str) -> zmq.Socket:
     """A ZMQ_STREAM socket (raw TCP) bound to ``address`` for the HTTP metrics endpoint."""
-    if not address.startswith("tcp://"):
-        raise zmq.ZMQError(zmq.EPROTONOSUPPORT, f"--metrics needs a tcp:// address, not {address!r}")
     sock = ctx.socket(zmq.STREAM)
     sock.linger = 0
     sock.setsockopt(zmq.STREAM_NOTIFY, 1)  # connect and disconnect arrive as empty frames
     sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
     sock.setsockopt(zmq.TCP_MAXRT, 30000)  # a peer that never reads its answer is cut after 30 s
-    sock.bind(address)
+    bind(sock, address, "metrics")
     return sock
 
 
@@ -99,12 +108,8 @@ class Broker:
         )
         self.frontend = router(self.ctx, public=True)
         self.backend = router(self.ctx, public=False)
-        self.endpoints = []
-        for address in opts.bind:
-            self.frontend.bind(address)
-            self.endpoints.append(self.frontend.last_endpoint.decode())
-        self.backend.bind(opts.backend)
-        self.backend_endpoint = self.backend.last_endpoint.decode()
+        self.endpoints = [bind(self.frontend, address, "client") for address in opts.bind]
+        self.backend_endpoint = bind(self.backend, opts.backend, "worker")
         self.metrics_socket = self.metrics = None
         if getattr(opts, "metrics", ""):
             self.metrics_socket = metrics_stream(self.ctx, opts.metrics)
@@ -219,9 +224,9 @@ def main(argv=None) -> int:
     stop = StopFlag().install()
     try:
         broker = Broker(opts)
-    except zmq.ZMQError as exc:
-        log.error("cannot bind: %s", exc)
-        return 1
+    except BindError as exc:  # a configuration error: restarting cannot fix it
+        log.error("%s", exc)
+        return 2
     if opts.endpoint_file:
         write_lines(opts.endpoint_file, broker.endpoints)
     try:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import socket
 import time
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from hq import addresses
 from hq import protocol as p
 from hq.sockets import readable, recv_frames, send_frames
 
@@ -75,8 +77,10 @@ class Client:
         request_items: int = DEFAULT_REQUEST_ITEMS,
         window: int = DEFAULT_WINDOW,
     ):
-        if not address.startswith(("tcp://", "ipc://", "inproc://")):
-            raise ValueError(f"hq address must be tcp://, ipc:// or inproc://, not {address!r}")
+        try:
+            addresses.check(address)
+        except ValueError as exc:
+            raise ValueError(f"bad hq address {address!r}: {exc}") from None
         if not 1 <= chunk_items <= p.MAX_CHUNK_ITEMS:
             raise ValueError(f"chunk_items must be 1-{p.MAX_CHUNK_ITEMS}")
         self.address = address
@@ -91,7 +95,7 @@ class Client:
         self._socket = None
         self._poller = None
         self._monitor = None
-        self._lost = False  # the connection dropped since the last handshake
+        self._link = Link()
         self._ids = itertools.count(1)
         self.stale_replies = 0  # replies discarded because no call was waiting for them
 
@@ -102,6 +106,9 @@ class Client:
             self._pid = os.getpid()
             self._ctx = zmq.Context()
             self._socket = None
+            # The child may live elsewhere: BitBake runs a task in a network namespace of
+            # its own, where the server the parent reached cannot be reached at all.
+            self._link = Link()
         if self._socket is None:
             sock = self._ctx.socket(zmq.DEALER)
             sock.linger = 0
@@ -118,12 +125,12 @@ class Client:
             # ZMQ_EVENTS (hq.sockets) this cut a get_unihash from 173 to ~110-135 us of CPU.
             self._poller = zmq.Poller()
             self._poller.register(sock, zmq.POLLIN)
-            # Connection events tell a broker restart at once: requests it held are gone,
+            # Connection events tell a broker restart at once (requests it held are gone,
             # so they are resent as soon as the new broker has shaken hands, not after a
-            # third of the deadline.
-            self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+            # third of the deadline) and a server that was never there (Link).
+            self._monitor = sock.get_monitor_socket(Link.EVENTS)
             self._poller.register(self._monitor, zmq.POLLIN)
-            self._lost = False
+            self._link.new_socket()
         return self._socket
 
     def _reset_socket(self) -> None:
@@ -207,7 +214,7 @@ class Client:
                 raise ConnectionError(f"poll failed: {exc}") from None
             if ready:
                 self._receive(sock, outstanding, results)
-                if self._reconnected():
+                if self._connection_events() == Link.BACK:
                     now = time.monotonic()
                     for request_id, entry in list(outstanding.items()):
                         _no_second_run(entry, "the connection to the broker was lost")
@@ -226,17 +233,18 @@ class Client:
                 for request_id, entry in list(outstanding.items()):
                     self._resend(outstanding, request_id, entry, now)
 
-    def _reconnected(self) -> bool:
-        """Read connection events; True when the connection is back after it dropped."""
-        back = False
+    def _connection_events(self):
+        """Read the socket's connection events: ``Link.BACK`` when the connection is back
+        after it dropped. Raises ConnectionError once a server that was never reached has
+        refused (or could not be reached) ``Link.ATTEMPTS`` times: waiting out the deadline
+        would not help, and BitBake falls back to the taskhash at once."""
+        result = None
         while readable(self._monitor):
-            event = recv_monitor_message(self._monitor)["event"]
-            if event == zmq.EVENT_DISCONNECTED:
-                self._lost = True
-            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED and self._lost:
-                self._lost = False
-                back = True
-        return back
+            result = self._link.on_event(recv_monitor_message(self._monitor)["event"]) or result
+        if self._link.unreachable():
+            self._reset_socket()
+            raise ConnectionError(f"cannot reach hq at {self.address}: {self._link.why(self.address)}")
+        return result
 
     def _resend(self, outstanding, request_id, entry, now):
         del outstanding[request_id]
@@ -444,6 +452,76 @@ class Client:
     def import_status(self, source: str) -> dict:
         """``{table: last source id imported}`` for ``source`` (0: nothing yet)."""
         return self._call(p.IMPORT_STATUS, [_enc(source)], _json_body)
+
+
+class Link:
+    """What the socket monitor has told of the connection to the broker. Events only, no
+    clock: libzmq retries a failed connect after 0.1, 0.2, 0.4 s ... so ``ATTEMPTS`` failures
+    take about 0.7 s."""
+
+    #: Failed connects, with no handshake ever, after which the server counts as unreachable.
+    ATTEMPTS = 4
+    BACK = "back"
+    _FAILED_HANDSHAKES = (
+        zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    )
+    EVENTS = zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_CONNECT_RETRIED | _FAILED_HANDSHAKES
+
+    def __init__(self):
+        self.established = False  # a handshake succeeded once, in this process
+        self.lost = False  # the connection dropped since the last handshake
+        self.failures = 0  # connects that failed while never established
+        self.not_zmtp = False  # something answered, but not a ZeroMQ peer
+
+    def new_socket(self) -> None:
+        self.lost = False
+
+    def on_event(self, event: int):
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self.established = True
+            self.failures = 0
+            if self.lost:
+                self.lost = False
+                return self.BACK
+        elif event == zmq.EVENT_DISCONNECTED:
+            self.lost = True
+        elif event & self._FAILED_HANDSHAKES:
+            self.not_zmtp = True
+        elif event == zmq.EVENT_CONNECT_RETRIED and not self.established:
+            self.failures += 1
+        return None
+
+    def unreachable(self) -> bool:
+        """True when a server that was never reached keeps failing: a connection that
+        worked and then dropped (a broker restart) is waited for within the deadline."""
+        return not self.established and self.failures >= self.ATTEMPTS
+
+    def why(self, address: str) -> str:
+        if self.not_zmtp:
+            return "something listens there, but it does not speak ZeroMQ (is it an hq broker?)"
+        return _connect_error(address)
+
+
+def _connect_error(address: str) -> str:
+    """The operating system's reason a plain connection to ``address`` fails (libzmq's
+    events do not carry it): "Connection refused", "Network is unreachable", ..."""
+    scheme, _, rest = address.partition("://")
+    try:
+        if scheme == "tcp":
+            host, _, port = rest.rpartition(":")
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=0.5):
+                pass
+        elif scheme == "ipc":
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(0.5)
+                sock.connect("\0" + rest[1:] if rest.startswith("@") else rest)  # @: abstract
+        else:
+            return f"no {address} in this process"
+    except socket.gaierror as exc:
+        return f"cannot resolve the host: {exc.strerror}"
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return f"{Link.ATTEMPTS} connection attempts failed"
 
 
 def encode_import_row(row: dict) -> str:

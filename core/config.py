@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import configparser
 import importlib
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -54,6 +55,56 @@ def _bool(text) -> bool:
 
 BOOL = _bool
 
+
+def at_least(kind: Callable, minimum, inclusive: bool = True) -> Callable:
+    """An option type: a finite ``kind`` (int or float) not below ``minimum`` (above it when
+    ``inclusive`` is false). A bad value raises ValueError with the rule in its text."""
+
+    def convert(text):
+        value = kind(text)
+        if not math.isfinite(value) or value < minimum or (not inclusive and value == minimum):
+            raise ValueError(f"must be {'at least' if inclusive else 'more than'} {minimum}")
+        return value
+
+    convert.__name__ = kind.__name__
+    return convert
+
+
+def writable_file(text: str) -> str:
+    """An option type: empty (none) or a file path whose directory exists, so a file a daemon
+    writes once running (an endpoint file) cannot fail after it has started."""
+    if text == "":
+        return text
+    directory = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(directory):
+        raise ValueError(f"directory {directory} does not exist")
+    if os.path.isdir(text):
+        raise ValueError("is a directory")
+    if not os.access(directory, os.W_OK):
+        raise ValueError(f"directory {directory} is not writable")
+    return text
+
+
+def argparse_type(convert: Callable) -> Callable:
+    """``convert`` (an option type above, raising ValueError) as an argparse ``type=``, so the
+    reason reaches the user: argparse prints only "invalid value" for a plain ValueError."""
+
+    def parse(text):
+        try:
+            return convert(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+
+    parse.__name__ = convert.__name__
+    return parse
+
+
+#: Option types for counts and durations.
+POSITIVE_INT = at_least(int, 1)
+NON_NEGATIVE_INT = at_least(int, 0)
+POSITIVE_FLOAT = at_least(float, 0, inclusive=False)
+NON_NEGATIVE_FLOAT = at_least(float, 0.0)
+
 CONFIG_OPTION = Option(
     "config", None, "INI file: option = value lines in a shared [hq] section and per-program sections"
 )
@@ -77,8 +128,9 @@ def all_option_names() -> set:
     return names
 
 
-class _Parser(argparse.ArgumentParser):
-    """Errors are one line on stderr and exit 2: a daemon's log should not fill with usage text."""
+class ArgumentParser(argparse.ArgumentParser):
+    """Errors are one line on stderr and exit 2 (every hq program's usage-error status): a
+    daemon's log should not fill with usage text, and a user reads one line."""
 
     def error(self, message):
         one_line = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
@@ -86,7 +138,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser(prog: str, description: str, options: list) -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = ArgumentParser(
         prog=prog,
         description=description,
         epilog="Precedence: command-line flag > HQ_* environment variable > config file > default.",
@@ -104,11 +156,17 @@ def build_parser(prog: str, description: str, options: list) -> argparse.Argumen
 
 
 def _convert(opt: Option, raw, source: str, parser: argparse.ArgumentParser):
+    if opt.multiple:
+        items = raw if isinstance(raw, list) else [raw]
+        values = [v.strip() for item in items for v in str(item).split(",") if v.strip()]
+        if not values:
+            parser.error(f"bad value for {opt.name} from {source}: {raw!r} (needs at least one value)")
+        return [_convert_one(opt, v, source, parser) for v in values]
+    return _convert_one(opt, raw, source, parser)
+
+
+def _convert_one(opt: Option, raw, source: str, parser: argparse.ArgumentParser):
     try:
-        if opt.multiple:
-            items = raw if isinstance(raw, list) else [raw]
-            values = [v.strip() for item in items for v in str(item).split(",") if v.strip()]
-            return [opt.type(v) for v in values]
         value = opt.type(raw)
     except (TypeError, ValueError) as exc:
         parser.error(f"bad value for {opt.name} from {source}: {raw!r} ({exc})")

@@ -1,14 +1,19 @@
 """hq-server: a whole local stack in the foreground, for the quick start and for tests.
 
-It starts ``hq-broker`` and N ``hq-worker`` processes on one SQLite file (passing on
-``--config``, so its ``[hq-broker]`` and ``[hq-worker]`` sections tune them), restarts any
-that exits unexpectedly (with backoff), reports ready once every worker has registered and
-a real request has gone through, and on SIGTERM/SIGINT stops them all. For production, run the same two programs under
-supervisord (``configs/supervisord.conf``).
+It checks the database, starts ``hq-broker`` and N ``hq-worker`` processes on one SQLite
+file (passing on ``--config``, so its ``[hq-broker]`` and ``[hq-worker]`` sections tune
+them), reports ready once every worker has registered and a real request has gone through,
+and on SIGTERM/SIGINT stops them all, workers first. Once the stack has been ready, a child
+that exits is restarted (with backoff); before that, a child that exits ends hq-server with
+a non-zero status, because nothing has worked yet and restarting cannot fix a busy port or a
+bad option. For production, run the same two programs under supervisord
+(``configs/supervisord.conf``).
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import os
 import shutil
@@ -18,23 +23,26 @@ import sys
 import tempfile
 import time
 
-from hq import config, logs, proctitle
+from hq import addresses, config, logs, proctitle
+from hq.addresses import DEFAULT_ADDRESS
 from hq.signals import StopFlag
+from hq.workers.schema import SYNCHRONOUS_MODES, open_database
 
 log = logging.getLogger("hq.server")
 
 OPTIONS = [
-    config.Option("bind", ["tcp://127.0.0.1:8686"], "client endpoint(s), tcp:// or ipc:// (tcp://127.0.0.1:* picks a free port)", multiple=True),
+    config.Option("bind", [DEFAULT_ADDRESS], "client endpoint(s), tcp:// or ipc:// (tcp://127.0.0.1:* picks a free port)", addresses.bind_address, multiple=True),
     config.Option("db", "hq.db", "SQLite database file"),
-    config.Option("workers", 2, "number of worker processes", int),
-    config.Option("backend", "", "broker<->worker endpoint (default: ipc in a private directory)"),
-    config.Option("synchronous", "normal", "SQLite synchronous mode for the workers", choices=("off", "normal", "full", "extra")),
-    config.Option("heartbeat-interval", 0.5, "seconds between broker<->worker heartbeats", float),
-    config.Option("metrics", "", "broker's Prometheus metrics endpoint, tcp://HOST:PORT, served at /metrics (empty: off)"),
-    config.Option("endpoint-file", "", "once ready, write the client endpoints here, one per line"),
+    config.Option("workers", 2, "number of worker processes", config.POSITIVE_INT),
+    config.Option("backend", "", "broker<->worker endpoint (default: ipc in a private directory)", addresses.optional_bind_address),
+    config.Option("synchronous", "normal", "SQLite synchronous mode for the workers", choices=SYNCHRONOUS_MODES),
+    config.Option("heartbeat-interval", 0.5, "seconds between broker<->worker heartbeats", config.POSITIVE_FLOAT),
+    config.Option("metrics", "", "broker's Prometheus metrics endpoint, tcp://HOST:PORT, served at /metrics (empty: off)", addresses.metrics_address),
+    config.Option("endpoint-file", "", "once ready, write the client endpoints here, one per line", config.writable_file),
     config.Option("log-level", "INFO", "logging level", choices=logs.LEVELS),
 ]
 
+_PR_SET_PDEATHSIG = 1
 RESTART_BACKOFF_MIN_S = 0.2
 RESTART_BACKOFF_MAX_S = 5.0
 STOP_WAIT_S = 10.0
@@ -51,27 +59,65 @@ class Child:
         self.backoff = RESTART_BACKOFF_MIN_S
         self.restart_at = 0.0
         self.restarts = 0
+        self.pid = None  # of the process last started
 
     def start(self, now: float) -> None:
-        self.proc = subprocess.Popen(self.argv)
+        # A session of its own: Ctrl-C in the terminal reaches hq-server alone, which stops
+        # the workers before the broker. Should hq-server itself be killed, the kernel sends
+        # the child SIGTERM (PR_SET_PDEATHSIG), so no orphan keeps the port or the database.
+        self.proc = subprocess.Popen(self.argv, start_new_session=True, preexec_fn=_die_with_parent)
+        self.pid = self.proc.pid
         self.started = now
         log.info("started %s (pid %d)", self.name, self.proc.pid)
 
-    def check(self, now: float) -> None:
-        """Restart the process if it has exited; back off if it keeps dying young."""
-        if self.proc is not None:
-            code = self.proc.poll()
-            if code is None:
-                if now - self.started > 10 * RESTART_BACKOFF_MAX_S:
-                    self.backoff = RESTART_BACKOFF_MIN_S
-                return
-            log.warning("%s (pid %d) exited with %s; restarting in %.1f s", self.name, self.proc.pid, code, self.backoff)
-            self.proc = None
-            self.restart_at = now + self.backoff
-            self.backoff = min(self.backoff * 2, RESTART_BACKOFF_MAX_S)
-            self.restarts += 1
-        if now >= self.restart_at:
+    def exited(self, now: float):
+        """The exit status if the process has exited since the last look (it is then due for
+        a restart after its backoff, which grows while it keeps dying young); else None."""
+        if self.proc is None:
+            return None
+        code = self.proc.poll()
+        if code is None:
+            if now - self.started > 10 * RESTART_BACKOFF_MAX_S:
+                self.backoff = RESTART_BACKOFF_MIN_S
+            return None
+        self.proc = None
+        self.restart_at = now + self.backoff
+        self.backoff = min(self.backoff * 2, RESTART_BACKOFF_MAX_S)
+        self.restarts += 1
+        return code
+
+    def restart_if_due(self, now: float) -> None:
+        if self.proc is None and now >= self.restart_at:
             self.start(now)
+
+
+def _prctl():
+    """libc's prctl, looked up in hq-server itself (never between fork and exec); None off Linux."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _prctl()
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when hq-server's process goes away. Elsewhere the
+    session alone still keeps Ctrl-C away from the children."""
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+
+
+def exit_text(code: int) -> str:
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"status {code}"
 
 
 def _module_argv(module: str, args: list) -> list:
@@ -95,14 +141,25 @@ def wait_ready(address: str, workers: int, deadline_s: float, stop) -> bool:
     return False
 
 
+def prepare_database(opts) -> bool:
+    """Open the database once before any worker starts: a path no worker could use is one
+    ERROR line now (not a worker pool restarting forever), and the schema is in place before
+    the workers open it together."""
+    try:
+        open_database(opts.db, synchronous=opts.synchronous).close()
+    except Exception as exc:  # bad path, not a database, permissions: a configuration error
+        log.error("cannot open database %r: %s", opts.db, exc)
+        return False
+    return True
+
+
 def main(argv=None) -> int:
     opts = config.parse("hq-server", "Run a whole local hq stack: one broker and N workers on one SQLite file.", OPTIONS, argv)
     logs.setup("hq-server", opts.log_level)
     proctitle.set_title("hq-server", opts.db)
-    if opts.workers < 1:
-        log.error("--workers must be at least 1")
-        return 2
     stop = StopFlag().install()
+    if not prepare_database(opts):
+        return 2
     rundir = tempfile.mkdtemp(prefix="hq-server-")
     backend = opts.backend or f"ipc://{rundir}/backend.ipc"
     broker_endpoints = os.path.join(rundir, "endpoints")
@@ -130,7 +187,21 @@ def main(argv=None) -> int:
         while not stop:
             now = time.monotonic()
             for child in children:
-                child.check(now)
+                code = child.exited(now)
+                if code is None:
+                    continue
+                if not ready:
+                    # Nothing has ever worked: restarting cannot fix a busy port or a bad
+                    # option. A child that exits 2 has said why in its own ERROR line.
+                    if code == 2:
+                        log.info("%s could not start; stopping", child.name)
+                        return 2
+                    log.error("%s exited with %s before hq was ready; stopping", child.name, exit_text(code))
+                    return 1
+                log.warning("%s (pid %d) exited with %s; restarting in %.1f s",
+                            child.name, child.pid, exit_text(code), child.restart_at - now)
+            for child in children:
+                child.restart_if_due(now)
             if not ready and os.path.exists(broker_endpoints):
                 with open(broker_endpoints, encoding="utf-8") as fh:
                     endpoints = fh.read().split()
@@ -151,7 +222,7 @@ def main(argv=None) -> int:
         if opts.endpoint_file and os.path.exists(opts.endpoint_file):
             os.unlink(opts.endpoint_file)
         shutil.rmtree(rundir, ignore_errors=True)
-    log.info("hq-server stopped")
+        log.info("hq-server stopped")
     return 0
 
 

@@ -3,7 +3,7 @@ import os
 import psutil
 import pytest
 
-from helpers import Stack
+from helpers import Stack, find_bitbake
 
 
 @pytest.fixture
@@ -46,3 +46,18 @@ def no_leaked_processes():
         for p in leaked():
             p.kill()
         pytest.fail(f"test leaked processes: {names}")
+
+
+@pytest.fixture(scope="session")
+def bitbake():
+    """The path of BitBake's source tree. Without one the test is skipped, saying how to give
+    it; with HQ_REQUIRE_BITBAKE=1 (set by .ci/run where BitBake is present) it fails instead,
+    so a run where BitBake was there never passes by skipping its tests."""
+    path = find_bitbake()
+    if path is None:
+        message = ("needs BitBake (2.x): set HQ_BITBAKE to a BitBake source tree (with bin/ and lib/), "
+                   "or put one at ../shared/bitbake next to this repository")
+        if os.environ.get("HQ_REQUIRE_BITBAKE"):
+            pytest.fail(message + " (HQ_REQUIRE_BITBAKE is set)")
+        pytest.skip(message)
+    return path

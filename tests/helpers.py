@@ -52,12 +52,14 @@ class Stack:
             *args,
         ]
         self.env = {**os.environ, **(env or {})}
+        self.start_new_session = False  # True: its own process group, for a test's Ctrl-C
         self.proc = None
         self.address = None
 
     def start(self, timeout: float = 20.0) -> "Stack":
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
+        self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
+                                     start_new_session=self.start_new_session)
         wait_for(lambda: os.path.exists(self.endpoint_file) or self.proc.poll() is not None, timeout, what="hq-server ready")
         if self.proc.poll() is not None:
             raise AssertionError(f"hq-server exited {self.proc.returncode}:\n{self.log()}")
@@ -103,6 +105,18 @@ class Stack:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def find_bitbake() -> str | None:
+    """BitBake's source tree (bin/, lib/): ``$HQ_BITBAKE``, else ``../shared/bitbake`` next to
+    this repository; None when neither holds one."""
+    for candidate in (os.environ.get("HQ_BITBAKE"), os.path.join(REPO, os.pardir, "shared", "bitbake")):
+        if candidate and os.path.isfile(os.path.join(candidate, "bin", "bitbake-hashserv")):
+            return os.path.realpath(candidate)
+    return None
 
 
 def seed_known(address: str, n: int, seed: int, method: str = "TestMethod") -> dict:

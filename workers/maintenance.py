@@ -27,7 +27,7 @@ from contextlib import contextmanager
 
 from hq import protocol as p
 
-from .schema import OUTHASH_COLUMNS, UNIHASH_COLUMNS, to_key
+from .schema import OUTHASH_COLUMNS, TABLE_NAMES, UNIHASH_COLUMNS, to_key
 from .store import Store, _padded, _placeholders, now_us
 
 log = logging.getLogger(__name__)
@@ -38,8 +38,6 @@ GC_MARK_KEY = "gc-mark"
 MAX_MARK_BYTES = 256
 #: Every column a where object may name (query-columns), mapping columns first.
 QUERY_COLUMNS = tuple(dict.fromkeys(UNIHASH_COLUMNS + OUTHASH_COLUMNS))
-#: hq's tables, as db-usage lists them.
-USAGE_TABLES = ("methods", "unihashes", "outhashes", "users", "config")
 _MAX_AGE_DIGITS = 15  # about 31 million years; keeps the cutoff inside SQLite's integers
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
 
@@ -331,7 +329,7 @@ class Maintenance:
             return {
                 "usage": {
                     table: {"rows": self._sql(f"SELECT count(*) FROM {table}").fetchone()[0]}
-                    for table in USAGE_TABLES
+                    for table in TABLE_NAMES
                 }
             }
 

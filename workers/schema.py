@@ -20,6 +20,7 @@ is hq's own, chosen for size and lookup speed:
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import time
 
@@ -29,6 +30,7 @@ from peewee import (
     BigIntegerField,
     BlobField,
     CompositeKey,
+    DatabaseError,
     IntegerField,
     Model,
     OperationalError,
@@ -130,6 +132,8 @@ class Config(BaseModel):
 
 
 MODELS = (Method, UnihashMapping, OuthashReport, User, Config)
+#: hq's tables, as db-usage and the statistics list them.
+TABLE_NAMES = tuple(m._meta.table_name for m in MODELS)
 
 #: The columns a `where` clause may name (reference: get-db-query-columns).
 UNIHASH_COLUMNS = ("method", "taskhash", "unihash", "gc_mark")
@@ -177,6 +181,18 @@ def pragmas(synchronous: str, busy_timeout_ms: int, cache_size_kib: int, mmap_si
     ]
 
 
+def check_path(path: str) -> None:
+    """Refuse, with a reason a user can act on, a database path SQLite cannot use: its own
+    words ("unable to open database file") do not say which part is wrong."""
+    if not path:
+        raise ValueError("no database file given")
+    if os.path.isdir(path):
+        raise ValueError("it is a directory, not a file")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ValueError(f"directory {parent} does not exist")
+
+
 def open_database(
     path: str,
     synchronous: str = "normal",
@@ -187,15 +203,17 @@ def open_database(
 ) -> SqliteDatabase:
     """Open (creating if needed) the database in this process and return it.
 
-    Several workers may start at once on a fresh file: creation runs in one
-    ``BEGIN IMMEDIATE`` transaction and lock contention is retried until
-    ``startup_timeout_s``, so a worker does not die (and supervisord does not mark it
-    FATAL) because a sibling held the lock.
+    The schema is created only where it is missing, in one ``BEGIN IMMEDIATE`` transaction.
+    Several workers may start at once on a fresh file (supervisord starts a pool together):
+    lock contention while switching to WAL or creating the tables is retried until
+    ``startup_timeout_s``, so a worker does not die (and supervisord does not mark it FATAL)
+    because a sibling held the lock. That is normal, so it is logged at DEBUG.
     """
     if sqlite3.sqlite_version_info < (3, 35, 0):
         raise RuntimeError(f"hq needs SQLite 3.35 or newer (RETURNING); this Python has {sqlite3.sqlite_version}")
     if synchronous not in SYNCHRONOUS_MODES:
         raise ValueError(f"synchronous must be one of {', '.join(SYNCHRONOUS_MODES)}")
+    check_path(path)
     database.init(
         path,
         pragmas=pragmas(synchronous, busy_timeout_ms, cache_size_kib, mmap_size),
@@ -206,11 +224,14 @@ def open_database(
     while True:
         try:
             database.connect(reuse_if_open=True)
-            with database.atomic("IMMEDIATE"):
-                database.create_tables(MODELS, safe=True)
-                Config.insert(name="schema-version", value=SCHEMA_VERSION).on_conflict_ignore().execute()
+            if not _schema_present():
+                with database.atomic("IMMEDIATE"):
+                    database.create_tables(MODELS, safe=True)
+                    Config.insert(name="schema-version", value=SCHEMA_VERSION).on_conflict_ignore().execute()
             break
         except OperationalError as exc:
+            if "unable to open" in str(exc):
+                raise ValueError(f"SQLite cannot open it ({exc}): check the permissions") from None
             if "readonly" in str(exc) and database.table_exists("unihashes"):
                 # A read-only file with the schema in place: serve lookups; the store
                 # refuses writes with a clear reason until the file is writable again.
@@ -220,11 +241,23 @@ def open_database(
                 raise
             if time.monotonic() > deadline:
                 raise
-            log.info("database busy while opening, retrying: %s", exc)
+            log.debug("database busy while opening (another worker is setting it up), retrying: %s", exc)
             if not database.is_closed():
                 database.close()
             time.sleep(0.05)
+        except DatabaseError as exc:
+            if "not a database" in str(exc):
+                raise ValueError("it is not an SQLite database") from None
+            raise
     return database
+
+
+def _schema_present() -> bool:
+    """Every table is there: a read, so workers opening a ready file never queue for the
+    write lock."""
+    marks = ", ".join("?" * len(TABLE_NAMES))
+    sql = f"SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN ({marks})"
+    return database.execute_sql(sql, TABLE_NAMES).fetchone()[0] == len(TABLE_NAMES)
 
 
 def settings_in_force(db: SqliteDatabase) -> dict:

@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from hq.broker.main import DEFAULT_BIND
+from hq import addresses, config
 from hq.client import InvokeError, ServerError, create_client
 
 from . import database, importer, output, status
@@ -28,12 +28,12 @@ def _add_common(parser: argparse.ArgumentParser, defaults: bool) -> None:
     default = (lambda value: value) if defaults else (lambda value: argparse.SUPPRESS)
     parser.add_argument(
         "--address",
-        default=default(os.environ.get("HQ_ADDRESS", DEFAULT_BIND)),
-        help=f"broker address, tcp://HOST:PORT or ipc://PATH (env HQ_ADDRESS; default {os.environ.get('HQ_ADDRESS', DEFAULT_BIND)})",
+        default=default(None),
+        help=f"broker address, tcp://HOST:PORT or ipc://PATH (env HQ_ADDRESS; default {addresses.DEFAULT_ADDRESS})",
     )
     parser.add_argument(
         "--timeout",
-        type=float,
+        type=config.argparse_type(config.POSITIVE_FLOAT),
         default=default(None),
         help="deadline of each call to the server, seconds (env HQ_ADMIN_TIMEOUT; default 10, "
         "600 for the commands that scan or rewrite whole tables)",
@@ -44,9 +44,9 @@ def _add_common(parser: argparse.ArgumentParser, defaults: bool) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = config.ArgumentParser(add_help=False)
     _add_common(common, defaults=False)
-    top = argparse.ArgumentParser(
+    top = config.ArgumentParser(
         prog="hq-admin",
         description="Operate an hq service through its broker. Exit codes: 0 done or healthy, "
         "1 refused or unhealthy, 2 usage error, 3 server unreachable.",
@@ -58,15 +58,29 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
-def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+def _resolve_environment(args, top: argparse.ArgumentParser) -> None:
+    """Fill --address and --timeout from HQ_ADDRESS / HQ_ADMIN_TIMEOUT and the defaults; a
+    bad value is a usage error that names where it came from."""
+    source = "--address"
+    if args.address is None:
+        source = "HQ_ADDRESS" if os.environ.get("HQ_ADDRESS") else "the default"
+        args.address = os.environ.get("HQ_ADDRESS") or addresses.DEFAULT_ADDRESS
+    try:
+        addresses.check(args.address)
+    except ValueError as exc:
+        top.error(f"bad address {args.address!r} from {source}: {exc}")
     if args.timeout is None:
         env = os.environ.get("HQ_ADMIN_TIMEOUT")
         try:
-            args.timeout = float(env) if env else getattr(args, "default_timeout", DEFAULT_TIMEOUT_S)
-        except ValueError:
-            output.error(f"HQ_ADMIN_TIMEOUT={env!r} is not a number of seconds")
-            return output.USAGE
+            args.timeout = config.POSITIVE_FLOAT(env) if env else getattr(args, "default_timeout", DEFAULT_TIMEOUT_S)
+        except ValueError as exc:
+            top.error(f"bad value {env!r} from HQ_ADMIN_TIMEOUT: {exc} (seconds)")
+
+
+def main(argv=None) -> int:
+    top = parser()
+    args = top.parse_args(argv)
+    _resolve_environment(args, top)
     try:
         with create_client(args.address, timeout=args.timeout) as client:
             return args.func(args, client)
@@ -77,7 +91,7 @@ def main(argv=None) -> int:
         output.error(f"refused: {exc}")
         return output.FAILED
     except ConnectionError as exc:
-        output.error(f"cannot reach hq at {args.address}: {exc}")
+        output.error(str(exc) if str(exc).startswith("cannot reach") else f"cannot reach hq at {args.address}: {exc}")
         return output.UNREACHABLE
     except KeyboardInterrupt:
         return output.INTERRUPTED

@@ -11,12 +11,14 @@ mapping makes the outhash rows of its taskhash count for equivalence the moment 
 
 from __future__ import annotations
 
+import argparse
 import os
 import sqlite3
 import sys
 import time
 import urllib.parse
 
+from hq import config
 from hq import protocol as p
 from hq.client.client import encode_import_row
 from hq.workers.importer import COLUMNS, MAX_SOURCE_BYTES, TABLES
@@ -50,13 +52,20 @@ def add_commands(sub, common) -> None:
     cmd.add_argument("--restart", action="store_true", help="ignore the checkpoints and send every row again")
     cmd.add_argument(
         "--max-chunks",
-        type=int,
+        type=config.argparse_type(config.NON_NEGATIVE_INT),
         metavar="N",
         help="stop after sending N chunks (for tests and for importing in slices; run again to go on)",
     )
-    cmd.add_argument("--chunk-rows", type=int, default=p.MAX_CHUNK_ITEMS, help="rows per chunk, 1-1000 (default %(default)s)")
+    cmd.add_argument("--chunk-rows", type=_chunk_rows, default=p.MAX_CHUNK_ITEMS, help="rows per chunk, 1-1000 (default %(default)s)")
     cmd.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
     cmd.set_defaults(func=import_hashserv, default_timeout=600.0)
+
+
+def _chunk_rows(text: str) -> int:
+    value = config.argparse_type(config.POSITIVE_INT)(text)
+    if value > p.MAX_CHUNK_ITEMS:
+        raise argparse.ArgumentTypeError(f"{text!r}: at most {p.MAX_CHUNK_ITEMS}")
+    return value
 
 
 def open_source(path: str) -> sqlite3.Connection:
@@ -167,9 +176,6 @@ class Progress:
 
 
 def import_hashserv(args, client) -> int:
-    if not 1 <= args.chunk_rows <= p.MAX_CHUNK_ITEMS:
-        output.error(f"--chunk-rows must be 1-{p.MAX_CHUNK_ITEMS}")
-        return output.USAGE
     source = args.source if args.source is not None else os.path.abspath(args.file)
     try:
         p.check_text(source, "source", MAX_SOURCE_BYTES)

@@ -23,6 +23,7 @@ import sys
 import tempfile
 
 import hq
+from hq import config, server
 
 from . import machine, summary
 from .metrics import summarize
@@ -33,14 +34,11 @@ from .table import metrics_table
 from .workloads import WORKLOADS
 
 
-def _positive(kind):
-    def parse(text):
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be positive, not {text}")
-        return value
-
-    return parse
+_POSITIVE_INT = config.argparse_type(config.POSITIVE_INT)
+_POSITIVE_FLOAT = config.argparse_type(config.POSITIVE_FLOAT)
+_NON_NEGATIVE_INT = config.argparse_type(config.NON_NEGATIVE_INT)
+_NON_NEGATIVE_FLOAT = config.argparse_type(config.NON_NEGATIVE_FLOAT)
+_OUTPUT_FILE = config.argparse_type(config.writable_file)
 
 
 def _ratio(text):
@@ -50,9 +48,15 @@ def _ratio(text):
     return value
 
 
+def _directory(text):
+    if not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a directory")
+    return text
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("stack and run")
-    g.add_argument("--workers", type=_positive(int), default=2, help="hq-server worker processes (default 2)")
+    g.add_argument("--workers", type=_POSITIVE_INT, default=2, help="hq-server worker processes (default 2)")
     g.add_argument(
         "--transport",
         choices=("ipc", "tcp"),
@@ -61,19 +65,19 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--repeats",
-        type=_positive(int),
+        type=_POSITIVE_INT,
         default=3,
         help="runs, each on a fresh stack and database (default 3)",
     )
-    g.add_argument("--json", metavar="FILE", help="write config, machine, raw repeats and summary here")
-    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--json", metavar="FILE", type=_OUTPUT_FILE, help="write config, machine, raw repeats and summary here")
+    g.add_argument("--quiet", action="store_true", help="no progress bar and no table: one line saying whether every answer was right")
     g.add_argument("--seed", type=int, default=1, help="seed of every generated hash (default 1)")
     g.add_argument(
-        "--timeout", type=_positive(float), default=60.0, help="client call deadline in seconds (default 60)"
+        "--timeout", type=_POSITIVE_FLOAT, default=60.0, help="client call deadline in seconds (default 60)"
     )
     g.add_argument(
         "--run-timeout",
-        type=_positive(float),
+        type=_POSITIVE_FLOAT,
         default=600.0,
         help="a repeat whose clients are not all done after this many seconds fails (default 600)",
     )
@@ -86,13 +90,14 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--tmpdir",
+        type=_directory,
         default=None,
         help="where run directories (database, ipc socket) go (default: system temp)",
     )
     g.add_argument("--keep", action="store_true", help="keep each run directory (database, hq-server.log)")
     g.add_argument(
         "--kill-workers-every",
-        type=_positive(float),
+        type=_POSITIVE_FLOAT,
         default=None,
         metavar="S",
         help="fault injection: kill -9 a random worker S/4 s after the release and every S s "
@@ -100,7 +105,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--corrupt-keys",
-        type=int,
+        type=_NON_NEGATIVE_INT,
         default=0,
         metavar="N",
         help="testing the checker: store a wrong unihash for N pre-populated keys; the run must fail",
@@ -108,7 +113,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = config.ArgumentParser(
         prog="hq-bench",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -119,11 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "burst", help="the farm burst: clients x tasks in dependency waves, one batch per wave"
     )
-    p.add_argument("--clients", type=_positive(int), default=40, help="client processes (default 40)")
-    p.add_argument("--tasks", type=_positive(int), default=9000, help="lookups per client (default 9000)")
+    p.add_argument("--clients", type=_POSITIVE_INT, default=40, help="client processes (default 40)")
+    p.add_argument("--tasks", type=_POSITIVE_INT, default=9000, help="lookups per client (default 9000)")
     p.add_argument(
         "--waves",
-        type=_positive(int),
+        type=_POSITIVE_INT,
         default=10,
         help="dependency waves per client; wave size = tasks/waves",
     )
@@ -133,17 +138,17 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser("single", help="closed-loop lookups, one call in flight per client")
-    p.add_argument("--clients", type=_positive(int), default=40, help="client processes (default 40)")
-    p.add_argument("--requests", type=_positive(int), default=2000, help="lookups per client (default 2000)")
+    p.add_argument("--clients", type=_POSITIVE_INT, default=40, help="client processes (default 40)")
+    p.add_argument("--requests", type=_POSITIVE_INT, default=2000, help="lookups per client (default 2000)")
     p.add_argument(
         "--batch",
-        type=_positive(int),
+        type=_POSITIVE_INT,
         default=1,
         help="items per call: 1 = get_unihash, else get_unihash_batch",
     )
     p.add_argument(
         "--rate",
-        type=float,
+        type=_NON_NEGATIVE_FLOAT,
         default=0.0,
         help="open loop: calls per second per client (latency from the intended send time); 0 = closed loop",
     )
@@ -153,8 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser("report", help="new reports (fresh taskhash/outhash), one in flight per client")
-    p.add_argument("--clients", type=_positive(int), default=10, help="client processes (default 10)")
-    p.add_argument("--requests", type=_positive(int), default=1000, help="reports per client (default 1000)")
+    p.add_argument("--clients", type=_POSITIVE_INT, default=10, help="client processes (default 10)")
+    p.add_argument("--requests", type=_POSITIVE_INT, default=1000, help="reports per client (default 1000)")
     p.add_argument(
         "--equiv",
         type=_ratio,
@@ -164,18 +169,18 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser("mixed", help="burst lookups and new reports at once, as in a real build")
-    p.add_argument("--clients", type=_positive(int), default=20, help="burst (lookup) clients (default 20)")
+    p.add_argument("--clients", type=_POSITIVE_INT, default=20, help="burst (lookup) clients (default 20)")
     p.add_argument(
-        "--tasks", type=_positive(int), default=4500, help="lookups per burst client (default 4500)"
+        "--tasks", type=_POSITIVE_INT, default=4500, help="lookups per burst client (default 4500)"
     )
     p.add_argument(
-        "--waves", type=_positive(int), default=10, help="dependency waves per burst client (default 10)"
+        "--waves", type=_POSITIVE_INT, default=10, help="dependency waves per burst client (default 10)"
     )
     p.add_argument(
         "--hit-ratio", type=_ratio, default=0.5, help="fraction of lookups the server knows (default 0.5)"
     )
-    p.add_argument("--reporters", type=int, default=4, help="reporting clients (default 4)")
-    p.add_argument("--reports", type=int, default=1000, help="reports per reporting client (default 1000)")
+    p.add_argument("--reporters", type=_NON_NEGATIVE_INT, default=4, help="reporting clients (default 4)")
+    p.add_argument("--reports", type=_POSITIVE_INT, default=1000, help="reports per reporting client (default 1000)")
     p.add_argument(
         "--equiv",
         type=_ratio,
@@ -185,18 +190,18 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser("fairness", help="light clients' p99, unloaded then next to a greedy batch client")
-    p.add_argument("--clients", type=_positive(int), default=20, help="light clients (default 20)")
+    p.add_argument("--clients", type=_POSITIVE_INT, default=20, help="light clients (default 20)")
     p.add_argument(
         "--requests",
-        type=_positive(int),
+        type=_POSITIVE_INT,
         default=200,
         help="lookups per light client per phase (default 200)",
     )
     p.add_argument(
-        "--interval-ms", type=_positive(float), default=10.0, help="light clients' pace (default 10 ms)"
+        "--interval-ms", type=_POSITIVE_FLOAT, default=10.0, help="light clients' pace (default 10 ms)"
     )
     p.add_argument(
-        "--batch", type=_positive(int), default=1000, help="the greedy client's batch size (default 1000)"
+        "--batch", type=_POSITIVE_INT, default=1000, help="the greedy client's batch size (default 1000)"
     )
     p.add_argument(
         "--hit-ratio", type=_ratio, default=0.5, help="fraction of lookups the server knows (default 0.5)"
@@ -204,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser("summary", help="one table over every hq-bench JSON result in DIR")
-    p.add_argument("directory", metavar="DIR")
+    p.add_argument("directory", metavar="DIR", type=_directory)
     return parser
 
 
@@ -214,15 +219,27 @@ def config_of(opts, workload) -> dict:
     return config
 
 
+def judged(opts) -> bool:
+    """Are the workload's targets judged for this run? Only at the size they were set for
+    (the workload's defaults): a seconds-long smoke run says nothing about them."""
+    defaults = vars(build_parser().parse_args([opts.command]))
+    common = argparse.ArgumentParser(add_help=False)
+    _common(common)
+    run_options = {action.dest for action in common._actions}
+    return all(getattr(opts, k) == v for k, v in defaults.items() if k not in run_options and k != "command")
+
+
 def main(argv=None) -> int:
-    opts = build_parser().parse_args(argv)
+    parser = build_parser()
+    opts = parser.parse_args(argv)
     if opts.command == "summary":
         return summary.main(opts.directory)
+    # hq-server's own parser checks the extra arguments now, not after pre-populating.
+    config.parse("hq-server", "", server.OPTIONS, ["--workers", "1", *opts.server_arg], environ={})
     try:
         workload = WORKLOADS[opts.command](opts)
     except ValueError as exc:
-        print(f"hq-bench {opts.command}: {exc}", file=sys.stderr)
-        return 2
+        parser.error(f"{opts.command}: {exc}")
     progress = Progress(opts.command, enabled=not opts.quiet)
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     description = machine.describe(opts.tmpdir or tempfile.gettempdir())
@@ -247,34 +264,37 @@ def main(argv=None) -> int:
         "prepopulated_keys": len(workload.rows),
         "key_metrics": list(workload.key_metrics),
         "targets": {k: list(v) for k, v in workload.targets.items()},
+        "targets_judged": judged(opts),
         "repeats": repeats,
         "summary": summarize(repeats),
         "ok": all(r["ok"] for r in repeats),
     }
-    print_report(result, workload)
+    print_report(result, workload, quiet=opts.quiet)
     if opts.json:
-        os.makedirs(os.path.dirname(os.path.abspath(opts.json)), exist_ok=True)
         with open(opts.json, "w", encoding="utf-8") as fh:
             json.dump(json_safe(result), fh, indent=1, allow_nan=False)
             fh.write("\n")
     return 0 if result["ok"] else 1
 
 
-def print_report(result: dict, workload) -> None:
-    config, m = result["config"], result["machine"]
-    print(result["title"])
-    print(
-        f"hq {result['hq_version']}: {config['workers']} workers, {config['transport']}, "
-        f"{len(result['repeats'])} repeats on fresh stacks, "
-        f"{result['prepopulated_keys']:,} keys pre-populated"
-    )
-    print(
-        f"machine: {m['cpu_model']}, {m['cpu_count_logical']} CPUs, {m['python']}, libzmq {m['libzmq']}, "
-        f"sqlite {m['sqlite']}, load {m['load_average'][0]:.2f} at start"
-    )
-    print()
-    print(metrics_table(result["summary"], workload.targets))
-    print()
+def print_report(result: dict, workload, quiet: bool = False) -> None:
+    cfg, m = result["config"], result["machine"]
+    if not quiet:
+        print(result["title"])
+        print(
+            f"hq {result['hq_version']}: {cfg['workers']} workers, {cfg['transport']}, "
+            f"{len(result['repeats'])} repeats on fresh stacks, "
+            f"{result['prepopulated_keys']:,} keys pre-populated"
+        )
+        print(
+            f"machine: {m['cpu_model']}, {m['cpu_count_logical']} CPUs, {m['python']}, libzmq {m['libzmq']}, "
+            f"sqlite {m['sqlite']}, load {m['load_average'][0]:.2f} at start"
+        )
+        print()
+        print(metrics_table(result["summary"], workload.targets, judge=result["targets_judged"]))
+        if not result["targets_judged"]:
+            print("(targets are judged only at the workload's default size; this run is not that size)")
+        print()
     for r in result["repeats"]:
         if r["ok"]:
             continue
@@ -287,7 +307,7 @@ def print_report(result: dict, workload) -> None:
             print(f"  {line}")
         for sample in r.get("wrong_samples", [])[:3]:
             print(f"  key {sample['key']}: expected {sample['expected']}, got {sample['got']}")
-    print("OK: every answer was right" if result["ok"] else "FAILED: see above")
+    print(f"{result['workload']}: " + ("OK: every answer was right" if result["ok"] else "FAILED: see above"))
 
 
 if __name__ == "__main__":

@@ -31,13 +31,14 @@ def meets(target, value) -> bool:
     return value <= limit if op == "<=" else value >= limit
 
 
-def metrics_table(summary: dict, targets: dict) -> str:
-    """metric | min | median | max | target: one row per metric."""
+def metrics_table(summary: dict, targets: dict, judge: bool = True) -> str:
+    """metric | min | median | max | target: one row per metric; with ``judge``, each target
+    says whether the median met it."""
     rows = []
     for name, mmm in summary.items():
         target = targets.get(name)
         mark = ""
-        if target and mmm["median"] is not None:
+        if judge and target and mmm["median"] is not None:
             mark = " (met)" if meets(target, mmm["median"]) else " (missed)"
         rows.append(
             [

@@ -36,7 +36,7 @@ def bench(*args, timeout: float = 60.0) -> subprocess.CompletedProcess:
 
 
 def run_tiny(workload: str, json_path, *extra) -> tuple:
-    result = bench(workload, *TINY[workload], "--repeats", "1", "--quiet", "--json", json_path, *extra)
+    result = bench(workload, *TINY[workload], "--repeats", "1", "--json", json_path, *extra)
     with open(json_path, encoding="utf-8") as fh:
         return result, json.load(fh)
 
@@ -74,6 +74,24 @@ def test_tiny_run_is_correct_and_complete(results, workload):
         assert data["summary"][name]["median"] is not None
     assert "every answer was right" in proc.stdout
     assert "median" in proc.stdout  # the table
+    # A tiny run says nothing about the targets, which are set for the default size.
+    assert data["targets_judged"] is False
+    assert "(missed)" not in proc.stdout and "(met)" not in proc.stdout
+    assert "judged only at the workload's default size" in proc.stdout
+
+
+def test_targets_are_judged_at_the_default_size_only():
+    from hq.bench.cli import build_parser, judged
+
+    assert judged(build_parser().parse_args(["burst", "--workers", "4", "--repeats", "5", "--quiet"]))
+    assert not judged(build_parser().parse_args(["burst", "--clients", "3"]))
+    assert not judged(build_parser().parse_args(["report", "--requests", "50"]))
+
+
+def test_quiet_prints_one_line(tmp_path):
+    proc = bench("report", "--clients", "2", "--requests", "20", "--repeats", "1", "--quiet", "--json", tmp_path / "q.json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout == "report: OK: every answer was right\n" and proc.stderr == ""
 
 
 def test_every_item_was_asked(results):

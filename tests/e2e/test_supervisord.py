@@ -13,6 +13,7 @@ import pathlib
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import threading
@@ -324,3 +325,33 @@ def test_startup_race_under_supervisord_20_times(tmp_path_factory):
     times = [start_race_once(tmp_path_factory.mktemp("race")) for _ in range(20)]
     print("ready after (s):", [round(t, 2) for t in times])
     assert max(times) < 5.0
+
+
+def test_a_configuration_that_cannot_work_goes_fatal_not_round_and_round(tmp_path):
+    """A database path that is a directory and a port already taken: supervisord tries each
+    program startretries times (startsecs=1 tells a start from a crash), then marks it FATAL
+    and leaves it down. Each try logs one ERROR line saying why, and no traceback."""
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    sv = Supervisor(tmp_path, workers=2)
+    (tmp_path / "dir.db").mkdir()
+    sv.env.update(HQ_DB=str(tmp_path / "dir.db"), HQ_BIND=f"tcp://127.0.0.1:{holder.getsockname()[1]}")
+    sv._output = open(sv.output_path, "ab")
+    sv.proc = subprocess.Popen([script("supervisord"), "-c", CONF, "-n"], stdout=sv._output,
+                               stderr=subprocess.STDOUT, env=sv.env)
+    try:
+        def all_fatal():
+            status = sv.status()
+            return sorted(status) == sorted(sv.names) and all(state == "FATAL" for state, _ in status.values())
+
+        wait_for(all_fatal, timeout=30, interval=0.2, what=f"every program FATAL\n{sv.diagnostics()}")
+        expected = {"hq-broker": "Address already in use", "hq-worker_00": "it is a directory", "hq-worker_01": "it is a directory"}
+        for name, reason in expected.items():
+            log = sv.log(name)
+            errors = [line for line in log.splitlines() if " ERROR " in line]
+            assert len(errors) == 4 and all(reason in line for line in errors), log  # startretries=3: 4 tries
+            assert len(log.splitlines()) == 4 and "Traceback" not in log, log
+    finally:
+        holder.close()
+        sv.shutdown()

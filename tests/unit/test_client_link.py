@@ -1,0 +1,39 @@
+"""The client's reading of its connection events (hq.client.client.Link), without sockets."""
+
+import zmq
+
+from hq.client.client import Link
+
+RETRIED, UP, DOWN = zmq.EVENT_CONNECT_RETRIED, zmq.EVENT_HANDSHAKE_SUCCEEDED, zmq.EVENT_DISCONNECTED
+
+
+def feed(link, *events):
+    return [link.on_event(e) for e in events]
+
+
+def test_a_server_never_reached_is_unreachable_after_the_attempts():
+    link = Link()
+    feed(link, *[RETRIED] * (Link.ATTEMPTS - 1))
+    assert not link.unreachable()
+    feed(link, RETRIED)
+    assert link.unreachable()
+
+
+def test_a_connection_that_worked_is_waited_for():
+    link = Link()
+    feed(link, UP, DOWN, *[RETRIED] * 20)
+    assert not link.unreachable()  # a broker restart: the deadline decides
+    assert feed(link, UP) == [Link.BACK]
+
+
+def test_a_peer_that_fails_the_handshake_is_not_zeromq():
+    link = Link()
+    feed(link, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, DOWN, *[RETRIED] * Link.ATTEMPTS)
+    assert link.unreachable() and "does not speak ZeroMQ" in link.why("tcp://127.0.0.1:1")
+
+
+def test_the_first_handshake_is_not_a_reconnect():
+    link = Link()
+    assert feed(link, RETRIED, UP) == [None, None]
+    link.new_socket()  # a Lazy Pirate rebuild: its first handshake is not a reconnect either
+    assert feed(link, UP) == [None]

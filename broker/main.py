@@ -16,8 +16,7 @@ import time
 
 import zmq
 
-from hq import addresses, config, logs, proctitle
-from hq.addresses import DEFAULT_ADDRESS, DEFAULT_BACKEND
+from hq import config, logs, options, proctitle
 from hq import protocol as p
 from hq.signals import StopFlag
 from hq.sockets import readable, recv_frames, send_frames
@@ -26,23 +25,6 @@ from .metrics import HttpEndpoint, render
 from .scheduler import Scheduler
 
 log = logging.getLogger(__name__)
-
-OPTIONS = [
-    config.Option("bind", [DEFAULT_ADDRESS], "client endpoint(s) to bind, tcp:// or ipc://", addresses.bind_address, multiple=True),
-    config.Option("backend", DEFAULT_BACKEND, "endpoint to bind for workers", addresses.bind_address),
-    config.Option("heartbeat-interval", 0.5, "seconds between heartbeats with workers", config.POSITIVE_FLOAT),
-    config.Option("heartbeat-liveness", 3, "missed heartbeats before a worker is dropped", config.POSITIVE_INT),
-    config.Option("request-timeout", 10.0, "seconds before an unanswered request gets UNAVAILABLE", config.POSITIVE_FLOAT),
-    config.Option("admin-request-timeout", 600.0, "request-timeout for commands that scan or rewrite whole tables (gc-sweep, remove, import, db-usage, ...)", config.POSITIVE_FLOAT),
-    config.Option("max-client-jobs", 4096, "queued chunks allowed per client before BUSY", config.POSITIVE_INT),
-    config.Option("max-queued-jobs", 65536, "queued chunks allowed in total before BUSY", config.POSITIVE_INT),
-    config.Option("worker-credit", 1, "REQUEST messages a worker holds at a time", config.POSITIVE_INT),
-    config.Option("merge-items", 1000, "items of small same-command jobs merged into one worker REQUEST (1 = no merging)", config.POSITIVE_INT),
-    config.Option("max-attempts", 3, "workers a request may be lost with (crash, stall) before it is answered INTERNAL", config.POSITIVE_INT),
-    config.Option("endpoint-file", "", "once bound, write the client endpoints here, one per line", config.writable_file),
-    config.Option("metrics", "", "serve Prometheus metrics over HTTP on this tcp://HOST:PORT (empty: off)", addresses.metrics_address),
-    config.Option("log-level", "INFO", "logging level", choices=logs.LEVELS),
-]
 
 #: Messages taken from one socket before looking at the other: keeps both sides moving.
 BURST = 256
@@ -94,18 +76,7 @@ class Broker:
     def __init__(self, opts, ctx: zmq.Context | None = None):
         self.opts = opts
         self.ctx = ctx or zmq.Context()
-        self.scheduler = Scheduler(
-            heartbeat_interval_s=opts.heartbeat_interval,
-            heartbeat_liveness=opts.heartbeat_liveness,
-            request_timeout_s=opts.request_timeout,
-            admin_timeout_s=opts.admin_request_timeout,
-            max_client_jobs=opts.max_client_jobs,
-            max_queued_jobs=opts.max_queued_jobs,
-            worker_credit=opts.worker_credit,
-            merge_items=opts.merge_items,
-            max_attempts=opts.max_attempts,
-            now=time.monotonic(),
-        )
+        self.scheduler = Scheduler(opts, now=time.monotonic())
         self.frontend = router(self.ctx, public=True)
         self.backend = router(self.ctx, public=False)
         self.endpoints = [bind(self.frontend, address, "client") for address in opts.bind]
@@ -218,7 +189,7 @@ def write_lines(path: str, lines: list) -> None:
 
 
 def main(argv=None) -> int:
-    opts = config.parse("hq-broker", "The hq broker: clients in front, workers behind.", OPTIONS, argv)
+    opts = config.parse("hq-broker", "The hq broker: clients in front, workers behind.", options.BROKER, argv)
     logs.setup("hq-broker", opts.log_level)
     proctitle.set_title("hq-broker", " ".join(opts.bind))
     stop = StopFlag().install()

@@ -27,6 +27,7 @@ import logging
 import math
 from collections import deque
 
+from hq import options
 from hq import protocol as p
 
 from .fairqueue import FairQueue
@@ -147,29 +148,11 @@ class RunningStats:
 
 
 class Scheduler:
-    def __init__(
-        self,
-        *,
-        heartbeat_interval_s: float = 0.5,
-        heartbeat_liveness: int = 3,
-        request_timeout_s: float = 10.0,
-        admin_timeout_s: float = 600.0,
-        max_client_jobs: int = 4096,
-        max_queued_jobs: int = 65536,
-        worker_credit: int = 1,
-        merge_items: int = p.MAX_CHUNK_ITEMS,
-        max_attempts: int = 3,
-        now: float = 0.0,
-    ):
-        self.heartbeat_interval_s = heartbeat_interval_s
-        self.heartbeat_liveness = heartbeat_liveness
-        self.request_timeout_s = request_timeout_s
-        self.admin_timeout_s = admin_timeout_s
-        self.max_client_jobs = max_client_jobs
-        self.max_queued_jobs = max_queued_jobs
-        self.worker_credit = worker_credit
-        self.merge_items = merge_items
-        self.max_attempts = max_attempts
+    """``settings``: the options of :data:`hq.options.SCHEDULER` as attributes (the broker's
+    parsed options, or ``hq.options.namespace(hq.options.BROKER, ...)``)."""
+
+    def __init__(self, settings, now: float = 0.0):
+        self.settings = settings
         self.started = now
 
         self.to_clients: list = []  # outbox: [client_id, *frames]
@@ -209,10 +192,10 @@ class Scheduler:
         self._reply(client_id, p.encode_error(request_id, code, message))
 
     def _expiry(self, now):
-        return now + self.heartbeat_interval_s * self.heartbeat_liveness
+        return now + self.settings.heartbeat_interval_s * self.settings.heartbeat_liveness
 
     def _worker_expiry(self, worker, now):
-        expiry = now + self.heartbeat_interval_s * self.heartbeat_liveness
+        expiry = now + self.settings.heartbeat_interval_s * self.settings.heartbeat_liveness
         return expiry if expiry > worker.long_until else worker.long_until
 
     # --- clients ------------------------------------------------------------------------
@@ -242,15 +225,15 @@ class Scheduler:
         counts = request.counts  # counted once, while decoding
         items = sum(counts)
         if (
-            self.queue.client_length(client_id) + len(bodies) > self.max_client_jobs
-            or len(self.queue) + len(bodies) > self.max_queued_jobs
+            self.queue.client_length(client_id) + len(bodies) > self.settings.max_client_jobs
+            or len(self.queue) + len(bodies) > self.settings.max_queued_jobs
         ):
             self._error(client_id, request.request_id, p.E_BUSY, "broker queue full, retry later")
             return
         slow = command in p.LONG_COMMANDS
         pending = PendingRequest(
             client_id, request.request_id, command, len(bodies), items, now,
-            self.admin_timeout_s if slow else self.request_timeout_s,
+            self.settings.admin_request_timeout_s if slow else self.settings.request_timeout_s,
         )
         pending.slow = slow
         (self.slow_pending if slow else self.pending)[key] = pending
@@ -334,7 +317,7 @@ class Scheduler:
         self.dispatch(now)
 
     def _add_worker(self, worker_id, info, now):
-        credit = self.worker_credit
+        credit = self.settings.worker_credit
         worker = Worker(worker_id, info, credit, now, self._expiry(now))
         self.workers[worker_id] = worker
         self.free_slots.extend([worker_id] * credit)
@@ -364,7 +347,7 @@ class Scheduler:
             job.attempts += 1
             if job.request.done:
                 continue
-            if job.attempts >= self.max_attempts:
+            if job.attempts >= self.settings.max_attempts:
                 # A poison request (one that crashes or stalls every worker it reaches)
                 # must not take the whole pool down in turn: give up on it.
                 self.count("jobs.abandoned")
@@ -432,7 +415,7 @@ class Scheduler:
                 free.popleft()  # slot of a dropped worker
                 continue
             free.popleft()
-            batch = queue.take(_mergeable, self.merge_items, self._eligible)
+            batch = queue.take(_mergeable, self.settings.merge_items, self._eligible)
             if not batch:
                 free.appendleft(worker.worker_id)  # only writes are queued, and one is in flight
                 break
@@ -442,7 +425,7 @@ class Scheduler:
             if job.command in p.LONG_COMMANDS:
                 # A sweep of millions of rows ends in a COMMIT that can take seconds without a
                 # heartbeat: do not take the worker for dead (and run the sweep twice) meanwhile.
-                worker.long_until = now + self.admin_timeout_s
+                worker.long_until = now + self.settings.admin_request_timeout_s
                 worker.expiry = max(worker.expiry, worker.long_until)
             worker.busy += 1
             worker.last_sent = now
@@ -465,7 +448,7 @@ class Scheduler:
         for worker in list(self.workers.values()):
             if now >= worker.expiry:
                 self._drop_worker(worker, "expired (no heartbeat)", now)
-            elif now - worker.last_sent >= self.heartbeat_interval_s:
+            elif now - worker.last_sent >= self.settings.heartbeat_interval_s:
                 worker.last_sent = now
                 self.to_workers.append([worker.worker_id, *p.HEARTBEAT_MESSAGE])
         for table in (self.pending, self.slow_pending):
@@ -484,9 +467,9 @@ class Scheduler:
 
     def next_wakeup(self, now: float) -> float:
         """Seconds until tick() has something to do."""
-        wake = now + self.heartbeat_interval_s
+        wake = now + self.settings.heartbeat_interval_s
         for worker in self.workers.values():
-            wake = min(wake, worker.expiry, worker.last_sent + self.heartbeat_interval_s)
+            wake = min(wake, worker.expiry, worker.last_sent + self.settings.heartbeat_interval_s)
         for table in (self.pending, self.slow_pending):
             if table:
                 wake = min(wake, next(iter(table.values())).deadline)
@@ -512,17 +495,7 @@ class Scheduler:
             "requests": self.request_stats.as_dict(),
             "since_reset_s": now - self.last_reset,
             "broker": {
-                "settings": {
-                    "heartbeat_interval_s": self.heartbeat_interval_s,
-                    "heartbeat_liveness": self.heartbeat_liveness,
-                    "request_timeout_s": self.request_timeout_s,
-                    "admin_timeout_s": self.admin_timeout_s,
-                    "max_client_jobs": self.max_client_jobs,
-                    "max_queued_jobs": self.max_queued_jobs,
-                    "worker_credit": self.worker_credit,
-                    "merge_items": self.merge_items,
-                    "max_attempts": self.max_attempts,
-                },
+                "settings": {opt.dest: getattr(self.settings, opt.dest) for opt in options.SCHEDULER},
                 "uptime_s": now - self.started,
                 "queued_jobs": len(self.queue),
                 "inflight_jobs": len(self.jobs),

@@ -1,6 +1,6 @@
 """Daemon options with one precedence: flag > HQ_* environment variable > config file > default.
 
-Each daemon declares its options as :class:`Option` rows; :func:`parse` builds the
+Each daemon's options are :class:`~hq.options.Option` rows in :mod:`hq.options`; :func:`parse` builds the
 argparse parser (``--help`` names each option's environment variable and default), reads
 the file named by ``--config`` / ``HQ_CONFIG``, and resolves each value. A bad value exits
 with status 2 and a one-line message, as argparse does.
@@ -17,72 +17,22 @@ from __future__ import annotations
 
 import argparse
 import configparser
-import importlib
-import math
 import os
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
+
+from hq.options import PROGRAMS, Option
+
+CONFIG_OPTION = Option(
+    "config", None, "INI file: option = value lines in a shared [hq] section and per-program sections"
+)
+
+#: The section every daemon reads.
+SHARED_SECTION = "hq"
 
 
-@dataclass(frozen=True)
-class Option:
-    name: str  # flag without dashes, e.g. "heartbeat-interval"
-    default: Any
-    help: str
-    type: Callable = str
-    multiple: bool = False  # comma-separated in env/file, repeatable on the command line
-    choices: tuple = ()
-
-    @property
-    def dest(self) -> str:
-        return self.name.replace("-", "_")
-
-    @property
-    def env(self) -> str:
-        return "HQ_" + self.name.upper().replace("-", "_")
-
-
-def _bool(text) -> bool:
-    if isinstance(text, bool):
-        return text
-    value = str(text).strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError(f"not a boolean: {text!r}")
-
-
-BOOL = _bool
-
-
-def at_least(kind: Callable, minimum, inclusive: bool = True) -> Callable:
-    """An option type: a finite ``kind`` (int or float) not below ``minimum`` (above it when
-    ``inclusive`` is false). A bad value raises ValueError with the rule in its text."""
-
-    def convert(text):
-        value = kind(text)
-        if not math.isfinite(value) or value < minimum or (not inclusive and value == minimum):
-            raise ValueError(f"must be {'at least' if inclusive else 'more than'} {minimum}")
-        return value
-
-    convert.__name__ = kind.__name__
-    return convert
-
-
-def writable_file(text: str) -> str:
-    """An option type: empty (none) or a file path whose directory exists, so a file a daemon
-    writes once running (an endpoint file) cannot fail after it has started."""
-    if text == "":
-        return text
-    directory = os.path.dirname(os.path.abspath(text))
-    if not os.path.isdir(directory):
-        raise ValueError(f"directory {directory} does not exist")
-    if os.path.isdir(text):
-        raise ValueError("is a directory")
-    if not os.access(directory, os.W_OK):
-        raise ValueError(f"directory {directory} is not writable")
-    return text
+def all_option_names() -> set:
+    """Every option name any hq program accepts."""
+    return {opt.name for options in PROGRAMS.values() for opt in options}
 
 
 def argparse_type(convert: Callable) -> Callable:
@@ -97,35 +47,6 @@ def argparse_type(convert: Callable) -> Callable:
 
     parse.__name__ = convert.__name__
     return parse
-
-
-#: Option types for counts and durations.
-POSITIVE_INT = at_least(int, 1)
-NON_NEGATIVE_INT = at_least(int, 0)
-POSITIVE_FLOAT = at_least(float, 0, inclusive=False)
-NON_NEGATIVE_FLOAT = at_least(float, 0.0)
-
-CONFIG_OPTION = Option(
-    "config", None, "INI file: option = value lines in a shared [hq] section and per-program sections"
-)
-
-#: The section every daemon reads.
-SHARED_SECTION = "hq"
-#: Program name -> module that defines its ``OPTIONS``; each program may have a section of
-#: its own. Imported only to tell a key for another program from a typo in ``[hq]``.
-PROGRAMS = {
-    "hq-broker": "hq.broker.main",
-    "hq-worker": "hq.workers.main",
-    "hq-server": "hq.server",
-}
-
-
-def all_option_names() -> set:
-    """Every option name any hq program accepts."""
-    names: set = set()
-    for module in PROGRAMS.values():
-        names.update(opt.name for opt in importlib.import_module(module).OPTIONS)
-    return names
 
 
 class ArgumentParser(argparse.ArgumentParser):

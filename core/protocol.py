@@ -147,12 +147,28 @@ MAX_CHUNK_ITEMS = 1000  # items in one chunk frame
 MAX_BATCH_ITEMS = 65536  # items in one request
 MAX_EXTRA_BYTES = 4 * 1024 * 1024  # report extra JSON (outhash_siginfo can be large)
 MAX_ERROR_BYTES = 1024  # error message text in a reply
+MAX_IMPORT_SOURCE_BYTES = 256  # the source name of an import
 
 #: What a client packs into one chunk: measured in PROTOCOL.md ("Packing").
 DEFAULT_CHUNK_ITEMS = 1000
 
 #: Optional report fields (besides method, taskhash, outhash, unihash) kept with the report.
 REPORT_EXTRA_FIELDS = ("owner", "PN", "PV", "PR", "task", "outhash_siginfo")
+
+# --- import of a bitbake-hashserv database (PROTOCOL.md §3.7) ----------------------------------
+#: Source tables, in the order hq-admin sends them: users and config first (small), then the
+#: mappings, then the outhash rows. Mappings go before outhash rows because an outhash row
+#: only takes part in equivalence (report, §9) once its (method, taskhash) has a mapping:
+#: each outhash row is useful the moment it lands, and ``clean-unused`` never sees an
+#: imported outhash row without its mapping.
+IMPORT_TABLES = ("users", "config", "unihashes_v3", "outhashes_v2")
+#: Columns each source row must carry (others, such as ``id``, are ignored).
+IMPORT_COLUMNS = {
+    "users": ("username", "token", "permissions"),
+    "config": ("name", "value"),
+    "unihashes_v3": ("method", "taskhash", "unihash", "gc_mark"),
+    "outhashes_v2": ("method", "taskhash", "outhash", "created", *REPORT_EXTRA_FIELDS),
+}
 
 ITEM_SEPARATOR = b"\n"
 UNIHASH_RE = re.compile(r"[0-9a-f]{64}\Z")

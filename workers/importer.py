@@ -26,26 +26,10 @@ from hq import protocol as p
 from .schema import to_key
 from .store import Store
 
-#: Source tables hq imports, in the order hq-admin sends them: users and config first
-#: (small), then the mappings, then the outhash rows. Mappings go before outhash rows
-#: because an outhash row only takes part in equivalence (report, §9) once its
-#: (method, taskhash) has a mapping: each outhash row is useful the moment it lands, and
-#: ``clean-unused`` never sees an imported outhash row without its mapping.
-TABLES = ("users", "config", "unihashes_v3", "outhashes_v2")
-
-#: Columns each source row must carry (others, such as ``id``, are ignored).
-COLUMNS = {
-    "users": ("username", "token", "permissions"),
-    "config": ("name", "value"),
-    "unihashes_v3": ("method", "taskhash", "unihash", "gc_mark"),
-    "outhashes_v2": ("method", "taskhash", "outhash", "created", *p.REPORT_EXTRA_FIELDS),
-}
-
 #: The only source config row hq uses; every other (hq's own ``schema-version``,
 #: checkpoints, names hq does not know) is skipped.
 IMPORTED_CONFIG = ("gc-mark",)
 
-MAX_SOURCE_BYTES = 256
 _MAX_ID_DIGITS = 18  # below 2**63, SQLite's integer range
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
 _US = datetime.timedelta(microseconds=1)
@@ -77,7 +61,7 @@ class _Invalid(Exception):
 
 
 def parse_source(frame) -> str:
-    return p.decode_text(frame, "source", MAX_SOURCE_BYTES)
+    return p.decode_text(frame, "source", p.MAX_IMPORT_SOURCE_BYTES)
 
 
 def parse_import_status(body: list) -> tuple:
@@ -87,8 +71,8 @@ def parse_import_status(body: list) -> tuple:
 def parse_import(body: list) -> Chunk:
     source = parse_source(body[0])
     table = bytes(body[1]).decode("ascii", "replace")
-    if table not in TABLES:
-        raise p.ProtocolError(p.E_INVALID, f"cannot import table {table[:40]!r}; tables: {', '.join(TABLES)}")
+    if table not in p.IMPORT_TABLES:
+        raise p.ProtocolError(p.E_INVALID, f"cannot import table {table[:40]!r}; tables: {', '.join(p.IMPORT_TABLES)}")
     raw_id = bytes(body[2])
     if not raw_id.isdigit() or len(raw_id) > _MAX_ID_DIGITS:
         raise p.ProtocolError(p.E_BAD_REQUEST, "last_id must be a non-negative decimal integer")
@@ -103,7 +87,7 @@ def parse_import(body: list) -> Chunk:
     convert = _CONVERTERS[table]
     rows, invalid = [], 0
     for number, row in enumerate(list(_json_rows(lines)), 1):  # 400 before 422
-        missing = [c for c in COLUMNS[table] if c not in row]
+        missing = [c for c in p.IMPORT_COLUMNS[table] if c not in row]
         if missing:
             raise p.ProtocolError(p.E_INVALID, f"row {number} of {table} lacks {', '.join(missing)}")
         try:
@@ -242,11 +226,11 @@ class Importer:
 
     def status(self, source: str) -> dict:
         """``{table: last source id imported}``, 0 for a table not imported from ``source``."""
-        names = {checkpoint_name(t, source): t for t in TABLES}
+        names = {checkpoint_name(t, source): t for t in p.IMPORT_TABLES}
         cursor = self.store.db.execute_sql(
             "SELECT name, value FROM config WHERE name IN (%s)" % ",".join("?" * len(names)), list(names)
         )
-        out = dict.fromkeys(TABLES, 0)
+        out = dict.fromkeys(p.IMPORT_TABLES, 0)
         for name, value in cursor:
             out[names[name]] = int(value) if str(value).isdigit() else 0
         return out

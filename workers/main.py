@@ -14,35 +14,17 @@ import time
 
 import zmq
 
-from hq import addresses, config, failpoints, logs, proctitle
-from hq.addresses import DEFAULT_BACKEND
+from hq import config, failpoints, logs, options, proctitle
 from hq import protocol as p
 from hq.signals import StopFlag
 from hq.sockets import readable, recv_frames, send_frames
 
 from .handlers import Handlers
-from .schema import SYNCHRONOUS_MODES, open_database, settings_in_force
+from .schema import open_database, settings_in_force
 from .stats import WorkerStats
 from .store import Store
 
 log = logging.getLogger(__name__)
-
-OPTIONS = [
-    config.Option("backend", DEFAULT_BACKEND, "broker endpoint for workers to connect to", addresses.connect_address),
-    config.Option("db", "hq.db", "SQLite database file"),
-    config.Option("synchronous", "normal", "SQLite synchronous mode: normal survives process crashes, full also power loss", choices=SYNCHRONOUS_MODES),
-    config.Option("busy-timeout", 200, "SQLite busy_timeout, milliseconds: one wait for another worker's lock", config.NON_NEGATIVE_INT),
-    config.Option("lock-wait", 5.0, "seconds a write waits in all for the lock (heartbeating) before STORAGE busy", config.NON_NEGATIVE_FLOAT),
-    config.Option("cache-size", 16384, "SQLite page cache per worker, KiB", config.NON_NEGATIVE_INT),
-    # mmap is off by default: measured slower here for batched lookups (4.6 against 3.3 us
-    # per lookup in a 900-hash chunk), and mapped pages count in every worker's RSS.
-    config.Option("mmap-size", 0, "SQLite mmap_size, bytes (0 = off)", config.NON_NEGATIVE_INT),
-    config.Option("heartbeat-interval", 0.5, "seconds between heartbeats with the broker", config.POSITIVE_FLOAT),
-    config.Option("heartbeat-liveness", 3, "missed heartbeats before reconnecting", config.POSITIVE_INT),
-    config.Option("stats-rows-interval", 2.0, "least seconds between row counts for stats, taken when the database changed and the worker is idle (each is a table scan)", config.NON_NEGATIVE_FLOAT),
-    config.Option("name", "", "worker name shown in stats and logs (default hq-worker-PID)"),
-    config.Option("log-level", "INFO", "logging level", choices=logs.LEVELS),
-]
 
 BURST = 64
 
@@ -67,7 +49,7 @@ class WorkerLoop:
         self.last_beat = 0.0
 
     def _liveness_s(self) -> float:
-        return self.opts.heartbeat_interval * self.opts.heartbeat_liveness
+        return self.opts.heartbeat_interval_s * self.opts.heartbeat_liveness
 
     def connect(self) -> None:
         if self.socket is not None:
@@ -101,13 +83,13 @@ class WorkerLoop:
 
     def heartbeat_if_due(self) -> None:
         """Called while a long step (waiting for the write lock) holds up the loop."""
-        if time.monotonic() - self.last_sent >= self.opts.heartbeat_interval:
+        if time.monotonic() - self.last_sent >= self.opts.heartbeat_interval_s:
             self.send(p.HEARTBEAT_MESSAGE)
 
     def serve(self, stop) -> None:
         self.stop = stop
         self.connect()
-        interval = self.opts.heartbeat_interval
+        interval = self.opts.heartbeat_interval_s
         while not stop:
             wait_s = max(0.0, min(self.last_beat + interval, self.broker_expiry) - time.monotonic())
             if self.poller.poll(max(1, int(wait_s * 1000))):
@@ -155,34 +137,32 @@ class WorkerLoop:
 
 
 def main(argv=None) -> int:
-    opts = config.parse("hq-worker", "An hq worker: answers the broker's jobs from SQLite.", OPTIONS, argv)
+    opts = config.parse("hq-worker", "An hq worker: answers the broker's jobs from SQLite.", options.WORKER, argv)
     name = opts.name or f"hq-worker-{os.getpid()}"
     logs.setup(name if opts.name else "hq-worker", opts.log_level)
     proctitle.set_title(name, opts.db)
     stop = StopFlag().install()
     if failpoints.ACTIVE:
         log.warning("failpoints active (HQ_FAILPOINTS): %s", ", ".join(failpoints.ACTIVE))
-    try:
-        db = open_database(
+
+    def open_db():
+        return open_database(
             opts.db,
             synchronous=opts.synchronous,
-            busy_timeout_ms=opts.busy_timeout,
-            cache_size_kib=opts.cache_size,
+            busy_timeout_ms=opts.busy_timeout_ms,
+            cache_size_kib=opts.cache_size_kib,
             mmap_size=opts.mmap_size,
         )
+
+    try:
+        db = open_db()
     except Exception as exc:  # bad path, not a database, permissions: a configuration error
         log.error("cannot open database %r: %s", opts.db, exc)
         return 2
     info = {"name": name, "pid": os.getpid(), "settings": settings_in_force(db)}
-    store = Store(db, lock_wait_s=opts.lock_wait)
-    store.reopen = lambda: open_database(
-        opts.db,
-        synchronous=opts.synchronous,
-        busy_timeout_ms=opts.busy_timeout,
-        cache_size_kib=opts.cache_size,
-        mmap_size=opts.mmap_size,
-    )
-    stats = WorkerStats(store, rows_interval_s=opts.stats_rows_interval)
+    store = Store(db, lock_wait_s=opts.lock_wait_s)
+    store.reopen = open_db
+    stats = WorkerStats(store, rows_interval_s=opts.stats_rows_interval_s)
     loop = WorkerLoop(opts, Handlers(store), info, stats=stats, maintenance=store.check_file)
     store.on_wait = loop.heartbeat_if_due
     loop.serve(stop)

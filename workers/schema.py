@@ -38,6 +38,8 @@ from peewee import (
     TextField,
 )
 
+from hq.options import SYNCHRONOUS_MODES
+
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = "1"
@@ -45,7 +47,6 @@ SCHEMA_VERSION = "1"
 #: Deferred: each worker process calls :func:`open_database` itself (never across fork).
 database = SqliteDatabase(None)
 
-SYNCHRONOUS_MODES = ("off", "normal", "full", "extra")
 
 
 class BaseModel(Model):

@@ -11,15 +11,13 @@ import psutil
 import pytest
 
 from hq import config
-from hq import server
-from hq.broker import main as broker_main
+from hq import options
 from hq.client import create_client
-from hq.workers import main as worker_main
 from helpers import script, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
 
-PROGRAMS = {"hq-server": server.OPTIONS, "hq-broker": broker_main.OPTIONS, "hq-worker": worker_main.OPTIONS}
+PROGRAMS = options.PROGRAMS
 METHOD = "do_install"
 
 

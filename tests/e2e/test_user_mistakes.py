@@ -20,15 +20,13 @@ import time
 import pytest
 
 from helpers import Stack, script
-from hq import config, server
+from hq import config, options
 from hq.admin import cli as admin_cli
 from hq.bench import cli as bench_cli
-from hq.broker import main as broker_main
-from hq.workers import main as worker_main
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
-DAEMONS = {"hq-server": server.OPTIONS, "hq-broker": broker_main.OPTIONS, "hq-worker": worker_main.OPTIONS}
+DAEMONS = options.PROGRAMS
 #: Values a user types by mistake. Each option is tried with those its own type refuses.
 CANDIDATES = ("-1", "127.0.0.1:8686", "/no/such/dir/file", "x")
 PER_OPTION = 1

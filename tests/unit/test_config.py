@@ -4,23 +4,20 @@ from __future__ import annotations
 
 import pytest
 
-from hq import config
-from hq import server
-from hq.broker import main as broker_main
-from hq.workers import main as worker_main
+from hq import config, options
 
 OPTIONS = [
-    config.Option("bind", ["tcp://127.0.0.1:8686"], "endpoints", multiple=True),
-    config.Option("heartbeat-interval", 0.5, "seconds", float),
-    config.Option("workers", 2, "count", int),
-    config.Option("read-only", False, "flag", config.BOOL),
-    config.Option("log-level", "INFO", "level", choices=("DEBUG", "INFO")),
+    options.Option("bind", ["tcp://127.0.0.1:8686"], "endpoints", multiple=True),
+    options.Option("heartbeat-interval", 0.5, "seconds", float),
+    options.Option("workers", 2, "count", int),
+    options.Option("read-only", False, "flag", options.BOOL),
+    options.Option("log-level", "INFO", "level", choices=("DEBUG", "INFO")),
 ]
 
 DAEMONS = [
-    ("hq-broker", broker_main.OPTIONS),
-    ("hq-worker", worker_main.OPTIONS),
-    ("hq-server", server.OPTIONS),
+    ("hq-broker", options.BROKER),
+    ("hq-worker", options.WORKER),
+    ("hq-server", options.SERVER),
 ]
 
 
@@ -106,9 +103,9 @@ def test_multiple_values_split_on_commas_everywhere(tmp_path):
 
 def test_program_section_beats_shared_section(tmp_path):
     path = write(tmp_path, "[hq]\nheartbeat-interval = 0.25\n[hq-broker]\nheartbeat-interval = 0.125\n")
-    broker = config.parse("hq-broker", "t", broker_main.OPTIONS, ["--config", path], {})
-    worker = config.parse("hq-worker", "t", worker_main.OPTIONS, ["--config", path], {})
-    assert (broker.heartbeat_interval, worker.heartbeat_interval) == (0.125, 0.25)
+    broker = config.parse("hq-broker", "t", options.BROKER, ["--config", path], {})
+    worker = config.parse("hq-worker", "t", options.WORKER, ["--config", path], {})
+    assert (broker.heartbeat_interval_s, worker.heartbeat_interval_s) == (0.125, 0.25)
 
 
 def test_shared_section_holds_keys_of_every_program(tmp_path):
@@ -117,11 +114,11 @@ def test_shared_section_holds_keys_of_every_program(tmp_path):
         tmp_path,
         "[hq]\nrequest-timeout = 3\ndb = /tmp/x.db\nworkers = 4\nheartbeat-interval = 0.25\n",
     )
-    broker = config.parse("hq-broker", "t", broker_main.OPTIONS, ["--config", path], {})
-    worker = config.parse("hq-worker", "t", worker_main.OPTIONS, ["--config", path], {})
-    srv = config.parse("hq-server", "t", server.OPTIONS, ["--config", path], {})
-    assert (broker.request_timeout, broker.heartbeat_interval) == (3.0, 0.25)
-    assert (worker.db, worker.heartbeat_interval) == ("/tmp/x.db", 0.25)
+    broker = config.parse("hq-broker", "t", options.BROKER, ["--config", path], {})
+    worker = config.parse("hq-worker", "t", options.WORKER, ["--config", path], {})
+    srv = config.parse("hq-server", "t", options.SERVER, ["--config", path], {})
+    assert (broker.request_timeout_s, broker.heartbeat_interval_s) == (3.0, 0.25)
+    assert (worker.db, worker.heartbeat_interval_s) == ("/tmp/x.db", 0.25)
     assert (srv.workers, srv.db) == (4, "/tmp/x.db")
 
 
@@ -193,14 +190,14 @@ def test_key_of_another_program_in_shared_section_is_accepted(tmp_path):
 def test_key_of_another_program_in_program_section_exits_2(tmp_path, capsys):
     path = write(tmp_path, "[hq-broker]\nbusy-timeout = 100\n")
     with pytest.raises(SystemExit) as exc:
-        config.parse("hq-broker", "t", broker_main.OPTIONS, ["--config", path], {})
+        config.parse("hq-broker", "t", options.BROKER, ["--config", path], {})
     assert exc.value.code == 2
     assert "busy-timeout" in capsys.readouterr().err
 
 
 def test_other_programs_section_is_not_checked_against_this_program(tmp_path):
     path = write(tmp_path, "[hq-worker]\nbusy-timeout = 100\n")
-    assert config.parse("hq-broker", "t", broker_main.OPTIONS, ["--config", path], {}).request_timeout == 10.0
+    assert config.parse("hq-broker", "t", options.BROKER, ["--config", path], {}).request_timeout_s == 10.0
 
 
 def test_unknown_section_exits_2(tmp_path, capsys):

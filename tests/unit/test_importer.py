@@ -319,7 +319,7 @@ def test_bad_import_bodies_get_their_codes_and_write_nothing(handlers, frames, c
     status, reply = handlers.handle(p.IMPORT, b"", frames)
     assert status == code, reply
     assert handlers.store.get_unihashes(M, [T1]) == [None]
-    assert status_of(handlers) == dict.fromkeys(imp.TABLES, 0)
+    assert status_of(handlers) == dict.fromkeys(p.IMPORT_TABLES, 0)
 
 
 def test_import_status_checks_its_source(handlers):
@@ -334,7 +334,7 @@ def test_a_whole_hashserv_file_imports_to_the_same_equivalences(handlers, tmp_pa
     source = tmp_path / "hashserv.db"
     facts = populate(source, tasks=400, big_siginfo=2)
     conn = open_source(str(source))
-    for table in imp.TABLES:
+    for table in p.IMPORT_TABLES:
         for last_id, lines, dropped in read_chunks(conn, table, 0, 100):
             assert dropped == 0
             assert run_import(handlers, table, lines, last_id=last_id)["invalid"] == (

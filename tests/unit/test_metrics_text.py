@@ -2,6 +2,7 @@
 
 import math
 
+from hq import options
 from hq import protocol as p
 from hq.broker.histogram import EXPORT_BOUNDS
 from hq.broker.metrics import CONTENT_TYPE, HttpEndpoint, render
@@ -85,7 +86,7 @@ WORKER_STATS = {
 
 
 def test_render_exports_the_raw_cumulative_values_as_valid_text():
-    s = Scheduler(heartbeat_interval_s=1.0, now=0.0)
+    s = Scheduler(options.namespace(options.BROKER, heartbeat_interval_s=1.0), now=0.0)
     ready(s, b"w1", "hq-worker-00")
     heartbeat(s, b"w1", WORKER_STATS, 0.5)
     for i, elapsed in enumerate([0.001, 0.002, 0.004, 0.100]):
@@ -153,7 +154,7 @@ def _sample_names(text, kind):
 
 
 def test_reset_stats_does_not_move_the_exported_counters():
-    s = Scheduler(heartbeat_interval_s=1.0, now=0.0)
+    s = Scheduler(options.namespace(options.BROKER, heartbeat_interval_s=1.0), now=0.0)
     ready(s, b"w1", "hq-worker-00")
     heartbeat(s, b"w1", WORKER_STATS, 0.5)
     lookup(s, b"w1", b"c", b"r1", ["a"], 1.0, 0.01)
@@ -171,7 +172,7 @@ def test_reset_stats_does_not_move_the_exported_counters():
 
 
 def test_worker_names_are_escaped_and_made_unique():
-    s = Scheduler(now=0.0)
+    s = Scheduler(options.namespace(options.BROKER), now=0.0)
     odd = 'we"ird\\name\nline'
     ready(s, b"w1", odd, pid=1)
     ready(s, b"w2", "same", pid=2)
@@ -184,7 +185,7 @@ def test_worker_names_are_escaped_and_made_unique():
 
 
 def test_settings_fall_back_to_ready_info_and_junk_stats_are_skipped():
-    s = Scheduler(now=0.0)
+    s = Scheduler(options.namespace(options.BROKER), now=0.0)
     ready(s, b"w1", "hq-worker-00", settings={"journal_mode": "wal", "bad key!": "x"})
     heartbeat(s, b"w1", {"counters": {"lookups": "many"}, "uptime_s": [1], "db": "nope"}, 0.5)
     samples = parse(render(s, 1.0))
@@ -194,7 +195,7 @@ def test_settings_fall_back_to_ready_info_and_junk_stats_are_skipped():
 
 
 def test_a_restarted_worker_counts_a_restart():
-    s = Scheduler(now=0.0)
+    s = Scheduler(options.namespace(options.BROKER), now=0.0)
     ready(s, b"id1", "hq-worker-00", pid=1)
     s.on_worker([b"id1", *p.DISCONNECT_MESSAGE], 0.1)
     ready(s, b"id2", "hq-worker-00", pid=2, now=0.2)

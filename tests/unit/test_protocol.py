@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from hq import options
 from hq import protocol as p
 from hq.broker.scheduler import Scheduler
 from hq.workers.handlers import Handlers
@@ -390,7 +391,7 @@ def test_malformed_envelope(frames, code, request_id):
 @pytest.mark.parametrize("frames, code, request_id", table(ENVELOPE_CASES))
 def test_broker_answers_malformed_envelope_itself(frames, code, request_id):
     """The broker turns each decode error into exactly one reply to that client, with its id."""
-    sched = Scheduler()
+    sched = Scheduler(options.namespace(options.BROKER))
     sched.on_client([b"client-1", *frames], 0.0)
     assert not sched.to_workers
     assert len(sched.to_clients) == 1

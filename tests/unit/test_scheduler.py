@@ -2,6 +2,7 @@
 
 import pytest
 
+from hq import options
 from hq import protocol as p
 from hq.broker.scheduler import Scheduler
 
@@ -13,7 +14,7 @@ def make(**kw):
     kw.setdefault("heartbeat_interval_s", 1.0)
     kw.setdefault("heartbeat_liveness", 3)
     kw.setdefault("request_timeout_s", 10.0)
-    return Scheduler(**kw)
+    return Scheduler(options.namespace(options.BROKER, **kw))
 
 
 def ready(s, worker_id, now=0.0):
@@ -347,7 +348,7 @@ def test_a_worker_registering_again_under_its_name_counts_a_restart():
 
 
 def test_admin_writes_wait_admin_timeout_while_lookups_time_out_as_usual():
-    s = make(request_timeout_s=10.0, admin_timeout_s=600.0)
+    s = make(request_timeout_s=10.0, admin_request_timeout_s=600.0)
     s.on_client([b"admin", *p.encode_request(b"sweep", p.GC_SWEEP, [b"m"])], 0.0)
     s.on_client(get_request(b"c", b"get", [["a"]]), 1.0)
     assert s.next_wakeup(1.0) == pytest.approx(1.0)  # heartbeat interval, not a deadline
@@ -391,7 +392,7 @@ def test_a_heartbeat_with_malformed_stats_is_ignored_not_fatal(junk):
 
 def test_a_worker_running_a_long_command_is_not_expired_until_admin_timeout():
     # A sweep of millions of rows ends in a COMMIT that cannot heartbeat for seconds.
-    s = make(heartbeat_liveness=3, admin_timeout_s=100.0)  # liveness 3 s
+    s = make(heartbeat_liveness=3, admin_request_timeout_s=100.0)  # liveness 3 s
     ready(s, b"w1", 0.0)
     ready(s, b"w2", 0.0)
     s.on_client([b"admin", *p.encode_request(b"sweep", p.GC_SWEEP, [b"m"])], 0.0)

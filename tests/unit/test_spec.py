@@ -171,7 +171,7 @@ def test_title_check_detects_a_stale_version(spec):
 def test_bench_packing_runs_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "hq.bench_packing", *TINY_BENCH.split(), str(out)],
+        [sys.executable, "-m", "hq.bench.packing", *TINY_BENCH.split(), str(out)],
         cwd=tmp_path,
         capture_output=True,
         text=True,

@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from hq import addresses, config
+from hq import addresses, config, options
 from hq.client import InvokeError, ServerError, create_client
 
 from . import database, importer, output, status
@@ -33,7 +33,7 @@ def _add_common(parser: argparse.ArgumentParser, defaults: bool) -> None:
     )
     parser.add_argument(
         "--timeout",
-        type=config.argparse_type(config.POSITIVE_FLOAT),
+        type=config.argparse_type(options.POSITIVE_FLOAT),
         default=default(None),
         help="deadline of each call to the server, seconds (env HQ_ADMIN_TIMEOUT; default 10, "
         "600 for the commands that scan or rewrite whole tables)",
@@ -72,7 +72,7 @@ def _resolve_environment(args, top: argparse.ArgumentParser) -> None:
     if args.timeout is None:
         env = os.environ.get("HQ_ADMIN_TIMEOUT")
         try:
-            args.timeout = config.POSITIVE_FLOAT(env) if env else getattr(args, "default_timeout", DEFAULT_TIMEOUT_S)
+            args.timeout = options.POSITIVE_FLOAT(env) if env else getattr(args, "default_timeout", DEFAULT_TIMEOUT_S)
         except ValueError as exc:
             top.error(f"bad value {env!r} from HQ_ADMIN_TIMEOUT: {exc} (seconds)")
 

@@ -26,7 +26,7 @@ encode/decode steps alone, without sockets. Byte counts are frame payloads, with
 frame headers (2 bytes per frame up to 255 bytes, 9 above). A benchmark is a program, not
 a test: nothing here asserts a speed.
 
-    python -m hq.bench_packing [--items 1000] [--repeats 5] [--batches 200] [--json FILE]
+    python -m hq.bench.packing [--items 1000] [--repeats 5] [--batches 200] [--json FILE]
 """
 
 from __future__ import annotations
@@ -359,7 +359,7 @@ def table_text(results: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m hq.bench_packing",
+        prog="python -m hq.bench.packing",
         description="Round-trip cost of packing N taskhashes/unihashes three ways over ZeroMQ.",
     )
     parser.add_argument("--items", type=int, default=1000, help="hashes per batch (default 1000)")
@@ -399,7 +399,7 @@ def main(argv=None) -> int:
     print(table_text(results))
     if opts.json:
         doc = {
-            "benchmark": "hq.bench_packing",
+            "benchmark": "hq.bench.packing",
             "argv": list(sys.argv[1:] if argv is None else argv),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "configuration": config,

@@ -23,7 +23,7 @@ import sys
 import tempfile
 
 import hq
-from hq import config, server
+from hq import config, options
 
 from . import machine, summary
 from .metrics import summarize
@@ -34,11 +34,11 @@ from .table import metrics_table
 from .workloads import WORKLOADS
 
 
-_POSITIVE_INT = config.argparse_type(config.POSITIVE_INT)
-_POSITIVE_FLOAT = config.argparse_type(config.POSITIVE_FLOAT)
-_NON_NEGATIVE_INT = config.argparse_type(config.NON_NEGATIVE_INT)
-_NON_NEGATIVE_FLOAT = config.argparse_type(config.NON_NEGATIVE_FLOAT)
-_OUTPUT_FILE = config.argparse_type(config.writable_file)
+_POSITIVE_INT = config.argparse_type(options.POSITIVE_INT)
+_POSITIVE_FLOAT = config.argparse_type(options.POSITIVE_FLOAT)
+_NON_NEGATIVE_INT = config.argparse_type(options.NON_NEGATIVE_INT)
+_NON_NEGATIVE_FLOAT = config.argparse_type(options.NON_NEGATIVE_FLOAT)
+_OUTPUT_FILE = config.argparse_type(options.writable_file)
 
 
 def _ratio(text):
@@ -235,7 +235,7 @@ def main(argv=None) -> int:
     if opts.command == "summary":
         return summary.main(opts.directory)
     # hq-server's own parser checks the extra arguments now, not after pre-populating.
-    config.parse("hq-server", "", server.OPTIONS, ["--workers", "1", *opts.server_arg], environ={})
+    config.parse("hq-server", "", options.SERVER, ["--workers", "1", *opts.server_arg], environ={})
     try:
         workload = WORKLOADS[opts.command](opts)
     except ValueError as exc:

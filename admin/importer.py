@@ -5,7 +5,7 @@ The file is opened read-only. Each table is read in ``id`` order from just after
 server's checkpoint for this source, and sent in chunks of up to 1000 rows and about 4 MiB
 of JSON; each chunk commits on the server together with its checkpoint, so an interrupted
 import (Ctrl-C, a lost connection) resumes where it stopped when run again. Tables go in
-the order of :data:`hq.workers.importer.TABLES` (users, config, mappings, outhash rows: a
+the order of :data:`hq.protocol.IMPORT_TABLES` (users, config, mappings, outhash rows: a
 mapping makes the outhash rows of its taskhash count for equivalence the moment they land).
 """
 
@@ -18,10 +18,9 @@ import sys
 import time
 import urllib.parse
 
-from hq import config
+from hq import config, options
 from hq import protocol as p
 from hq.client.client import encode_import_row
-from hq.workers.importer import COLUMNS, MAX_SOURCE_BYTES, TABLES
 
 from . import output
 
@@ -52,7 +51,7 @@ def add_commands(sub, common) -> None:
     cmd.add_argument("--restart", action="store_true", help="ignore the checkpoints and send every row again")
     cmd.add_argument(
         "--max-chunks",
-        type=config.argparse_type(config.NON_NEGATIVE_INT),
+        type=config.argparse_type(options.NON_NEGATIVE_INT),
         metavar="N",
         help="stop after sending N chunks (for tests and for importing in slices; run again to go on)",
     )
@@ -62,7 +61,7 @@ def add_commands(sub, common) -> None:
 
 
 def _chunk_rows(text: str) -> int:
-    value = config.argparse_type(config.POSITIVE_INT)(text)
+    value = config.argparse_type(options.POSITIVE_INT)(text)
     if value > p.MAX_CHUNK_ITEMS:
         raise argparse.ArgumentTypeError(f"{text!r}: at most {p.MAX_CHUNK_ITEMS}")
     return value
@@ -90,7 +89,7 @@ def open_source(path: str) -> sqlite3.Connection:
         raise SourceError(f"{path}: not a bitbake-hashserv database: no table {', '.join(missing)}{hint}")
     for table in _tables(conn):
         have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
-        lacking = [c for c in ("id", *COLUMNS[table]) if c not in have]
+        lacking = [c for c in ("id", *p.IMPORT_COLUMNS[table]) if c not in have]
         if lacking:
             conn.close()
             raise SourceError(f"{path}: table {table} has no column {', '.join(lacking)}")
@@ -99,14 +98,14 @@ def open_source(path: str) -> sqlite3.Connection:
 
 def _tables(conn) -> list:
     names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    return [t for t in TABLES if t in names]
+    return [t for t in p.IMPORT_TABLES if t in names]
 
 
 def read_chunks(conn, table: str, after_id: int, chunk_rows: int):
     """Yield ``(last_id, lines, dropped)`` chunks of ``table`` with ids above ``after_id``:
     at most ``chunk_rows`` rows, each as its JSON line, and about CHUNK_BYTES each;
     ``dropped`` counts rows too big for a frame, which are not sent."""
-    columns = COLUMNS[table]
+    columns = p.IMPORT_COLUMNS[table]
     cursor = conn.execute(
         f"SELECT id, {', '.join(columns)} FROM {table} WHERE id > ? ORDER BY id", (after_id,)
     )
@@ -178,7 +177,7 @@ class Progress:
 def import_hashserv(args, client) -> int:
     source = args.source if args.source is not None else os.path.abspath(args.file)
     try:
-        p.check_text(source, "source", MAX_SOURCE_BYTES)
+        p.check_text(source, "source", p.MAX_IMPORT_SOURCE_BYTES)
     except p.ProtocolError as exc:
         output.error(f"source name {source!r}: {exc.message}; name it with --source")
         return output.USAGE
@@ -195,7 +194,7 @@ def import_hashserv(args, client) -> int:
 
 def _run(args, client, conn, source: str) -> int:
     tables = _tables(conn)
-    checkpoints = dict.fromkeys(TABLES, 0) if args.restart else client.import_status(source)
+    checkpoints = dict.fromkeys(p.IMPORT_TABLES, 0) if args.restart else client.import_status(source)
     results = {}
     for table in tables:
         start = int(checkpoints.get(table, 0))

@@ -23,24 +23,11 @@ import sys
 import tempfile
 import time
 
-from hq import addresses, config, logs, proctitle
-from hq.addresses import DEFAULT_ADDRESS
+from hq import config, logs, options, proctitle
 from hq.signals import StopFlag
-from hq.workers.schema import SYNCHRONOUS_MODES, open_database
+from hq.workers.schema import open_database
 
 log = logging.getLogger("hq.server")
-
-OPTIONS = [
-    config.Option("bind", [DEFAULT_ADDRESS], "client endpoint(s), tcp:// or ipc:// (tcp://127.0.0.1:* picks a free port)", addresses.bind_address, multiple=True),
-    config.Option("db", "hq.db", "SQLite database file"),
-    config.Option("workers", 2, "number of worker processes", config.POSITIVE_INT),
-    config.Option("backend", "", "broker<->worker endpoint (default: ipc in a private directory)", addresses.optional_bind_address),
-    config.Option("synchronous", "normal", "SQLite synchronous mode for the workers", choices=SYNCHRONOUS_MODES),
-    config.Option("heartbeat-interval", 0.5, "seconds between broker<->worker heartbeats", config.POSITIVE_FLOAT),
-    config.Option("metrics", "", "broker's Prometheus metrics endpoint, tcp://HOST:PORT, served at /metrics (empty: off)", addresses.metrics_address),
-    config.Option("endpoint-file", "", "once ready, write the client endpoints here, one per line", config.writable_file),
-    config.Option("log-level", "INFO", "logging level", choices=logs.LEVELS),
-]
 
 _PR_SET_PDEATHSIG = 1
 RESTART_BACKOFF_MIN_S = 0.2
@@ -154,7 +141,7 @@ def prepare_database(opts) -> bool:
 
 
 def main(argv=None) -> int:
-    opts = config.parse("hq-server", "Run a whole local hq stack: one broker and N workers on one SQLite file.", OPTIONS, argv)
+    opts = config.parse("hq-server", "Run a whole local hq stack: one broker and N workers on one SQLite file.", options.SERVER, argv)
     logs.setup("hq-server", opts.log_level)
     proctitle.set_title("hq-server", opts.db)
     stop = StopFlag().install()
@@ -163,7 +150,7 @@ def main(argv=None) -> int:
     rundir = tempfile.mkdtemp(prefix="hq-server-")
     backend = opts.backend or f"ipc://{rundir}/backend.ipc"
     broker_endpoints = os.path.join(rundir, "endpoints")
-    common = ["--log-level", opts.log_level, "--heartbeat-interval", str(opts.heartbeat_interval)]
+    common = ["--log-level", opts.log_level, "--heartbeat-interval", str(opts.heartbeat_interval_s)]
     if opts.config:
         # One file tunes the whole stack: [hq-broker] and [hq-worker] sections reach them.
         common += ["--config", os.path.abspath(opts.config)]

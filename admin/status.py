@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 import time
 
-from hq import config
+from hq import config, options
 
 from . import output
 
@@ -20,18 +20,18 @@ def add_commands(sub, common) -> None:
     cmd = sub.add_parser("workers", parents=[common], help="the registered workers")
     cmd.set_defaults(func=workers)
     cmd = sub.add_parser("top", parents=[common], help="a live view, refreshed until interrupted")
-    cmd.add_argument("--interval", type=config.argparse_type(config.POSITIVE_FLOAT), default=2.0, help="seconds between refreshes (default %(default)s)")
-    cmd.add_argument("--iterations", "-n", type=config.argparse_type(config.NON_NEGATIVE_INT), default=0, help="stop after N refreshes (default: until Ctrl-C)")
+    cmd.add_argument("--interval", type=config.argparse_type(options.POSITIVE_FLOAT), default=2.0, help="seconds between refreshes (default %(default)s)")
+    cmd.add_argument("--iterations", "-n", type=config.argparse_type(options.NON_NEGATIVE_INT), default=0, help="stop after N refreshes (default: until Ctrl-C)")
     cmd.set_defaults(func=top)
     cmd = sub.add_parser("ping", parents=[common], help="round-trip times through the broker to a worker")
-    cmd.add_argument("--count", "-c", type=config.argparse_type(config.POSITIVE_INT), default=5, help="pings to send (default %(default)s)")
+    cmd.add_argument("--count", "-c", type=config.argparse_type(options.POSITIVE_INT), default=5, help="pings to send (default %(default)s)")
     cmd.set_defaults(func=ping)
     cmd = sub.add_parser(
         "health",
         parents=[common],
         help="exit 0 only if the broker answers and enough workers are registered and answering",
     )
-    cmd.add_argument("--min-workers", type=config.argparse_type(config.NON_NEGATIVE_INT), default=1, help="workers required (default %(default)s)")
+    cmd.add_argument("--min-workers", type=config.argparse_type(options.NON_NEGATIVE_INT), default=1, help="workers required (default %(default)s)")
     cmd.set_defaults(func=health)
 
 

@@ -1,0 +1,1 @@
+"""hq-server: a whole local stack (one broker, N workers) in the foreground."""

@@ -52,6 +52,7 @@ def parser() -> argparse.ArgumentParser:
         "1 refused or unhealthy, 2 usage error, 3 server unreachable.",
     )
     _add_common(top, defaults=True)
+    config.add_version(top)
     sub = top.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in MODULES:
         module.add_commands(sub, common)

@@ -23,6 +23,7 @@ import re
 import sys
 
 from hq import protocol as p
+from hq.progress import Progress
 
 from . import output
 
@@ -263,7 +264,7 @@ def parse_line(line: str):
 
 
 def gc_mark_stream(args, client) -> int:
-    progress = sys.stderr.isatty()
+    progress = Progress("hq-admin: gc-mark-stream", unit="rows")
     bad = []
 
     def rows():
@@ -284,11 +285,8 @@ def gc_mark_stream(args, client) -> int:
             break
         count += client.gc_mark_stream(args.mark, batch)["count"]
         sent += len(batch)
-        if progress:
-            sys.stderr.write(f"\r{output.fmt(sent)} rows sent, {output.fmt(count)} mappings marked")
-            sys.stderr.flush()
-    if progress and sent:
-        sys.stderr.write("\n")
+        progress.update(sent, None)
+    progress.close()
     if bad:
         output.error(f"stopped at {bad[0]} ({output.fmt(sent)} rows marked before it)")
         return output.USAGE

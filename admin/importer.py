@@ -19,6 +19,7 @@ import time
 import urllib.parse
 
 from hq import config, options
+from hq.progress import Progress
 from hq import protocol as p
 from hq.client.client import encode_import_row
 
@@ -127,53 +128,6 @@ def read_chunks(conn, table: str, after_id: int, chunk_rows: int):
         yield last_id, rows, dropped
 
 
-class Progress:
-    """Rows done out of rows to send, on stderr: a redrawn bar on a terminal, a plain line
-    every few seconds otherwise, nothing with --quiet."""
-
-    PLAIN_EVERY_S = 5.0
-    TTY_EVERY_S = 0.2
-
-    def __init__(self, total: int, quiet: bool, stream=None):
-        self.total = total
-        self.stream = stream or sys.stderr
-        self.quiet = quiet
-        self.tty = not quiet and self.stream.isatty()
-        self.start = self.last = time.monotonic()
-        self.done = 0
-
-    def rate(self) -> float:
-        elapsed = time.monotonic() - self.start
-        return self.done / elapsed if elapsed > 0 else 0.0
-
-    def line(self, table: str) -> str:
-        pct = 100.0 * self.done / self.total if self.total else 100.0
-        return f"{table}: {self.done:,}/{self.total:,} rows ({pct:.0f}%), {self.rate():,.0f} rows/s"
-
-    def update(self, table: str, rows: int, force: bool = False) -> None:
-        self.done += rows
-        if self.quiet:
-            return
-        now = time.monotonic()
-        if self.tty:
-            if force or now - self.last >= self.TTY_EVERY_S:
-                width = 30
-                filled = int(width * self.done / self.total) if self.total else width
-                bar = "#" * filled + "." * (width - filled)
-                self.stream.write(f"\r[{bar}] {self.line(table)}\x1b[K")
-                self.stream.flush()
-                self.last = now
-        elif force or now - self.last >= self.PLAIN_EVERY_S:
-            self.stream.write(f"hq-admin: importing {self.line(table)}\n")
-            self.stream.flush()
-            self.last = now
-
-    def finish(self) -> None:
-        if self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
 def import_hashserv(args, client) -> int:
     source = args.source if args.source is not None else os.path.abspath(args.file)
     try:
@@ -208,12 +162,14 @@ def _run(args, client, conn, source: str) -> int:
             "invalid": 0,
             "last_id": start,
         }
-    progress = Progress(sum(r["to_send"] for r in results.values()), args.quiet)
-    chunks = 0
+    total = sum(r["to_send"] for r in results.values())
+    progress = Progress("hq-admin: importing", enabled=not args.quiet, plain_every_s=5.0, unit="rows")
+    done = chunks = 0
     complete = True
     try:
         for table in tables:
             r = results[table]
+            progress.label = f"hq-admin: importing {table}"
             for last_id, rows, dropped in read_chunks(conn, table, r["resumed_after_id"], args.chunk_rows):
                 if args.max_chunks is not None and chunks >= args.max_chunks:
                     complete = False
@@ -226,16 +182,17 @@ def _run(args, client, conn, source: str) -> int:
                 r["sent"] += len(rows)
                 r["invalid"] += dropped
                 r["last_id"] = last_id
-                progress.update(table, len(rows) + dropped)
+                done += len(rows) + dropped
+                progress.update(done, total)
             if not complete:
                 break
-            progress.update(table, 0, force=True)
+            progress.update(done, total, force=True)
     except KeyboardInterrupt:
-        progress.finish()
+        progress.close()
         output.error(f"interrupted after {chunks} chunks; run the same command again to resume")
         return output.INTERRUPTED
-    progress.finish()
-    elapsed = time.monotonic() - progress.start
+    progress.close()
+    elapsed = time.monotonic() - progress.started
     for r in results.values():
         del r["to_send"]
     data = {
@@ -245,7 +202,7 @@ def _run(args, client, conn, source: str) -> int:
         "resumed": any(r["resumed_after_id"] > 0 for r in results.values()),
         "chunks": chunks,
         "seconds": elapsed,
-        "rows_per_s": progress.done / elapsed if elapsed > 0 else 0.0,
+        "rows_per_s": done / elapsed if elapsed > 0 else 0.0,
         "tables": results,
     }
     if complete:

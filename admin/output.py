@@ -18,6 +18,8 @@ import sys
 
 from tabulate import tabulate
 
+from hq.numbers import fmt  # noqa: F401 (the cell format of every table here)
+
 OK, FAILED, USAGE, UNREACHABLE, INTERRUPTED = 0, 1, 2, 3, 130
 
 TABLE_FORMAT = "simple"
@@ -43,19 +45,6 @@ def emit(args, data, *tables) -> None:
 def kv_rows(mapping: dict) -> list:
     """A dict as (name, value) rows, in key order."""
     return [(k, fmt(v)) for k, v in mapping.items()]
-
-
-def fmt(value) -> str:
-    """One cell: integers with thousands separators, floats with 3 significant digits."""
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, int):
-        return f"{value:,}"
-    if isinstance(value, float):
-        return f"{value:.3g}"
-    return str(value)
 
 
 def ms(seconds) -> str:

@@ -24,11 +24,11 @@ import tempfile
 
 import hq
 from hq import config, options
+from hq.progress import Progress
 
 from . import machine, summary
 from .metrics import summarize
 from .populate import populate
-from .progress import Progress
 from .runner import json_safe, run_repeat
 from .table import metrics_table
 from .workloads import WORKLOADS
@@ -119,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Each workload: hq-bench WORKLOAD --help.",
     )
+    config.add_version(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="WORKLOAD")
 
     p = sub.add_parser(
@@ -240,7 +241,7 @@ def main(argv=None) -> int:
         workload = WORKLOADS[opts.command](opts)
     except ValueError as exc:
         parser.error(f"{opts.command}: {exc}")
-    progress = Progress(opts.command, enabled=not opts.quiet)
+    progress = Progress(opts.command, enabled=not opts.quiet, show_after_s=1.0)
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     description = machine.describe(opts.tmpdir or tempfile.gettempdir())
     base = tempfile.mkdtemp(prefix="hq-bench-template-", dir=opts.tmpdir)

@@ -34,8 +34,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import platform
 import random
 import shutil
 import statistics
@@ -46,6 +44,7 @@ import time
 import zmq
 
 from hq import protocol as p
+from hq.bench.machine import describe
 
 VARIANTS = ("a", "b", "c")
 DESCRIPTIONS = {
@@ -316,24 +315,6 @@ def run(items=1000, repeats=5, batches=200, transport="ipc", via_broker=False, h
     return results
 
 
-def machine() -> dict:
-    try:
-        load = os.getloadavg()
-    except OSError:
-        load = None
-    return {
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "processor": platform.processor() or None,
-        "cpu_count": os.cpu_count(),
-        "loadavg_at_start": load,
-        "python": platform.python_version(),
-        "python_implementation": platform.python_implementation(),
-        "pyzmq": zmq.__version__,
-        "libzmq": zmq.zmq_version(),
-    }
-
-
 def table_text(results: dict) -> str:
     from tabulate import tabulate  # only this program formats tables
 
@@ -386,14 +367,14 @@ def main(argv=None) -> int:
         "gc_disabled_while_timing": True,
         "unit": "microseconds per round trip of 1000 hashes (scaled from --items)",
     }
-    info = machine()
+    info = describe(tempfile.gettempdir())
     results = run(
         opts.items, opts.repeats, opts.batches, opts.transport, opts.via_broker, opts.hit_rate, opts.seed
     )
     print(
         f"{opts.items} hashes per batch, {opts.repeats} repeats x {opts.batches} round trips, "
         f"{opts.transport}{' via broker' if opts.via_broker else ''}; "
-        f"{info['platform']}, {info['cpu_count']} CPUs, Python {info['python']}, "
+        f"{info['platform']}, {info['cpu_count_logical']} CPUs, Python {info['python']}, "
         f"pyzmq {info['pyzmq']}, libzmq {info['libzmq']}"
     )
     print(table_text(results))

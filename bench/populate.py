@@ -19,7 +19,7 @@ import hashlib
 import sqlite3
 
 from hq.workers import schema
-from hq.workers.store import now_us
+from hq.workers.timestamps import now_us
 
 from .keys import METHOD
 

@@ -14,9 +14,9 @@ import time
 import psutil
 
 from hq.client import create_client
+from hq.progress import Progress
 
 from .clients import ClientFailure, ClientPool
-from .progress import Progress
 from .stack import Stack, StackError, database_size
 
 #: Per-result counters that must all be zero for a run to be correct.
@@ -31,7 +31,8 @@ def run_repeat(workload, opts, template_db: str, number: int, progress: Progress
     """
     workdir = tempfile.mkdtemp(prefix="hq-bench-", dir=opts.tmpdir)
     result: dict = {"repeat": number, "ok": False, "load_average_before": list(os.getloadavg())}
-    stack = Stack(workdir, opts.workers, opts.transport, opts.server_arg)
+    bind = f"ipc://{workdir}/hq.ipc" if opts.transport == "ipc" else "tcp://127.0.0.1:*"
+    stack = Stack(workdir, opts.workers, bind, opts.server_arg, log_level="WARNING", inherit_env=False)
     try:
         shutil.copyfile(template_db, stack.db)
         progress.note(f"repeat {number}/{opts.repeats}: starting hq-server")

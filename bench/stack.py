@@ -1,9 +1,10 @@
-"""A real hq stack for one benchmark repeat: ``hq-server`` on a fresh database.
+"""A real hq stack: ``hq-server`` on a database in a work directory, for one benchmark repeat
+and for the tests.
 
-The stack is driven only through its console script and the public client: the
-benchmark sees hq as an operator does. Broker and worker processes are found as psutil
-children of ``hq-server`` (by their ``-m hq.broker`` / ``-m hq.workers --name NAME``
-command lines) for CPU and memory figures.
+The stack is driven only through its console script and the public client: it sees hq as
+an operator does. Broker and worker processes are found as psutil children of ``hq-server``
+(by their ``-m hq.broker`` / ``-m hq.workers --name NAME`` command lines) for CPU and memory
+figures and for fault injection.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import sys
 import time
 
 import psutil
-from hq.client import create_client
 
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 20.0
@@ -35,52 +35,46 @@ def script(name: str) -> str:
 
 
 class Stack:
-    """``hq-server --workers N`` on ``workdir/hq.db``, on ipc:// or tcp://127.0.0.1:*."""
+    """``hq-server --workers N`` on ``workdir/hq.db``, listening on ``bind``.
 
-    def __init__(self, workdir: str, workers: int, transport: str, server_args=()):
-        self.workdir = workdir
-        self.db = os.path.join(workdir, "hq.db")
+    ``env`` is added to the environment (``inherit_env=False``: the HQ_* variables of this
+    process are left out, so a benchmark runs with hq's defaults). hq-server reports ready
+    once every worker has registered and a request went through.
+    """
+
+    def __init__(self, workdir, workers: int = 2, bind: str = "tcp://127.0.0.1:*", args=(), env=None,
+                 log_level: str = "INFO", inherit_env: bool = True):
+        self.workdir = str(workdir)
+        self.db = os.path.join(self.workdir, "hq.db")
         self.workers = workers
-        self.endpoint_file = os.path.join(workdir, "endpoints")
-        self.log_path = os.path.join(workdir, "hq-server.log")
-        bind = f"ipc://{workdir}/hq.ipc" if transport == "ipc" else "tcp://127.0.0.1:*"
+        self.endpoint_file = os.path.join(self.workdir, "endpoints")
+        self.log_path = os.path.join(self.workdir, "hq-server.log")
         self.argv = [
             script("hq-server"),
-            "--bind",
-            bind,
-            "--db",
-            self.db,
-            "--workers",
-            str(workers),
-            "--endpoint-file",
-            self.endpoint_file,
-            "--log-level",
-            "WARNING",
-            *server_args,
+            "--bind", bind,
+            "--db", self.db,
+            "--workers", str(workers),
+            "--endpoint-file", self.endpoint_file,
+            "--log-level", log_level,
+            *args,
         ]
+        base = os.environ if inherit_env else {k: v for k, v in os.environ.items() if not k.startswith("HQ_")}
+        self.env = {**base, **(env or {})}
+        self.start_new_session = False  # True: its own process group, for a test's Ctrl-C
         self.proc: subprocess.Popen | None = None
+        self.returncode: int | None = None  # hq-server's, once stopped
         self.address: str | None = None
         self.processes: dict = {}  # name -> psutil.Process: "hq-broker", "hq-worker-00", ...
 
     # --- life cycle ---------------------------------------------------------------------
-    def start(self) -> Stack:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("HQ_")}
+    def start(self, timeout: float = START_TIMEOUT_S) -> Stack:
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        self._wait(lambda: os.path.exists(self.endpoint_file), deadline, "its endpoint file")
+            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                         start_new_session=self.start_new_session)
+        deadline = time.monotonic() + timeout
+        self._wait(lambda: os.path.exists(self.endpoint_file), deadline, "ready (its endpoint file)")
         with open(self.endpoint_file, encoding="utf-8") as fh:
             self.address = fh.read().split()[0]
-        # hq-server is ready once one worker answered; a benchmark wants all of them.
-        with create_client(self.address, timeout=5.0) as client:
-
-            def all_registered():
-                try:
-                    return len(client.get_stats().get("workers", ())) >= self.workers
-                except ConnectionError:
-                    return False
-
-            self._wait(all_registered, deadline, f"{self.workers} registered workers")
         self._wait(self._find_processes, deadline, "its broker and worker processes")
         return self
 
@@ -91,8 +85,8 @@ class Stack:
                     f"hq-server exited with {self.proc.returncode} before {what}:\n{self.log_tail()}"
                 )
             if time.monotonic() > deadline:
-                self.stop(check=False)
-                raise StackError(f"hq-server: no {what} within {START_TIMEOUT_S:g} s:\n{self.log_tail()}")
+                self.stop()
+                raise StackError(f"hq-server: not {what} in time:\n{self.log_tail()}")
             time.sleep(POLL_S)
 
     def children(self) -> dict:
@@ -116,10 +110,11 @@ class Stack:
         self.processes = dict(sorted(found.items()))
         return True
 
-    def stop(self, check: bool = True) -> None:
-        """SIGTERM hq-server and wait; with ``check``, a non-zero exit raises StackError."""
+    def stop(self, check: bool = False) -> int | None:
+        """SIGTERM hq-server and wait; its exit status. With ``check``, a status other than 0
+        or a stop that needed SIGKILL raises StackError."""
         if self.proc is None:
-            return
+            return self.returncode  # stopped before (or never started: None)
         proc, self.proc = self.proc, None
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -130,15 +125,26 @@ class Stack:
                 proc.wait()
                 if check:
                     raise StackError(f"hq-server did not stop on SIGTERM:\n{self.log_tail()}") from None
+        self.returncode = proc.returncode
         if check and proc.returncode != 0:
             raise StackError(f"hq-server exited with {proc.returncode}:\n{self.log_tail()}")
+        return proc.returncode
 
-    def log_tail(self, lines: int = 30) -> str:
+    def log(self) -> str:
         try:
             with open(self.log_path, encoding="utf-8", errors="replace") as fh:
-                return "".join(fh.readlines()[-lines:])
+                return fh.read()
         except OSError:
             return ""
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "".join(self.log().splitlines(keepends=True)[-lines:])
+
+    def __enter__(self) -> Stack:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
     # --- measurements -------------------------------------------------------------------
     def cpu_seconds(self) -> dict:

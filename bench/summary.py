@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 
-from .table import grid, number
+from hq.numbers import fmt
+
+from .table import grid
 
 HEADERS = [
     "workload",
@@ -65,9 +67,9 @@ def rows(results: list) -> list:
                     str(config.get("clients")),
                     f"{config['rate']:g}/s each" if config.get("rate") else "",
                     metric,
-                    number(mmm.get("min")),
-                    number(mmm.get("median")),
-                    number(mmm.get("max")),
+                    fmt(mmm.get("min")),
+                    fmt(mmm.get("median")),
+                    fmt(mmm.get("max")),
                     "yes" if data.get("ok") else "NO",
                     name,
                 ]

@@ -2,28 +2,16 @@
 
 from __future__ import annotations
 
-import math
-
 from tabulate import tabulate
 
-
-def number(value) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "-"
-    if isinstance(value, int) or abs(value) >= 100:
-        return f"{value:,.0f}"
-    if abs(value) >= 10:
-        return f"{value:.1f}"
-    if abs(value) >= 1:
-        return f"{value:.2f}"
-    return f"{value:.3g}"
+from hq.numbers import fmt
 
 
 def target_text(target) -> str:
     if not target:
         return ""
     op, value = target
-    return f"{'≤' if op == '<=' else '≥'} {number(value)}"
+    return f"{'≤' if op == '<=' else '≥'} {fmt(value)}"
 
 
 def meets(target, value) -> bool:
@@ -43,9 +31,9 @@ def metrics_table(summary: dict, targets: dict, judge: bool = True) -> str:
         rows.append(
             [
                 name,
-                number(mmm["min"]),
-                number(mmm["median"]),
-                number(mmm["max"]),
+                fmt(mmm["min"]),
+                fmt(mmm["median"]),
+                fmt(mmm["max"]),
                 target_text(target) + mark if target else "",
             ]
         )

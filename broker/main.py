@@ -18,6 +18,7 @@ import zmq
 
 from hq import config, logs, options, proctitle
 from hq import protocol as p
+from hq.notify import notify
 from hq.signals import StopFlag
 from hq.sockets import readable, recv_frames, send_frames
 
@@ -170,6 +171,7 @@ class Broker:
             sched.to_clients.clear()
 
     def shutdown(self) -> None:
+        notify("STOPPING=1")  # systemd shows the unit deactivating while the last answers leave
         self.scheduler.shutdown(time.monotonic())
         self.flush()
         # A short linger lets the last answers and DISCONNECTs leave; never wait longer.
@@ -200,6 +202,9 @@ def main(argv=None) -> int:
         return 2
     if opts.endpoint_file:
         write_lines(opts.endpoint_file, broker.endpoints)
+    # systemd (Type=notify): bound, so clients and workers can connect from now on.
+    notify("READY=1", f"STATUS=serving clients on {', '.join(broker.endpoints)}, "
+                      f"workers on {broker.backend_endpoint}")
     try:
         broker.serve(stop)
     finally:

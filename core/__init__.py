@@ -1,3 +1,3 @@
 """hq: a hash-equivalence server for BitBake builds, on ZeroMQ."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -20,6 +20,7 @@ import configparser
 import os
 from typing import Callable
 
+import hq
 from hq.options import PROGRAMS, Option
 
 CONFIG_OPTION = Option(
@@ -58,12 +59,18 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {one_line} (see --help)\n")
 
 
+def add_version(parser: argparse.ArgumentParser) -> None:
+    """``--version``: the program's name and hq's version, on stdout, exit 0."""
+    parser.add_argument("--version", action="version", version=f"%(prog)s {hq.__version__}")
+
+
 def build_parser(prog: str, description: str, options: list) -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog=prog,
         description=description,
         epilog="Precedence: command-line flag > HQ_* environment variable > config file > default.",
     )
+    add_version(parser)
     for opt in [CONFIG_OPTION, *options]:
         default = ",".join(opt.default) if opt.multiple and opt.default else opt.default
         text = f"{opt.help} (env {opt.env}; default: {default})"

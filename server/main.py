@@ -24,6 +24,7 @@ import tempfile
 import time
 
 from hq import config, logs, options, proctitle
+from hq.notify import environ_for_children, notify
 from hq.signals import StopFlag
 from hq.workers.schema import open_database
 
@@ -52,7 +53,9 @@ class Child:
         # A session of its own: Ctrl-C in the terminal reaches hq-server alone, which stops
         # the workers before the broker. Should hq-server itself be killed, the kernel sends
         # the child SIGTERM (PR_SET_PDEATHSIG), so no orphan keeps the port or the database.
-        self.proc = subprocess.Popen(self.argv, start_new_session=True, preexec_fn=_die_with_parent)
+        # hq-server alone tells systemd (Type=notify) when the stack is ready: not its children.
+        self.proc = subprocess.Popen(self.argv, start_new_session=True, preexec_fn=_die_with_parent,
+                                     env=environ_for_children())
         self.pid = self.proc.pid
         self.started = now
         log.info("started %s (pid %d)", self.name, self.proc.pid)
@@ -202,9 +205,11 @@ def main(argv=None) -> int:
                         from hq.broker.main import write_lines
 
                         write_lines(opts.endpoint_file, endpoints)
+                    notify("READY=1", f"STATUS=hq ready on {', '.join(endpoints)} ({opts.workers} workers)")
                 continue
             time.sleep(0.1)  # supervision tick: restarts within 0.1 s of an exit
     finally:
+        notify("STOPPING=1")
         _stop_all(children)
         if opts.endpoint_file and os.path.exists(opts.endpoint_file):
             os.unlink(opts.endpoint_file)

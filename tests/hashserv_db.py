@@ -235,3 +235,25 @@ def hq_state(hq_db_path) -> dict:
         )
         users = sorted(conn.execute("SELECT username, token, permissions FROM users"))
     return {"mappings": mappings, "outhashes": outhashes, "users": users}
+
+
+def make_hq_schema_1(path, reports=()) -> dict:
+    """An hq database file as hq's schema-1 code left it (schema 2 changed no table): hq's
+    tables, a ``schema-version`` row "1", no application_id, WAL mode. ``reports``, tuples of
+    (method, taskhash, outhash, unihash), go in through hq's Store; a user and a gc mark are
+    added. Returns {taskhash: unihash} as the Store answered the reports. Closed on return."""
+    from hq.workers import schema
+    from hq.workers.store import Store
+
+    db = schema.database
+    db.init(str(path), pragmas=[("journal_mode", "wal")])
+    with db.atomic("IMMEDIATE"):  # what open_database did at schema 1
+        db.create_tables(schema.MODELS, safe=True)
+        schema.Config.insert(name="schema-version", value="1").execute()
+    store = Store(db)
+    answers = {taskhash: store.report(method, taskhash, outhash, unihash)
+               for method, taskhash, outhash, unihash in reports}
+    schema.User.insert(username="builder", token="$sha256$salt$" + sha256("t"), permissions="@read").execute()
+    schema.Config.insert(name="gc-mark", value="mark-1").execute()
+    db.close()
+    return answers

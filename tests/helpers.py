@@ -11,6 +11,8 @@ import time
 
 import psutil
 
+from hq.bench.stack import Stack as BenchStack
+
 BIN = os.path.dirname(sys.executable)
 
 
@@ -34,77 +36,13 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02, what: str
         time.sleep(interval)
 
 
-class Stack:
-    """An ``hq-server`` process (broker + N workers) on a temporary SQLite file."""
+class Stack(BenchStack):
+    """hq-bench's stack (``hq-server`` on a temporary SQLite file) with the tests' settings:
+    quick heartbeats, so a lost worker is noticed in 0.6 s."""
 
     def __init__(self, tmp_path, workers: int = 2, bind: str = "tcp://127.0.0.1:*", args=(), env=None):
+        super().__init__(tmp_path, workers, bind, ["--heartbeat-interval", "0.2", *args], env)
         self.tmp_path = tmp_path
-        self.db = str(tmp_path / "hq.db")
-        self.endpoint_file = str(tmp_path / "endpoints")
-        self.log_path = tmp_path / "hq-server.log"
-        self.argv = [
-            script("hq-server"),
-            "--bind", bind,
-            "--db", self.db,
-            "--workers", str(workers),
-            "--endpoint-file", self.endpoint_file,
-            "--heartbeat-interval", "0.2",
-            *args,
-        ]
-        self.env = {**os.environ, **(env or {})}
-        self.start_new_session = False  # True: its own process group, for a test's Ctrl-C
-        self.proc = None
-        self.address = None
-
-    def start(self, timeout: float = 20.0) -> "Stack":
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
-                                     start_new_session=self.start_new_session)
-        wait_for(lambda: os.path.exists(self.endpoint_file) or self.proc.poll() is not None, timeout, what="hq-server ready")
-        if self.proc.poll() is not None:
-            raise AssertionError(f"hq-server exited {self.proc.returncode}:\n{self.log()}")
-        with open(self.endpoint_file) as fh:
-            self.address = fh.read().split()[0]
-        return self
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def children(self) -> dict:
-        """name -> psutil.Process for the broker and workers hq-server runs."""
-        out = {}
-        for child in psutil.Process(self.proc.pid).children():
-            try:
-                cmd = child.cmdline()
-            except psutil.Error:
-                continue
-            if "hq.broker" in cmd:
-                out["broker"] = child
-            elif "hq.workers" in cmd:
-                out[cmd[cmd.index("--name") + 1]] = child
-        return out
-
-    def stop(self, timeout: float = 15.0) -> int:
-        if self.proc is None:
-            return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                raise AssertionError(f"hq-server did not stop on SIGTERM:\n{self.log()}")
-        self._log.close()
-        code = self.proc.returncode
-        self.proc = None
-        return code
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,5 +1,19 @@
+"""``hq-worker``, and ``python -m hq.workers``: its main, or one line naming the extra it needs."""
+
 import sys
 
-from hq.workers.main import main
+from hq.extras import run
 
-sys.exit(main())
+
+def _load():
+    from hq.workers.main import main
+
+    return main
+
+
+def entry() -> int:
+    return run("hq-worker", _load)
+
+
+if __name__ == "__main__":
+    sys.exit(entry())

@@ -14,6 +14,7 @@ import peewee
 
 from hq import protocol as p
 
+from . import errors
 from . import importer as imp
 from . import maintenance as mt
 from .store import Store, StorageUnavailable, is_busy
@@ -218,9 +219,4 @@ def _counts(fn):
 
 
 def _storage_reason(exc: Exception) -> bytes:
-    text = str(exc).lower()  # busy/locked never gets here: that is BUSY, not STORAGE
-    if "full" in text:
-        return b"database or disk is full"
-    if "readonly" in text or "read-only" in text:
-        return b"database is read-only"
-    return text[:200].encode()
+    return errors.reason(exc).encode()  # busy/locked never gets here: that is BUSY, not STORAGE

@@ -17,22 +17,20 @@ never blocks the rest of the import.
 
 from __future__ import annotations
 
-import datetime
 import json
 from typing import NamedTuple
 
 from hq import protocol as p
 
 from .schema import to_key
-from .store import Store
+from .store import GC_MARK_KEY, Store, current_gc_mark
+from .timestamps import parse_created
 
 #: The only source config row hq uses; every other (hq's own ``schema-version``,
 #: checkpoints, names hq does not know) is skipped.
-IMPORTED_CONFIG = ("gc-mark",)
+IMPORTED_CONFIG = (GC_MARK_KEY,)
 
 _MAX_ID_DIGITS = 18  # below 2**63, SQLite's integer range
-_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
-_US = datetime.timedelta(microseconds=1)
 
 
 def _mark_from(source: str) -> str:
@@ -137,27 +135,17 @@ def _text(row: dict, name: str, optional: bool = True):
 
 
 def created_us(value) -> int:
-    """The source's ``created`` as microseconds since the epoch, UTC.
-
-    BitBake stores ``created`` as ISO 8601 text: ``2026-11-27T12:14:00.721026+00:00`` since
-    2025, ``2026-11-27 12:14:00.721026`` (no zone) before. A time without a zone is taken as
-    UTC. A missing ``created`` becomes 0, which sorts first as SQLite's NULL does, so the
-    oldest-report order is the source's.
-    """
+    """The source's ``created`` (ISO 8601 text, see :func:`parse_created`) as microseconds
+    since the epoch, UTC. A missing ``created`` becomes 0, which sorts first as SQLite's NULL
+    does, so the oldest-report order is the source's."""
     if value is None:
         return 0
     if not isinstance(value, str):
         raise _Invalid("created")
-    text = value.strip()
-    if text[-1:] in ("Z", "z"):
-        text = text[:-1] + "+00:00"
-    try:
-        when = datetime.datetime.fromisoformat(text)
-    except ValueError:
-        raise _Invalid("created") from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=datetime.timezone.utc)
-    return (when - _EPOCH) // _US
+    us = parse_created(value)
+    if us is None:
+        raise _Invalid("created")
+    return us
 
 
 def _mapping_row(row: dict) -> tuple:
@@ -238,11 +226,6 @@ class Importer:
     # Each writer returns how many rows it inserted; the others were already present
     # (or, for config, are not used by hq).
 
-    @staticmethod
-    def _current_mark(conn) -> str:
-        row = conn.execute("SELECT value FROM config WHERE name = 'gc-mark'").fetchone()
-        return row[0] if row and row[0] else ""
-
     def _method_ids(self, rows: list) -> dict:
         return {m: self.store.method_id(m, create=True) for m in {row[0] for row in rows}}
 
@@ -251,7 +234,7 @@ class Importer:
         as a mapping reported now would (so the next sweep keeps it); without one, or when
         the current mark is the one taken from this same source (a gc cycle in progress
         there), it keeps the source's mark, so the cycle goes on as it would have there."""
-        mark = self._current_mark(conn)
+        mark = current_gc_mark(conn.execute)
         if mark and conn.execute("SELECT 1 FROM config WHERE name = ?", (_mark_from(source),)).fetchone():
             mark = ""
         ids = self._method_ids(rows)
@@ -287,7 +270,7 @@ class Importer:
         for name, value in rows:
             if name not in IMPORTED_CONFIG or not value:
                 continue
-            if self._current_mark(conn) or conn.execute("SELECT 1 FROM unihashes LIMIT 1").fetchone():
+            if current_gc_mark(conn.execute) or conn.execute("SELECT 1 FROM unihashes LIMIT 1").fetchone():
                 continue
             conn.execute("INSERT OR REPLACE INTO config (name, value) VALUES (?, ?)", (name, value))
             conn.execute("INSERT OR REPLACE INTO config (name, value) VALUES (?, ?)", (_mark_from(source), value))

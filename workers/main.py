@@ -16,6 +16,7 @@ import zmq
 
 from hq import config, failpoints, logs, options, proctitle
 from hq import protocol as p
+from hq.notify import notify
 from hq.signals import StopFlag
 from hq.sockets import readable, recv_frames, send_frames
 
@@ -89,6 +90,10 @@ class WorkerLoop:
     def serve(self, stop) -> None:
         self.stop = stop
         self.connect()
+        # systemd (Type=notify): the database is open and READY is on its way to the broker.
+        # When the broker registers this worker cannot be known (it sends no acknowledgement),
+        # and a worker whose broker is down is started all the same: it reconnects by itself.
+        notify("READY=1", f"STATUS=worker {self.info['name']} serving the broker at {self.opts.backend}")
         interval = self.opts.heartbeat_interval_s
         while not stop:
             wait_s = max(0.0, min(self.last_beat + interval, self.broker_expiry) - time.monotonic())
@@ -105,6 +110,7 @@ class WorkerLoop:
                 self.last_beat = now
                 self.maintenance()
                 self.send(self.heartbeat())
+        notify("STOPPING=1")
         self.send(p.DISCONNECT_MESSAGE)
         self.socket.close(linger=200)  # long enough for DISCONNECT to leave
         log.info("worker %s stopped", self.info["name"])

@@ -19,7 +19,6 @@ The parse functions take one job's body and raise :class:`hq.protocol.ProtocolEr
 
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 from collections import Counter
@@ -28,18 +27,15 @@ from contextlib import contextmanager
 from hq import protocol as p
 
 from .schema import OUTHASH_COLUMNS, TABLE_NAMES, UNIHASH_COLUMNS, to_key
-from .store import Store, _padded, _placeholders, now_us
+from .store import GC_MARK_KEY, Store, _padded, _placeholders, current_gc_mark
+from .timestamps import now_us, parse_created
 
 log = logging.getLogger(__name__)
 
-#: The ``config`` row that holds the current gc mark (ref. §7.7); no row means no mark.
-#: ``Store._current_gc_mark`` reads the same row to give new mappings the current mark.
-GC_MARK_KEY = "gc-mark"
 MAX_MARK_BYTES = 256
 #: Every column a where object may name (query-columns), mapping columns first.
 QUERY_COLUMNS = tuple(dict.fromkeys(UNIHASH_COLUMNS + OUTHASH_COLUMNS))
 _MAX_AGE_DIGITS = 15  # about 31 million years; keeps the cutoff inside SQLite's integers
-_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
 
 
 # --- parsing one job's body ----------------------------------------------------------------
@@ -133,21 +129,6 @@ def parse_nothing(body: list) -> tuple:
     return ()
 
 
-def created_us(text: str):
-    """Microseconds since the epoch of an ISO 8601 time (UTC when it names no zone), or None."""
-    text = text.strip()
-    if text[-1:] in ("Z", "z"):
-        text = text[:-1] + "+00:00"
-    try:
-        when = datetime.datetime.fromisoformat(text)
-    except ValueError:
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=datetime.timezone.utc)
-    delta = when - _EPOCH
-    return (delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds
-
-
 # --- the commands ----------------------------------------------------------------------------
 
 #: A condition that no row can meet (a value that cannot be stored).
@@ -181,8 +162,7 @@ class Maintenance:
 
     def current_mark(self):
         """The current gc mark, or None when there is none."""
-        row = self._sql("SELECT value FROM config WHERE name = ?", (GC_MARK_KEY,)).fetchone()
-        return row[0] if row else None
+        return current_gc_mark(self._sql)
 
     # where ------------------------------------------------------------------------------------
     def _condition(self, where: dict, columns: tuple):
@@ -209,7 +189,7 @@ class Maintenance:
                 parts.append("substr(unihash, 1, 8) = substr(?, 1, 8) AND unihash = ?")
                 params.append(value)
             elif column == "created":
-                value = created_us(value)
+                value = parse_created(value)
                 if value is None:
                     return NEVER
                 parts.append("created = ?")

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sqlite3
 import time
+from typing import NamedTuple
 
 from peewee import (
     SQL,
@@ -33,20 +35,33 @@ from peewee import (
     DatabaseError,
     IntegerField,
     Model,
-    OperationalError,
     SqliteDatabase,
     TextField,
 )
+from playhouse.migrate import SchemaMigrator
 
 from hq.options import SYNCHRONOUS_MODES
 
+from . import errors
+
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = "1"
+#: The schema this code reads and writes; the ``schema-version`` row of ``config`` says which
+#: one a file has, and it is the only source of truth for it (see :func:`open_database`).
+#:
+#: 1. The tables below.
+#: 2. The same tables; the file carries :data:`HQ_APPLICATION_ID`.
+SCHEMA_VERSION = 2
+VERSION_ROW = "schema-version"
+
+#: SQLite's ``PRAGMA application_id`` of every hq file (schema 2 on): the bytes 68 71 00 01,
+#: "hq" then 0 and 1. It tells hq's files apart from other applications' (hq refuses those
+#: before writing anything into them); file(1) shows it as "application id 1752236033". It
+#: is fixed: it does not follow SCHEMA_VERSION.
+HQ_APPLICATION_ID = 0x68710001
 
 #: Deferred: each worker process calls :func:`open_database` itself (never across fork).
 database = SqliteDatabase(None)
-
 
 
 class BaseModel(Model):
@@ -169,11 +184,11 @@ def from_key(key) -> str:
 
 
 def pragmas(synchronous: str, busy_timeout_ms: int, cache_size_kib: int, mmap_size: int):
-    # busy_timeout first: switching journal_mode can itself meet a lock held by another
-    # worker opening the same file.
+    """The settings every connection gets as it opens. They change nothing in the file:
+    ``journal_mode = wal`` (which does) is set by :func:`open_database` only once it knows
+    the file is hq's."""
     return [
         ("busy_timeout", busy_timeout_ms),
-        ("journal_mode", "wal"),
         ("synchronous", synchronous),
         ("cache_size", -cache_size_kib),
         ("mmap_size", mmap_size),
@@ -204,14 +219,21 @@ def open_database(
 ) -> SqliteDatabase:
     """Open (creating if needed) the database in this process and return it.
 
-    The schema is created only where it is missing, in one ``BEGIN IMMEDIATE`` transaction.
-    Several workers may start at once on a fresh file (supervisord starts a pool together):
-    lock contention while switching to WAL or creating the tables is retried until
-    ``startup_timeout_s``, so a worker does not die (and supervisord does not mark it FATAL)
-    because a sibling held the lock. That is normal, so it is logged at DEBUG.
+    What the file holds decides what happens (:func:`_schema_of`): a fresh file gets the
+    schema; a file at an older schema version is migrated (:data:`MIGRATIONS`); one at
+    this version is opened as it is; a newer one, or a file that is not hq's, is refused
+    with ValueError and nothing is written into it.
+
+    Creating and migrating take one ``BEGIN IMMEDIATE`` transaction. Several workers may
+    start at once on one file (supervisord starts a pool together): lock contention while
+    switching to WAL or setting up the schema is retried until ``startup_timeout_s``, so a
+    worker does not die (and supervisord does not mark it FATAL) because a sibling held the
+    lock. That is normal, so it is logged at DEBUG.
     """
     if sqlite3.sqlite_version_info < (3, 35, 0):
-        raise RuntimeError(f"hq needs SQLite 3.35 or newer (RETURNING); this Python has {sqlite3.sqlite_version}")
+        raise RuntimeError(
+            f"hq needs SQLite 3.35 or newer (RETURNING); this Python has {sqlite3.sqlite_version}"
+        )
     if synchronous not in SYNCHRONOUS_MODES:
         raise ValueError(f"synchronous must be one of {', '.join(SYNCHRONOUS_MODES)}")
     check_path(path)
@@ -221,44 +243,184 @@ def open_database(
         timeout=busy_timeout_ms / 1000.0,
         check_same_thread=False,
     )
-    deadline = time.monotonic() + startup_timeout_s
+    try:
+        _open_until(path, time.monotonic() + startup_timeout_s)
+    except BaseException:
+        if not database.is_closed():  # a refused file is not left open (nor its WAL behind)
+            database.close()
+        raise
+    return database
+
+
+def _open_until(path: str, deadline: float) -> None:
+    """Connect and bring the schema up to date, retrying while another worker holds the lock."""
     while True:
         try:
             database.connect(reuse_if_open=True)
-            if not _schema_present():
-                with database.atomic("IMMEDIATE"):
-                    database.create_tables(MODELS, safe=True)
-                    Config.insert(name="schema-version", value=SCHEMA_VERSION).on_conflict_ignore().execute()
-            break
-        except OperationalError as exc:
-            if "unable to open" in str(exc):
+            _bring_up_to_date(path)
+            return
+        except DatabaseError as exc:  # OperationalError included
+            kind = errors.kind(exc)
+            if kind == errors.CANNOT_OPEN:
                 raise ValueError(f"SQLite cannot open it ({exc}): check the permissions") from None
-            if "readonly" in str(exc) and database.table_exists("unihashes"):
-                # A read-only file with the schema in place: serve lookups; the store
-                # refuses writes with a clear reason until the file is writable again.
-                log.warning("database %s is read-only; serving lookups only", path)
-                break
-            if "locked" not in str(exc) and "busy" not in str(exc):
-                raise
-            if time.monotonic() > deadline:
+            if kind == errors.NOT_A_DATABASE:
+                raise ValueError("it is not an SQLite database") from None
+            if kind == errors.READ_ONLY and _serves_read_only(path):
+                return
+            if kind != errors.BUSY or time.monotonic() > deadline:
                 raise
             log.debug("database busy while opening (another worker is setting it up), retrying: %s", exc)
             if not database.is_closed():
                 database.close()
             time.sleep(0.05)
-        except DatabaseError as exc:
-            if "not a database" in str(exc):
-                raise ValueError("it is not an SQLite database") from None
-            raise
-    return database
 
 
-def _schema_present() -> bool:
-    """Every table is there: a read, so workers opening a ready file never queue for the
-    write lock."""
-    marks = ", ".join("?" * len(TABLE_NAMES))
-    sql = f"SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN ({marks})"
-    return database.execute_sql(sql, TABLE_NAMES).fetchone()[0] == len(TABLE_NAMES)
+def _bring_up_to_date(path: str) -> None:
+    """Create or migrate the schema as the file needs; refuse a file that is not hq's.
+
+    The first look is a read, so workers opening a ready file never queue for the write
+    lock. A file that needs work is looked at again once the lock is held: a sibling may
+    have done the work while this worker waited, and must not be redone (each migration
+    step runs, and is logged, exactly once).
+    """
+    version = _schema_of(_look_at_file())  # refuses before anything is written
+    database.execute_sql("PRAGMA journal_mode = wal")  # stays set in the file
+    if version == SCHEMA_VERSION:
+        return
+    log.debug("database %s has schema %s, this hq %s: bringing it up to date under the write lock",
+              path, version or "none", SCHEMA_VERSION)
+    with database.atomic("IMMEDIATE"):
+        version = _schema_of(_look_at_file())
+        if version == SCHEMA_VERSION:
+            log.debug("database %s was brought to schema %s by another process meanwhile", path, version)
+            return
+        migrated = _create_schema() if version == 0 else _migrate(version)
+    for old in migrated:  # once committed
+        log.info("migrated database %s from schema %s to %s", path, old, old + 1)
+
+
+def _serves_read_only(path: str) -> bool:
+    """A file SQLite will not let this process write. At this schema version it serves
+    lookups, and the store refuses writes with a clear reason until the file is writable
+    again; at an older version it cannot be migrated, so it is refused. False for a file
+    with no schema yet (the caller reports SQLite's own error)."""
+    version = _schema_of(_look_at_file())
+    if version == 0:
+        return False
+    if version < SCHEMA_VERSION:
+        raise ValueError(
+            f"it is read-only and its schema is version {version}, older than this hq "
+            f"({SCHEMA_VERSION}): make it writable so that hq can migrate it"
+        )
+    log.warning("database %s is read-only; serving lookups only", path)
+    return True
+
+
+# --- what a file holds, and what hq may do with it ----------------------------------------
+
+_HASHSERV_TABLE = re.compile(r"(unihashes|outhashes)_v\d+")
+_TABLES_NAMED = 6  # a refusal names this many of a foreign file's tables
+
+
+class FileContents(NamedTuple):
+    """What :func:`open_database` looks at before it writes anything."""
+
+    tables: tuple  # table names in creation order, SQLite's own (sqlite_*) left out
+    version: object  # the value of config's schema-version row; None if there is none
+    application_id: int  # 0 where it was never set
+
+
+def _look_at_file() -> FileContents:
+    """Read (never write) what decides how to open the file."""
+    rows = database.execute_sql("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY rowid")
+    tables = tuple(name for (name,) in rows if not name.startswith("sqlite_"))
+    version = None
+    config_columns = {row[1] for row in database.execute_sql("PRAGMA table_info(config)")}
+    if {"name", "value"} <= config_columns:  # bitbake-hashserv has a config table too
+        row = database.execute_sql("SELECT value FROM config WHERE name = ?", (VERSION_ROW,)).fetchone()
+        version = None if row is None else row[0]
+    return FileContents(tables, version, _application_id())
+
+
+def _schema_of(found: FileContents) -> int:
+    """The schema version the file is at (0: none yet, a fresh file), or ValueError with a
+    one-line reason when hq must not open it. Pure: it decides from what was read."""
+    if found.application_id not in (0, HQ_APPLICATION_ID):
+        raise ValueError(
+            f"its SQLite application_id is {found.application_id:#010x}, not hq's "
+            f"({HQ_APPLICATION_ID:#010x}): not an hq database"
+        )
+    if not found.tables:
+        return 0
+    if found.version is None:
+        raise ValueError(_not_hq_reason(found.tables))
+    try:
+        version = int(found.version)
+    except (TypeError, ValueError):
+        version = 0
+    if version < 1:
+        raise ValueError(f"its schema version is {found.version!r}, which no hq writes: not an hq database")
+    if version > SCHEMA_VERSION:
+        raise ValueError(
+            f"the database's schema is version {version}, newer than this hq ({SCHEMA_VERSION}): upgrade hq"
+        )
+    return version
+
+
+def _not_hq_reason(tables: tuple) -> str:
+    """Why a file with tables and no schema version is refused, saying what it looks like."""
+    named = ", ".join(tables[:_TABLES_NAMED]) + (", ..." if len(tables) > _TABLES_NAMED else "")
+    if any(_HASHSERV_TABLE.fullmatch(name) for name in tables):
+        return (
+            f"it has tables {named}: a bitbake-hashserv database? "
+            "copy it into hq with hq-admin import-hashserv"
+        )
+    return f"it has tables {named} and no hq schema version: not an hq database"
+
+
+# --- creating and migrating, inside the caller's BEGIN IMMEDIATE transaction --------------
+
+
+def _create_schema() -> list:
+    """A fresh file gets the current schema at once: there is nothing to migrate."""
+    database.create_tables(MODELS, safe=True)
+    Config.insert(name=VERSION_ROW, value=str(SCHEMA_VERSION)).execute()
+    _mark_as_hq()
+    return []
+
+
+def _migrate(version: int) -> list:
+    """Step the file from ``version`` up to SCHEMA_VERSION; the versions it stepped from."""
+    migrator = SchemaMigrator.from_database(database)
+    stepped = []
+    for old in range(version, SCHEMA_VERSION):
+        MIGRATIONS[old](migrator)
+        stepped.append(old)
+    Config.update(value=str(SCHEMA_VERSION)).where(Config.name == VERSION_ROW).execute()
+    return stepped
+
+
+def _migrate_1_to_2(migrator: SchemaMigrator) -> None:
+    """Schema 2: the file carries hq's application_id. No table changes."""
+    _mark_as_hq()
+
+
+#: version -> the step that takes a file at that version to the next one. Each step gets a
+#: playhouse.migrate migrator for table changes (``migrate(migrator.add_column(...))``), runs
+#: inside the caller's transaction and never commits; the caller writes the new version.
+MIGRATIONS = {1: _migrate_1_to_2}
+
+
+# --- SQLite only: application_id is a field of SQLite's file header. PostgreSQL has no such
+# thing: there the first would return 0 and the second do nothing, and the version row decides.
+
+
+def _application_id() -> int:
+    return database.execute_sql("PRAGMA application_id").fetchone()[0]
+
+
+def _mark_as_hq() -> None:
+    database.execute_sql(f"PRAGMA application_id = {HQ_APPLICATION_ID}")  # transactional, like a row
 
 
 def settings_in_force(db: SqliteDatabase) -> dict:

@@ -7,7 +7,6 @@ on the write lock instead of failing with a snapshot conflict half-way.
 
 from __future__ import annotations
 
-import datetime
 import logging
 import os
 import sqlite3
@@ -15,6 +14,8 @@ import time
 from contextlib import contextmanager
 
 from peewee import OperationalError, SqliteDatabase
+
+from hq import protocol as p
 
 log = logging.getLogger(__name__)
 
@@ -26,24 +27,24 @@ def _file_id(path: str):
         return None
     return st.st_dev, st.st_ino
 
+from . import errors
 from .schema import from_key, to_key
-
-_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+from .timestamps import format_created, now_us
 
 #: IN-lists are padded to one of these sizes so SQLite's statement cache holds a handful
 #: of statements instead of one per distinct chunk length.
 _IN_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 _OUTHASH_FIELDS = "o.id, o.taskhash, o.outhash, o.created, o.owner, o.PN, o.PV, o.PR, o.task, o.outhash_siginfo"
-_EXTRA_FIELDS = ("owner", "PN", "PV", "PR", "task", "outhash_siginfo")
+#: The ``config`` row that holds the current gc mark (ref. §7.7); no row means no mark.
+GC_MARK_KEY = "gc-mark"
 
 
-def now_us() -> int:
-    return time.time_ns() // 1000
-
-
-def format_created(us: int) -> str:
-    return (_EPOCH + datetime.timedelta(microseconds=us)).isoformat()
+def current_gc_mark(execute):
+    """The current gc mark, or None when there is none. ``execute(sql, params)`` runs a
+    statement on the caller's connection (the store's, or the importer's)."""
+    row = execute("SELECT value FROM config WHERE name = ?", (GC_MARK_KEY,)).fetchone()
+    return row[0] if row else None
 
 
 def _placeholders(n: int) -> str:
@@ -85,8 +86,7 @@ class StorageUnavailable(Exception):
 
 
 def is_busy(exc: Exception) -> bool:
-    text = str(exc)
-    return "locked" in text or "busy" in text
+    return errors.kind(exc) == errors.BUSY
 
 
 class Store:
@@ -157,7 +157,13 @@ class Store:
         if self.reopen is None:
             return
         self.db.close()
-        self.reopen()
+        try:
+            self.reopen()
+        except Exception as exc:  # the file now at the path is not one hq can use
+            log.error("cannot open the database file now at %s: %s; refusing writes", self.db.database, exc)
+            self.file_problem = f"database file changed and cannot be opened ({exc}); restore it or restart hq"
+            self._file_id = _file_id(self.db.database)  # not again every heartbeat
+            return
         self._method_ids.clear()
         self._file_id = _file_id(self.db.database)
         self._reopen_when_writable = False
@@ -165,7 +171,7 @@ class Store:
 
     def writes_failed(self, exc: Exception) -> None:
         """A write failed with ``exc``: after "read-only", reopen once the file is writable."""
-        if "readonly" in str(exc) or "read-only" in str(exc):
+        if errors.kind(exc) == errors.READ_ONLY:
             self._reopen_when_writable = True
 
     @contextmanager
@@ -346,17 +352,13 @@ class Store:
         return self._row(method, values, with_unihash) if values else None
 
     # --- writes -----------------------------------------------------------------------
-    def _current_gc_mark(self) -> str:
-        row = self._sql("SELECT value FROM config WHERE name = 'gc-mark'").fetchone()
-        return row[0] if row else ""
-
     def report(self, method: str, taskhash: str, outhash: str, unihash: str, extra=None) -> str:
         return self.report_many([(method, taskhash, outhash, unihash, extra)])[0]
 
     def report_many(self, reports: list) -> list:
         """Several reports in one write transaction (group commit); see :meth:`_report`."""
         with self.write_transaction():
-            mark = self._current_gc_mark()
+            mark = current_gc_mark(self._sql) or ""
             return [self._report(mark, *report) for report in reports]
 
     def report_equiv(self, method: str, taskhash: str, unihash: str) -> str:
@@ -364,7 +366,7 @@ class Store:
 
     def report_equiv_many(self, reports: list) -> list:
         with self.write_transaction():
-            mark = self._current_gc_mark()
+            mark = current_gc_mark(self._sql) or ""
             return [self._report_equiv(mark, *report) for report in reports]
 
     def _report(self, mark: str, method: str, taskhash: str, outhash: str, unihash: str, extra=None) -> str:
@@ -385,7 +387,7 @@ class Store:
             "outhash_siginfo) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM "
             "outhashes WHERE method = ? AND substr(taskhash, 1, 8) = substr(?, 1, 8) "
             "AND taskhash = ? AND outhash = ?)",
-            (mid, tkey, okey, now_us(), *(extra.get(f) for f in _EXTRA_FIELDS), mid, tkey, tkey, okey),
+            (mid, tkey, okey, now_us(), *(extra.get(f) for f in p.REPORT_EXTRA_FIELDS), mid, tkey, tkey, okey),
         ).rowcount
         if inserted:
             row = sql(

@@ -122,7 +122,7 @@ def test_workers_and_ping(busy_stack):
     assert result.returncode == 0
     workers = json.loads(result.stdout)
     pids = {w["name"]: w["pid"] for w in workers}
-    assert pids == {n: p.pid for n, p in busy_stack.children().items() if n != "broker"}
+    assert pids == {n: p.pid for n, p in busy_stack.children().items() if n != "hq-broker"}
     result = admin(busy_stack.address, "ping", "--count", "3", "--format", "json")
     assert result.returncode == 0
     ping = json.loads(result.stdout)

@@ -36,7 +36,7 @@ def stack(shared_stack):
 def pids(stack):
     """Broker and worker pids when the module starts; every test checks they never change."""
     found = wait_for(lambda: len(pid_map(stack)) == 3 and pid_map(stack), what="broker and 2 workers")
-    assert "broker" in found
+    assert "hq-broker" in found
     return found
 
 
@@ -83,7 +83,7 @@ def recv_reply(sock, timeout_s: float = 5.0) -> p.Reply:
 
 
 def broker_fds(stack) -> int:
-    return stack.children()["broker"].num_fds()
+    return stack.children()["hq-broker"].num_fds()
 
 
 def assert_serving(stack, pids, timeout_s: float = 5.0) -> None:

@@ -38,9 +38,9 @@ def test_broker_restart_mid_burst(any_stack, how):
     thread.start()
     try:
         wait_for(lambda: len(done) >= 3, 20, what="batches flowing")
-        broker = stack.children()["broker"]
+        broker = stack.children()["hq-broker"]
         broker.send_signal(how)
-        wait_for(lambda: getattr(stack.children().get("broker"), "pid", broker.pid) != broker.pid, 10, what="broker restarted")
+        wait_for(lambda: getattr(stack.children().get("hq-broker"), "pid", broker.pid) != broker.pid, 10, what="broker restarted")
         back = time.monotonic()
         before = len(done)
         wait_for(lambda: len(done) >= before + 3, 10, what="batches after the restart")

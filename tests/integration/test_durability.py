@@ -45,8 +45,8 @@ def run(tmp_path, clients, per_client, kill_every, workers=3):
         broker_killed = False
         while not stop.wait(rng.uniform(*kill_every)):
             children = stack.children()
-            if not broker_killed and len(kills) == 2 and "broker" in children:
-                victim = children["broker"]
+            if not broker_killed and len(kills) == 2 and "hq-broker" in children:
+                victim = children["hq-broker"]
                 broker_killed = True
             else:
                 names = [n for n in children if n.startswith("hq-worker")]

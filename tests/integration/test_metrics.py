@@ -172,7 +172,7 @@ def read_all(sock) -> bytes:
 
 def test_slow_and_garbage_clients_do_not_stop_scrapes_or_lookups(metrics_stack):
     port = metrics_stack.metrics_port
-    broker_pid = metrics_stack.children()["broker"].pid
+    broker_pid = metrics_stack.children()["hq-broker"].pid
     slow = []
     try:
         # Slowloris: partial headers, never finished, on more connections than are tracked.
@@ -198,7 +198,7 @@ def test_slow_and_garbage_clients_do_not_stop_scrapes_or_lookups(metrics_stack):
     finally:
         for s in slow:
             s.close()
-    assert metrics_stack.children()["broker"].pid == broker_pid
+    assert metrics_stack.children()["hq-broker"].pid == broker_pid
     assert "Traceback" not in metrics_stack.log()
 
 

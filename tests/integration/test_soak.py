@@ -24,7 +24,7 @@ def broker_state(client) -> tuple:
 
 def test_connect_request_close_cycles_leave_nothing_behind(tmp_path, cycles=1000):
     with Stack(tmp_path, workers=2) as stack:
-        broker = stack.children()["broker"]
+        broker = stack.children()["hq-broker"]
         with create_client(stack.address, timeout=10) as probe:
             probe.ping()
             fds_before = broker.num_fds()
@@ -134,8 +134,8 @@ def test_soak(tmp_path):
     mid, end = samples["mid"], samples["end"]
     print("mid", mid, "\nend", end, "\nkills", kills, "clients", len(procs))
     assert [w for ws in wrong for w in ws] == []
-    assert end["broker"][1] < mid["broker"][1] * 1.05  # broker RSS
-    assert end["broker"][2] <= mid["broker"][2] + 5  # broker fds
+    assert end["hq-broker"][1] < mid["hq-broker"][1] * 1.05  # broker RSS
+    assert end["hq-broker"][2] <= mid["hq-broker"][2] + 5  # broker fds
     worker_rss_mid = max(v[1] for k, v in mid.items() if k.startswith("hq-worker"))
     assert max(v[1] for k, v in end.items() if k.startswith("hq-worker")) < worker_rss_mid * 1.05
     assert end["wal"] < 64 * 2**20

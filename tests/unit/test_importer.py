@@ -9,6 +9,7 @@ from hashserv_db import HashservDB, expected_hq_state, hq_state, populate
 from hq import protocol as p
 from hq.admin.importer import CHUNK_BYTES, SourceError, open_source, read_chunks
 from hq.workers import importer as imp
+from hq.workers.schema import SCHEMA_VERSION
 
 M = "TestMethod"
 T1 = "35788efcb8dfb0a02659d81cf2bfd695fb30faf9"
@@ -215,7 +216,7 @@ def test_config_takes_only_the_gc_mark_and_never_hqs_own_rows(handlers):
         {"id": 4, "name": "something-else", "value": "x"},
     ]
     assert run_import(handlers, "config", rows, last_id=4) == {"imported": 1, "skipped": 3, "invalid": 0}
-    assert config_rows(handlers) == {"schema-version": "1", "gc-mark": "ABC"}
+    assert config_rows(handlers) == {"schema-version": str(SCHEMA_VERSION), "gc-mark": "ABC"}
     assert status_of(handlers)["users"] == 0
 
 

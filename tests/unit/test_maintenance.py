@@ -12,7 +12,7 @@ from helpers import Statements
 from hq import protocol as p
 from hq.workers.maintenance import GC_MARK_KEY, MAX_MARK_BYTES, QUERY_COLUMNS
 from hq.workers.schema import open_database
-from hq.workers.store import now_us
+from hq.workers.timestamps import now_us
 
 M = "TestMethod"
 T1 = "35788efcb8dfb0a02659d81cf2bfd695fb30faf9"

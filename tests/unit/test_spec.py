@@ -181,7 +181,7 @@ def test_bench_packing_runs_and_writes_json(tmp_path):
     assert "(b)" in proc.stdout
     doc = json.loads(out.read_text())
     assert doc["configuration"]["items"] == 10
-    assert {"platform", "cpu_count", "python", "pyzmq", "libzmq"} <= doc["machine"].keys()
+    assert {"platform", "cpu_count_logical", "python", "pyzmq", "libzmq"} <= doc["machine"].keys()
     assert set(doc["results"]) == {"a", "b", "c"}
     for result in doc["results"].values():
         us = result["us_per_1000_hashes"]

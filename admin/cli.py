@@ -29,7 +29,8 @@ def _add_common(parser: argparse.ArgumentParser, defaults: bool) -> None:
     parser.add_argument(
         "--address",
         default=default(None),
-        help=f"broker address, tcp://HOST:PORT or ipc://PATH (env HQ_ADDRESS; default {addresses.DEFAULT_ADDRESS})",
+        help="broker address, tcp://HOST:PORT or ipc://PATH "
+        f"(env HQ_ADDRESS; default {addresses.DEFAULT_ADDRESS})",
     )
     parser.add_argument(
         "--timeout",
@@ -73,7 +74,9 @@ def _resolve_environment(args, top: argparse.ArgumentParser) -> None:
     if args.timeout is None:
         env = os.environ.get("HQ_ADMIN_TIMEOUT")
         try:
-            args.timeout = options.POSITIVE_FLOAT(env) if env else getattr(args, "default_timeout", DEFAULT_TIMEOUT_S)
+            args.timeout = (
+                options.POSITIVE_FLOAT(env) if env else getattr(args, "default_timeout", DEFAULT_TIMEOUT_S)
+            )
         except ValueError as exc:
             top.error(f"bad value {env!r} from HQ_ADMIN_TIMEOUT: {exc} (seconds)")
 
@@ -92,7 +95,9 @@ def main(argv=None) -> int:
         output.error(f"refused: {exc}")
         return output.FAILED
     except ConnectionError as exc:
-        output.error(str(exc) if str(exc).startswith("cannot reach") else f"cannot reach hq at {args.address}: {exc}")
+        output.error(
+            str(exc) if str(exc).startswith("cannot reach") else f"cannot reach hq at {args.address}: {exc}"
+        )
         return output.UNREACHABLE
     except KeyboardInterrupt:
         return output.INTERRUPTED

@@ -14,14 +14,13 @@ from __future__ import annotations
 import argparse
 import os
 import sqlite3
-import sys
 import time
 import urllib.parse
 
 from hq import config, options
-from hq.progress import Progress
 from hq import protocol as p
 from hq.client.client import encode_import_row
+from hq.progress import Progress
 
 from . import output
 
@@ -48,7 +47,9 @@ def add_commands(sub, common) -> None:
         "Each chunk commits with a checkpoint, so running the command again resumes.",
     )
     cmd.add_argument("file", metavar="FILE", help="the bitbake-hashserv database file (opened read-only)")
-    cmd.add_argument("--source", help="name of this source for the checkpoints (default: FILE's absolute path)")
+    cmd.add_argument(
+        "--source", help="name of this source for the checkpoints (default: FILE's absolute path)"
+    )
     cmd.add_argument("--restart", action="store_true", help="ignore the checkpoints and send every row again")
     cmd.add_argument(
         "--max-chunks",
@@ -56,7 +57,12 @@ def add_commands(sub, common) -> None:
         metavar="N",
         help="stop after sending N chunks (for tests and for importing in slices; run again to go on)",
     )
-    cmd.add_argument("--chunk-rows", type=_chunk_rows, default=p.MAX_CHUNK_ITEMS, help="rows per chunk, 1-1000 (default %(default)s)")
+    cmd.add_argument(
+        "--chunk-rows",
+        type=_chunk_rows,
+        default=p.MAX_CHUNK_ITEMS,
+        help="rows per chunk, 1-1000 (default %(default)s)",
+    )
     cmd.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
     cmd.set_defaults(func=import_hashserv, default_timeout=600.0)
 
@@ -85,7 +91,9 @@ def open_source(path: str) -> sqlite3.Connection:
     if missing:
         hint = ""
         if "unihashes_v2" in names:
-            hint = " (it was written by an older bitbake-hashserv: run a current one on it once to upgrade it)"
+            hint = (
+                " (it was written by an older bitbake-hashserv: run a current one on it once to upgrade it)"
+            )
         conn.close()
         raise SourceError(f"{path}: not a bitbake-hashserv database: no table {', '.join(missing)}{hint}")
     for table in _tables(conn):
@@ -209,9 +217,24 @@ def _run(args, client, conn, source: str) -> int:
         title = f"imported {data['file']} (source {source})"
     else:
         title = f"stopped after {chunks} chunks (--max-chunks); run again to resume"
-    headers = ["table", "rows in source", "resumed after id", "sent", "imported", "skipped (present)", "invalid", "last id"]
+    headers = [
+        "table",
+        "rows in source",
+        "resumed after id",
+        "sent",
+        "imported",
+        "skipped (present)",
+        "invalid",
+        "last id",
+    ]
     rows = [
-        (t, *(output.fmt(r[k]) for k in ("rows", "resumed_after_id", "sent", "imported", "skipped", "invalid", "last_id")))
+        (
+            t,
+            *(
+                output.fmt(r[k])
+                for k in ("rows", "resumed_after_id", "sent", "imported", "skipped", "invalid", "last_id")
+            ),
+        )
         for t, r in results.items()
     ]
     summary = [(output.fmt(chunks), f"{elapsed:.3g}", f"{data['rows_per_s']:,.0f}")]

@@ -38,7 +38,10 @@ def emit(args, data, *tables) -> None:
         first = False
         if title:
             out.write(title + "\n")
-        out.write(tabulate(rows, headers=headers, tablefmt=TABLE_FORMAT, floatfmt=".3g", disable_numparse=True) + "\n")
+        out.write(
+            tabulate(rows, headers=headers, tablefmt=TABLE_FORMAT, floatfmt=".3g", disable_numparse=True)
+            + "\n"
+        )
     out.flush()
 
 

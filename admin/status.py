@@ -15,23 +15,47 @@ from . import output
 def add_commands(sub, common) -> None:
     cmd = sub.add_parser("stats", parents=[common], help="summary, per command and per worker statistics")
     cmd.set_defaults(func=stats)
-    cmd = sub.add_parser("reset-stats", parents=[common], help="zero the statistics (prints them as they were)")
+    cmd = sub.add_parser(
+        "reset-stats", parents=[common], help="zero the statistics (prints them as they were)"
+    )
     cmd.set_defaults(func=reset_stats)
     cmd = sub.add_parser("workers", parents=[common], help="the registered workers")
     cmd.set_defaults(func=workers)
     cmd = sub.add_parser("top", parents=[common], help="a live view, refreshed until interrupted")
-    cmd.add_argument("--interval", type=config.argparse_type(options.POSITIVE_FLOAT), default=2.0, help="seconds between refreshes (default %(default)s)")
-    cmd.add_argument("--iterations", "-n", type=config.argparse_type(options.NON_NEGATIVE_INT), default=0, help="stop after N refreshes (default: until Ctrl-C)")
+    cmd.add_argument(
+        "--interval",
+        type=config.argparse_type(options.POSITIVE_FLOAT),
+        default=2.0,
+        help="seconds between refreshes (default %(default)s)",
+    )
+    cmd.add_argument(
+        "--iterations",
+        "-n",
+        type=config.argparse_type(options.NON_NEGATIVE_INT),
+        default=0,
+        help="stop after N refreshes (default: until Ctrl-C)",
+    )
     cmd.set_defaults(func=top)
     cmd = sub.add_parser("ping", parents=[common], help="round-trip times through the broker to a worker")
-    cmd.add_argument("--count", "-c", type=config.argparse_type(options.POSITIVE_INT), default=5, help="pings to send (default %(default)s)")
+    cmd.add_argument(
+        "--count",
+        "-c",
+        type=config.argparse_type(options.POSITIVE_INT),
+        default=5,
+        help="pings to send (default %(default)s)",
+    )
     cmd.set_defaults(func=ping)
     cmd = sub.add_parser(
         "health",
         parents=[common],
         help="exit 0 only if the broker answers and enough workers are registered and answering",
     )
-    cmd.add_argument("--min-workers", type=config.argparse_type(options.NON_NEGATIVE_INT), default=1, help="workers required (default %(default)s)")
+    cmd.add_argument(
+        "--min-workers",
+        type=config.argparse_type(options.NON_NEGATIVE_INT),
+        default=1,
+        help="workers required (default %(default)s)",
+    )
     cmd.set_defaults(func=health)
 
 
@@ -97,8 +121,14 @@ def summary_rows(data: dict, usage: dict | None = None) -> list:
         ("broker uptime", f"{broker['uptime_s']:.0f} s"),
         ("since reset", f"{data.get('since_reset_s', broker['uptime_s']):.0f} s"),
         ("requests", output.fmt(data["requests"]["num"])),
-        ("mean / max latency", f"{output.ms(data['requests']['average'])} / {output.ms(data['requests']['max_time'])} ms"),
-        ("lookups (hit rate)", f"{output.fmt(t.get('lookups', 0))} ({_ratio(t.get('lookups.hit', 0), t.get('lookups', 0))})"),
+        (
+            "mean / max latency",
+            f"{output.ms(data['requests']['average'])} / {output.ms(data['requests']['max_time'])} ms",
+        ),
+        (
+            "lookups (hit rate)",
+            f"{output.fmt(t.get('lookups', 0))} ({_ratio(t.get('lookups.hit', 0), t.get('lookups', 0))})",
+        ),
         ("reports new / equivalent / existing", " / ".join(output.fmt(n) for n in reports)),
         ("errors", output.fmt(errors)),
         ("queued / in-flight jobs", f"{broker['queued_jobs']} / {broker['inflight_jobs']}"),
@@ -111,7 +141,8 @@ def summary_rows(data: dict, usage: dict | None = None) -> list:
         ),
         (
             "sqlite",
-            f"journal_mode={settings.get('journal_mode', '-')} synchronous={settings.get('synchronous', '-')} "
+            f"journal_mode={settings.get('journal_mode', '-')} "
+            f"synchronous={settings.get('synchronous', '-')} "
             f"busy_timeout={settings.get('busy_timeout', '-')}ms"
             + ("  WARNING: " + "; ".join(problems) if problems else ""),
         ),
@@ -164,7 +195,19 @@ def worker_rows(data: dict) -> list:
     return rows
 
 
-WORKER_HEADERS = ["worker", "pid", "uptime", "restarts", "in flight", "requests", "lookups", "hits", "reports", "errors", "journal/sync"]
+WORKER_HEADERS = [
+    "worker",
+    "pid",
+    "uptime",
+    "restarts",
+    "in flight",
+    "requests",
+    "lookups",
+    "hits",
+    "reports",
+    "errors",
+    "journal/sync",
+]
 
 
 # --- subcommands ------------------------------------------------------------------------------
@@ -235,7 +278,9 @@ def top(args, client) -> int:
             if tty:
                 sys.stdout.write("\x1b[H\x1b[2J")  # home, clear screen
             stamp = time.strftime("%H:%M:%S")
-            sys.stdout.write(f"hq-admin top  {args.address}  {stamp}  (every {args.interval:g} s, Ctrl-C to quit)\n\n")
+            sys.stdout.write(
+                f"hq-admin top  {args.address}  {stamp}  (every {args.interval:g} s, Ctrl-C to quit)\n\n"
+            )
             rate_rows = [
                 ("requests/s", f"{rates['requests_per_s']:,.0f}"),
                 ("lookups/s", f"{rates['lookups_per_s']:,.0f}"),
@@ -272,7 +317,9 @@ def ping(args, client) -> int:
         "median_s": times[len(times) // 2],
         "max_s": times[-1],
     }
-    rows = [(args.address, len(times), output.ms(times[0]), output.ms(data["median_s"]), output.ms(times[-1]))]
+    rows = [
+        (args.address, len(times), output.ms(times[0]), output.ms(data["median_s"]), output.ms(times[-1]))
+    ]
     output.emit(args, data, (None, ["address", "pings", "min ms", "median ms", "max ms"], rows))
     return output.OK
 
@@ -294,6 +341,10 @@ def health(args, client) -> int:
     if args.format == "json":
         output.emit(args, result)
     else:
-        line = f"ok: broker at {args.address}, {n} worker(s)" if not problems else "unhealthy: " + "; ".join(problems)
+        line = (
+            f"ok: broker at {args.address}, {n} worker(s)"
+            if not problems
+            else "unhealthy: " + "; ".join(problems)
+        )
         (sys.stdout if not problems else sys.stderr).write(line + "\n")
     return output.OK if not problems else output.FAILED

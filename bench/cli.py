@@ -33,7 +33,6 @@ from .runner import json_safe, run_repeat
 from .table import metrics_table
 from .workloads import WORKLOADS
 
-
 _POSITIVE_INT = config.argparse_type(options.POSITIVE_INT)
 _POSITIVE_FLOAT = config.argparse_type(options.POSITIVE_FLOAT)
 _NON_NEGATIVE_INT = config.argparse_type(options.NON_NEGATIVE_INT)
@@ -69,8 +68,17 @@ def _common(parser: argparse.ArgumentParser) -> None:
         default=3,
         help="runs, each on a fresh stack and database (default 3)",
     )
-    g.add_argument("--json", metavar="FILE", type=_OUTPUT_FILE, help="write config, machine, raw repeats and summary here")
-    g.add_argument("--quiet", action="store_true", help="no progress bar and no table: one line saying whether every answer was right")
+    g.add_argument(
+        "--json",
+        metavar="FILE",
+        type=_OUTPUT_FILE,
+        help="write config, machine, raw repeats and summary here",
+    )
+    g.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress bar and no table: one line saying whether every answer was right",
+    )
     g.add_argument("--seed", type=int, default=1, help="seed of every generated hash (default 1)")
     g.add_argument(
         "--timeout", type=_POSITIVE_FLOAT, default=60.0, help="client call deadline in seconds (default 60)"
@@ -181,7 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--hit-ratio", type=_ratio, default=0.5, help="fraction of lookups the server knows (default 0.5)"
     )
     p.add_argument("--reporters", type=_NON_NEGATIVE_INT, default=4, help="reporting clients (default 4)")
-    p.add_argument("--reports", type=_POSITIVE_INT, default=1000, help="reports per reporting client (default 1000)")
+    p.add_argument(
+        "--reports", type=_POSITIVE_INT, default=1000, help="reports per reporting client (default 1000)"
+    )
     p.add_argument(
         "--equiv",
         type=_ratio,

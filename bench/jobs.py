@@ -26,13 +26,13 @@ SAMPLES = 5  # wrong answers kept per client, to show what went wrong
 WAIT_PHASE_S = 120.0  # fairness: longest wait for the other side of a phase change
 
 
-
 def batched_calls(taskhashes: list, expected: list, batch: int) -> list:
     """(get_unihash_batch argument, taskhashes, expected answers) per call of ``batch``."""
     return [
         ([(METHOD, t) for t in taskhashes[i : i + batch]], taskhashes[i : i + batch], expected[i : i + batch])
         for i in range(0, len(taskhashes), batch)
     ]
+
 
 class Check:
     """Wrong and missing answers of one client, with a few examples."""

@@ -202,9 +202,7 @@ class Path:
         """One batch, end to end. Returns the client's decoded unihashes."""
         client_encode, server_decode, server_encode, client_decode = codec
         n = len(taskhashes)
-        self.client.send_multipart(
-            [p.CLIENT_PROTOCOL, b"1", p.GET, b"", _METHOD, *client_encode(taskhashes)]
-        )
+        self.client.send_multipart([p.CLIENT_PROTOCOL, b"1", p.GET, b"", _METHOD, *client_encode(taskhashes)])
         if self.via_broker:
             frames = self.front.recv_multipart()  # [client_id, envelope..., body...]
             self.back.send_multipart([b"W", *frames])

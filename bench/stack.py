@@ -42,8 +42,16 @@ class Stack:
     once every worker has registered and a request went through.
     """
 
-    def __init__(self, workdir, workers: int = 2, bind: str = "tcp://127.0.0.1:*", args=(), env=None,
-                 log_level: str = "INFO", inherit_env: bool = True):
+    def __init__(
+        self,
+        workdir,
+        workers: int = 2,
+        bind: str = "tcp://127.0.0.1:*",
+        args=(),
+        env=None,
+        log_level: str = "INFO",
+        inherit_env: bool = True,
+    ):
         self.workdir = str(workdir)
         self.db = os.path.join(self.workdir, "hq.db")
         self.workers = workers
@@ -51,11 +59,16 @@ class Stack:
         self.log_path = os.path.join(self.workdir, "hq-server.log")
         self.argv = [
             script("hq-server"),
-            "--bind", bind,
-            "--db", self.db,
-            "--workers", str(workers),
-            "--endpoint-file", self.endpoint_file,
-            "--log-level", log_level,
+            "--bind",
+            bind,
+            "--db",
+            self.db,
+            "--workers",
+            str(workers),
+            "--endpoint-file",
+            self.endpoint_file,
+            "--log-level",
+            log_level,
             *args,
         ]
         base = os.environ if inherit_env else {k: v for k, v in os.environ.items() if not k.startswith("HQ_")}
@@ -69,8 +82,13 @@ class Stack:
     # --- life cycle ---------------------------------------------------------------------
     def start(self, timeout: float = START_TIMEOUT_S) -> Stack:
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                         start_new_session=self.start_new_session)
+            self.proc = subprocess.Popen(
+                self.argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                start_new_session=self.start_new_session,
+            )
         deadline = time.monotonic() + timeout
         self._wait(lambda: os.path.exists(self.endpoint_file), deadline, "ready (its endpoint file)")
         with open(self.endpoint_file, encoding="utf-8") as fh:

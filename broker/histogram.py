@@ -45,13 +45,13 @@ class Histogram:
         if seconds > self.max:
             self.max = seconds
 
-    def copy(self) -> "Histogram":
+    def copy(self) -> Histogram:
         h = Histogram()
         h.counts = list(self.counts)
         h.count, h.sum, h.max = self.count, self.sum, self.max
         return h
 
-    def minus(self, base: "Histogram | None") -> "Histogram":
+    def minus(self, base: Histogram | None) -> Histogram:
         """The samples recorded since ``base`` (an earlier copy of this histogram)."""
         if base is None:
             return self

@@ -97,11 +97,16 @@ class Broker:
         poller = zmq.Poller()
         poller.register(frontend, zmq.POLLIN)
         poller.register(backend, zmq.POLLIN)
-        log.info("broker serving clients on %s, workers on %s", ", ".join(self.endpoints), self.backend_endpoint)
+        log.info(
+            "broker serving clients on %s, workers on %s", ", ".join(self.endpoints), self.backend_endpoint
+        )
         metrics, metrics_socket = self.metrics, self.metrics_socket
         if metrics is not None:
             poller.register(metrics_socket, zmq.POLLIN)
-            log.info("metrics (Prometheus text format) on http://%s/metrics", self.metrics_endpoint.split("://", 1)[1])
+            log.info(
+                "metrics (Prometheus text format) on http://%s/metrics",
+                self.metrics_endpoint.split("://", 1)[1],
+            )
         while not stop:
             timeout_ms = sched.next_wakeup(time.monotonic()) * 1000
             if metrics is not None and metrics.conns:
@@ -203,8 +208,10 @@ def main(argv=None) -> int:
     if opts.endpoint_file:
         write_lines(opts.endpoint_file, broker.endpoints)
     # systemd (Type=notify): bound, so clients and workers can connect from now on.
-    notify("READY=1", f"STATUS=serving clients on {', '.join(broker.endpoints)}, "
-                      f"workers on {broker.backend_endpoint}")
+    notify(
+        "READY=1",
+        f"STATUS=serving clients on {', '.join(broker.endpoints)}, workers on {broker.backend_endpoint}",
+    )
     try:
         broker.serve(stop)
     finally:

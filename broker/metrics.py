@@ -172,48 +172,83 @@ def render(sched, now: float, http_counts: dict | None = None) -> str:
     for command in p.WORKER_COMMANDS:
         items.setdefault(command.decode(), 0)
 
-    t.family("hq_broker_uptime_seconds", "gauge", "Seconds since the broker started.", [("", now - sched.started)])
     t.family(
-        "hq_requests_total", "counter", "Well-formed client requests received, by command.",
+        "hq_broker_uptime_seconds", "gauge", "Seconds since the broker started.", [("", now - sched.started)]
+    )
+    t.family(
+        "hq_requests_total",
+        "counter",
+        "Well-formed client requests received, by command.",
         ((_with("", "command", c), n) for c, n in sorted(requests.items())),
     )
-    t.family("hq_requests_malformed_total", "counter", "Client requests refused as malformed.", [("", malformed)])
-    t.family("hq_requests_timed_out_total", "counter", "Requests answered 503 after request-timeout.", [("", timed_out)])
     t.family(
-        "hq_items_total", "counter", "Items (hashes, reports) of the requests answered OK, by command.",
+        "hq_requests_malformed_total", "counter", "Client requests refused as malformed.", [("", malformed)]
+    )
+    t.family(
+        "hq_requests_timed_out_total",
+        "counter",
+        "Requests answered 503 after request-timeout.",
+        [("", timed_out)],
+    )
+    t.family(
+        "hq_items_total",
+        "counter",
+        "Items (hashes, reports) of the requests answered OK, by command.",
         ((_with("", "command", c), n) for c, n in sorted(items.items())),
     )
     t.family(
-        "hq_errors_total", "counter", "Error replies sent to clients, by status code.",
+        "hq_errors_total",
+        "counter",
+        "Error replies sent to clients, by status code.",
         ((_with("", "code", c), n) for c, n in sorted(grouped["errors"].items())),
     )
     _histograms(t, sched.latency)
-    t.family("hq_queued_jobs", "gauge", "Jobs (chunks) waiting in the broker's queues.", [("", len(sched.queue))])
-    t.family("hq_inflight_jobs", "gauge", "Jobs given to workers and not yet answered.", [("", len(sched.jobs))])
-    t.family("hq_pending_requests", "gauge", "Client requests not yet answered.", [("", len(sched.pending) + len(sched.slow_pending))])
+    t.family(
+        "hq_queued_jobs", "gauge", "Jobs (chunks) waiting in the broker's queues.", [("", len(sched.queue))]
+    )
+    t.family(
+        "hq_inflight_jobs", "gauge", "Jobs given to workers and not yet answered.", [("", len(sched.jobs))]
+    )
+    t.family(
+        "hq_pending_requests",
+        "gauge",
+        "Client requests not yet answered.",
+        [("", len(sched.pending) + len(sched.slow_pending))],
+    )
     t.family("hq_clients_queued", "gauge", "Clients with jobs in the queue.", [("", len(sched.queue.queues))])
     t.family("hq_workers", "gauge", "Workers registered with the broker.", [("", len(sched.workers))])
     t.family(
-        "hq_broker_events_total", "counter", "Other broker counters, by name (re-dispatches, merges, drops...).",
+        "hq_broker_events_total",
+        "counter",
+        "Other broker counters, by name (re-dispatches, merges, drops...).",
         ((_with("", "event", name), n) for name, n in sorted(other.items())),
     )
 
     workers = _worker_labels(sched.workers.values())
     current = {w.name for w in sched.workers.values()}
     restarts = sorted(
-        (name, n) for name, n in ((name, _restarts(v)) for name, v in sched.registrations.items()) if n or name in current
+        (name, n)
+        for name, n in ((name, _restarts(v)) for name, v in sched.registrations.items())
+        if n or name in current
     )
     t.family(
-        "hq_worker_restarts_total", "counter", "Times a worker registered again under the same name.",
+        "hq_worker_restarts_total",
+        "counter",
+        "Times a worker registered again under the same name.",
         ((_with("", "worker", name), n) for name, n in restarts),
     )
     t.family(
-        "hq_worker_inflight_jobs", "gauge", "Jobs each worker holds.", ((labels, len(w.jobs)) for labels, w in workers)
+        "hq_worker_inflight_jobs",
+        "gauge",
+        "Jobs each worker holds.",
+        ((labels, len(w.jobs)) for labels, w in workers),
     )
     _worker_metrics(t, workers)
     if http_counts is not None:
         t.family(
-            "hq_metrics_http_responses_total", "counter", "Answers of this metrics endpoint, by HTTP status.",
+            "hq_metrics_http_responses_total",
+            "counter",
+            "Answers of this metrics endpoint, by HTTP status.",
             ((_with("", "code", code), n) for code, n in sorted(http_counts.items())),
         )
     return t.text()
@@ -259,16 +294,30 @@ def _worker_metrics(t: _Text, workers: list) -> None:
         per_worker.append((labels, grouped, rest, stats, w))
 
     t.family(
-        "hq_worker_uptime_seconds", "gauge", "Seconds since the worker process started.",
+        "hq_worker_uptime_seconds",
+        "gauge",
+        "Seconds since the worker process started.",
         ((labels, stats.get("uptime_s")) for labels, _, _, stats, _ in per_worker),
     )
     t.family(
-        "hq_worker_jobs_total", "counter", "Jobs run by each worker, by command.",
-        ((_with(labels, "command", c), n) for labels, g, _, _, _ in per_worker for c, n in sorted(g["jobs"].items())),
+        "hq_worker_jobs_total",
+        "counter",
+        "Jobs run by each worker, by command.",
+        (
+            (_with(labels, "command", c), n)
+            for labels, g, _, _, _ in per_worker
+            for c, n in sorted(g["jobs"].items())
+        ),
     )
     t.family(
-        "hq_worker_errors_total", "counter", "Jobs a worker answered with an error, by status code.",
-        ((_with(labels, "code", c), n) for labels, g, _, _, _ in per_worker for c, n in sorted(g["errors"].items())),
+        "hq_worker_errors_total",
+        "counter",
+        "Jobs a worker answered with an error, by status code.",
+        (
+            (_with(labels, "code", c), n)
+            for labels, g, _, _, _ in per_worker
+            for c, n in sorted(g["errors"].items())
+        ),
     )
     simple = (
         ("hq_worker_lookups_total", "lookups", "Taskhashes looked up (get items)."),
@@ -278,7 +327,12 @@ def _worker_metrics(t: _Text, workers: list) -> None:
         ("hq_worker_exists_hits_total", "exists.hit", "Unihashes checked and found."),
     )
     for name, key, help_text in simple:
-        t.family(name, "counter", help_text, ((labels, rest.pop(key, None)) for labels, _, rest, _, _ in per_worker))
+        t.family(
+            name,
+            "counter",
+            help_text,
+            ((labels, rest.pop(key, None)) for labels, _, rest, _, _ in per_worker),
+        )
     reports = []
     for labels, g, _, stats, _ in per_worker:
         if "counters" in stats:
@@ -287,8 +341,14 @@ def _worker_metrics(t: _Text, workers: list) -> None:
             reports.extend((_with(labels, "result", r), n) for r, n in sorted(counts.items()))
     t.family("hq_worker_reports_total", "counter", "Reports stored by each worker, by result.", reports)
     t.family(
-        "hq_worker_events_total", "counter", "Other worker counters, by name.",
-        ((_with(labels, "event", name), n) for labels, _, rest, _, _ in per_worker for name, n in sorted(rest.items())),
+        "hq_worker_events_total",
+        "counter",
+        "Other worker counters, by name.",
+        (
+            (_with(labels, "event", name), n)
+            for labels, _, rest, _, _ in per_worker
+            for name, n in sorted(rest.items())
+        ),
     )
 
     dbs = []
@@ -304,7 +364,9 @@ def _worker_metrics(t: _Text, workers: list) -> None:
             rows.extend((_with(labels, "table", table), n) for table, n in sorted(counts.items()))
     t.family("hq_db_rows", "gauge", "Rows per table (counted every stats-rows-interval).", rows)
     t.family(
-        "hq_db_rows_age_seconds", "gauge", "Age of the row counts in hq_db_rows.",
+        "hq_db_rows_age_seconds",
+        "gauge",
+        "Age of the row counts in hq_db_rows.",
         ((labels, db.get("rows_age_s")) for labels, db in dbs),
     )
 
@@ -319,8 +381,10 @@ def _worker_metrics(t: _Text, workers: list) -> None:
                     text = _with(text, key, value)
             info.append((text, 1))
     t.family(
-        "hq_sqlite_settings_info", "gauge",
-        "The SQLite settings each worker's connection really has (journal_mode, synchronous, busy_timeout...).",
+        "hq_sqlite_settings_info",
+        "gauge",
+        "The SQLite settings each worker's connection really has "
+        "(journal_mode, synchronous, busy_timeout...).",
         info,
     )
 
@@ -328,7 +392,9 @@ def _worker_metrics(t: _Text, workers: list) -> None:
 # --- HTTP over a ZMQ_STREAM socket --------------------------------------------------------
 
 
-def _response(status: str, body: bytes, content_type: str = "text/plain; charset=utf-8", head=False, extra="") -> bytes:
+def _response(
+    status: str, body: bytes, content_type: str = "text/plain; charset=utf-8", head=False, extra=""
+) -> bytes:
     header = (
         f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
         f"{extra}Connection: close\r\n\r\n"
@@ -408,7 +474,9 @@ class HttpEndpoint:
         method, target = parts[0], parts[1]
         head_only = method == b"HEAD"
         if method != b"GET" and not head_only:
-            return 405, _response("405 Method Not Allowed", b"method not allowed\n", extra="Allow: GET, HEAD\r\n")
+            return 405, _response(
+                "405 Method Not Allowed", b"method not allowed\n", extra="Allow: GET, HEAD\r\n"
+            )
         path = target.split(b"?", 1)[0]
         if path not in (b"/metrics", b"/"):
             return 404, _response("404 Not Found", b"not found; try /metrics\n", head=head_only)

@@ -41,8 +41,12 @@ MERGE_COMMANDS = frozenset({p.GET, p.EXISTS, p.REPORT, p.REPORT_EQUIV})
 WRITE_COMMANDS = frozenset({p.REPORT, p.REPORT_EQUIV}) | p.ADMIN_WRITE_COMMANDS
 
 
-def _mergeable(first: "Job", other: "Job") -> bool:
-    return first.command in MERGE_COMMANDS and other.command == first.command and other.credentials == first.credentials
+def _mergeable(first: Job, other: Job) -> bool:
+    return (
+        first.command in MERGE_COMMANDS
+        and other.command == first.command
+        and other.credentials == first.credentials
+    )
 
 
 def _valid_stats(stats: dict):
@@ -62,7 +66,19 @@ def _valid_stats(stats: dict):
 
 
 class PendingRequest:
-    __slots__ = ("client_id", "request_id", "command", "results", "remaining", "queued", "started", "deadline", "done", "items", "slow")
+    __slots__ = (
+        "client_id",
+        "request_id",
+        "command",
+        "results",
+        "remaining",
+        "queued",
+        "started",
+        "deadline",
+        "done",
+        "items",
+        "slow",
+    )
 
     def __init__(self, client_id, request_id, command, n_jobs, items, now, timeout_s):
         self.client_id = client_id
@@ -79,7 +95,18 @@ class PendingRequest:
 
 
 class Job:
-    __slots__ = ("job_id", "request", "index", "command", "credentials", "body", "items", "worker_id", "start", "attempts")
+    __slots__ = (
+        "job_id",
+        "request",
+        "index",
+        "command",
+        "credentials",
+        "body",
+        "items",
+        "worker_id",
+        "start",
+        "attempts",
+    )
 
     def __init__(self, job_id, request, index, command, credentials, body, items):
         self.job_id = job_id
@@ -95,7 +122,19 @@ class Job:
 
 
 class Worker:
-    __slots__ = ("worker_id", "info", "expiry", "last_sent", "jobs", "busy", "credit", "served", "stats", "registered", "long_until")
+    __slots__ = (
+        "worker_id",
+        "info",
+        "expiry",
+        "last_sent",
+        "jobs",
+        "busy",
+        "credit",
+        "served",
+        "stats",
+        "registered",
+        "long_until",
+    )
 
     def __init__(self, worker_id, info, credit, now, expiry):
         self.worker_id = worker_id
@@ -232,7 +271,12 @@ class Scheduler:
             return
         slow = command in p.LONG_COMMANDS
         pending = PendingRequest(
-            client_id, request.request_id, command, len(bodies), items, now,
+            client_id,
+            request.request_id,
+            command,
+            len(bodies),
+            items,
+            now,
             self.settings.admin_request_timeout_s if slow else self.settings.request_timeout_s,
         )
         pending.slow = slow
@@ -240,7 +284,11 @@ class Scheduler:
         jobs = []
         for index, chunk in enumerate(bodies):
             self._next_job += 1
-            jobs.append(Job(b"%x" % self._next_job, pending, index, command, request.credentials, chunk, counts[index]))
+            jobs.append(
+                Job(
+                    b"%x" % self._next_job, pending, index, command, request.credentials, chunk, counts[index]
+                )
+            )
         self.queue.push(client_id, jobs)
         pending.queued = len(jobs)
         self.dispatch(now)
@@ -437,7 +485,10 @@ class Scheduler:
             if len(batch) > 1:
                 self.count("jobs.merged", len(batch))
             self.to_workers.append(
-                [worker.worker_id, *p.encode_jobs(job.command, job.credentials, [(j.job_id, j.body) for j in batch])]
+                [
+                    worker.worker_id,
+                    *p.encode_jobs(job.command, job.credentials, [(j.job_id, j.body) for j in batch]),
+                ]
             )
 
     def _eligible(self, job: Job) -> bool:
@@ -526,7 +577,9 @@ class Scheduler:
             "settings": w.stats.get("settings") or w.info.get("settings"),
             "db": w.stats.get("db", {}),
             # A counter below its baseline belongs to a new process: it counts from zero.
-            "counters": {k: v - b if v >= b else v for k, v in counters.items() if v != (b := base.get(k, 0))},
+            "counters": {
+                k: v - b if v >= b else v for k, v in counters.items() if v != (b := base.get(k, 0))
+            },
         }
 
     def shutdown(self, now: float):

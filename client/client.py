@@ -14,7 +14,7 @@ from hq import addresses
 from hq import protocol as p
 from hq.sockets import readable, recv_frames, send_frames
 
-from .policy import InvokeError, RetryPolicy, ServerError
+from .policy import InvokeError, RetryPolicy, ServerError  # noqa: F401 (the errors: this module's API too)
 
 DEFAULT_TIMEOUT_S = 30.0
 #: Requests of one batch call kept in flight at once.
@@ -307,7 +307,7 @@ class Client:
         body = [_enc(method), _enc(outhash), _enc(taskhash), p.encode_flag(with_unihash)]
         return self._call(p.GET_OUTHASH, body, _json_body)
 
-    def report_unihash(self, taskhash: str, method: str, outhash: str, unihash: str, extra={}) -> dict:
+    def report_unihash(self, taskhash: str, method: str, outhash: str, unihash: str, extra=None) -> dict:
         body = [_enc(method), _enc(taskhash), _enc(outhash), _enc(unihash)]
         fields = {k: v for k, v in (extra or {}).items() if k in p.REPORT_EXTRA_FIELDS and v is not None}
         if fields:
@@ -315,7 +315,7 @@ class Client:
         unihash_now = self._call(p.REPORT, body, _unihash_body)
         return {"taskhash": taskhash, "method": method, "unihash": unihash_now}
 
-    def report_unihash_equiv(self, taskhash: str, method: str, unihash: str, extra={}) -> dict:
+    def report_unihash_equiv(self, taskhash: str, method: str, unihash: str, extra=None) -> dict:
         body = [_enc(method), _enc(taskhash), _enc(unihash)]
         unihash_now = self._call(p.REPORT_EQUIV, body, _unihash_body)
         return {"taskhash": taskhash, "method": method, "unihash": unihash_now}

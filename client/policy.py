@@ -68,12 +68,20 @@ class Outstanding:
     the socket loop; it never looks at them."""
 
     __slots__ = (
-        "index", "command", "body", "decode",
-        "deadline", "attempt_s", "attempt_deadline", "resend_at", "backoff_s",
+        "index",
+        "command",
+        "body",
+        "decode",
+        "deadline",
+        "attempt_s",
+        "attempt_deadline",
+        "resend_at",
+        "backoff_s",
     )
 
-    def __init__(self, index: int, command: bytes, body: list, decode,
-                 now: float, timeout_s: float, attempt_s: float):
+    def __init__(
+        self, index: int, command: bytes, body: list, decode, now: float, timeout_s: float, attempt_s: float
+    ):
         if command in p.LONG_COMMANDS:
             # A sweep of millions of rows may take long; sent again it would run again (a
             # second gc-sweep is refused: the mark is gone). Wait the whole deadline instead.

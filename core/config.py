@@ -99,7 +99,9 @@ def _convert_one(opt: Option, raw, source: str, parser: argparse.ArgumentParser)
     except (TypeError, ValueError) as exc:
         parser.error(f"bad value for {opt.name} from {source}: {raw!r} ({exc})")
     if opt.choices and value not in opt.choices:
-        parser.error(f"bad value for {opt.name} from {source}: {raw!r} (choose from {', '.join(opt.choices)})")
+        parser.error(
+            f"bad value for {opt.name} from {source}: {raw!r} (choose from {', '.join(opt.choices)})"
+        )
     return value
 
 

@@ -56,7 +56,9 @@ def parse(text: str) -> dict:
     for entry in filter(str.strip, text.split(";")):
         match = _SPEC.match(entry)
         if match is None:
-            raise ValueError(f"bad failpoint {entry!r}: expected NAME=sleep(S) or NAME=exit(N), optionally *COUNT")
+            raise ValueError(
+                f"bad failpoint {entry!r}: expected NAME=sleep(S) or NAME=exit(N), optionally *COUNT"
+            )
         name, action, arg, count = match.groups()
         points[name] = Failpoint(name, action, float(arg), None if count is None else int(count))
     return points

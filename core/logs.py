@@ -14,9 +14,7 @@ def setup(program: str, level: str = "INFO") -> None:
     """Log to stderr with the program name and pid: supervisord interleaves workers."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
-        logging.Formatter(
-            f"%(asctime)s {program}[%(process)d] %(levelname)s %(name)s: %(message)s"
-        )
+        logging.Formatter(f"%(asctime)s {program}[%(process)d] %(levelname)s %(name)s: %(message)s")
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -97,29 +97,93 @@ def writable_file(text: str) -> str:
 #: SQLite synchronous modes a worker may run with (hq-server passes its choice on).
 SYNCHRONOUS_MODES = ("off", "normal", "full", "extra")
 
-BIND = Option("bind", [addresses.DEFAULT_ADDRESS], "client endpoint(s) to bind, tcp:// or ipc:// (tcp://127.0.0.1:* picks a free port)", addresses.bind_address, multiple=True)
-BACKEND_BIND = Option("backend", addresses.DEFAULT_BACKEND, "endpoint to bind for workers", addresses.bind_address)
-BACKEND_CONNECT = Option("backend", addresses.DEFAULT_BACKEND, "broker endpoint for workers to connect to", addresses.connect_address)
-BACKEND_PRIVATE = Option("backend", "", "broker<->worker endpoint (default: ipc in a private directory)", addresses.optional_bind_address)
-HEARTBEAT_INTERVAL = Option("heartbeat-interval", 0.5, "seconds between broker<->worker heartbeats", POSITIVE_FLOAT, attr="heartbeat_interval_s")
-HEARTBEAT_LIVENESS = Option("heartbeat-liveness", 3, "missed heartbeats before the other side counts as gone (a worker is dropped, a worker reconnects)", POSITIVE_INT)
+BIND = Option(
+    "bind",
+    [addresses.DEFAULT_ADDRESS],
+    "client endpoint(s) to bind, tcp:// or ipc:// (tcp://127.0.0.1:* picks a free port)",
+    addresses.bind_address,
+    multiple=True,
+)
+BACKEND_BIND = Option(
+    "backend", addresses.DEFAULT_BACKEND, "endpoint to bind for workers", addresses.bind_address
+)
+BACKEND_CONNECT = Option(
+    "backend",
+    addresses.DEFAULT_BACKEND,
+    "broker endpoint for workers to connect to",
+    addresses.connect_address,
+)
+BACKEND_PRIVATE = Option(
+    "backend",
+    "",
+    "broker<->worker endpoint (default: ipc in a private directory)",
+    addresses.optional_bind_address,
+)
+HEARTBEAT_INTERVAL = Option(
+    "heartbeat-interval",
+    0.5,
+    "seconds between broker<->worker heartbeats",
+    POSITIVE_FLOAT,
+    attr="heartbeat_interval_s",
+)
+HEARTBEAT_LIVENESS = Option(
+    "heartbeat-liveness",
+    3,
+    "missed heartbeats before the other side counts as gone (a worker is dropped, a worker reconnects)",
+    POSITIVE_INT,
+)
 DB = Option("db", "hq.db", "SQLite database file")
-SYNCHRONOUS = Option("synchronous", "normal", "SQLite synchronous mode: normal survives process crashes, full also power loss", choices=SYNCHRONOUS_MODES)
-METRICS = Option("metrics", "", "serve Prometheus metrics over HTTP on this tcp://HOST:PORT, at /metrics (empty: off)", addresses.metrics_address)
-ENDPOINT_FILE = Option("endpoint-file", "", "once serving, write the client endpoints here, one per line", writable_file)
+SYNCHRONOUS = Option(
+    "synchronous",
+    "normal",
+    "SQLite synchronous mode: normal survives process crashes, full also power loss",
+    choices=SYNCHRONOUS_MODES,
+)
+METRICS = Option(
+    "metrics",
+    "",
+    "serve Prometheus metrics over HTTP on this tcp://HOST:PORT, at /metrics (empty: off)",
+    addresses.metrics_address,
+)
+ENDPOINT_FILE = Option(
+    "endpoint-file", "", "once serving, write the client endpoints here, one per line", writable_file
+)
 LOG_LEVEL = Option("log-level", "INFO", "logging level", choices=LEVELS)
 
 #: What the broker's scheduler runs with (hq.broker.scheduler.Scheduler reads these).
 SCHEDULER = (
     HEARTBEAT_INTERVAL,
     HEARTBEAT_LIVENESS,
-    Option("request-timeout", 10.0, "seconds before an unanswered request gets UNAVAILABLE", POSITIVE_FLOAT, attr="request_timeout_s"),
-    Option("admin-request-timeout", 600.0, "request-timeout for commands that scan or rewrite whole tables (gc-sweep, remove, import, db-usage, ...)", POSITIVE_FLOAT, attr="admin_request_timeout_s"),
+    Option(
+        "request-timeout",
+        10.0,
+        "seconds before an unanswered request gets UNAVAILABLE",
+        POSITIVE_FLOAT,
+        attr="request_timeout_s",
+    ),
+    Option(
+        "admin-request-timeout",
+        600.0,
+        "request-timeout for commands that scan or rewrite whole tables "
+        "(gc-sweep, remove, import, db-usage, ...)",
+        POSITIVE_FLOAT,
+        attr="admin_request_timeout_s",
+    ),
     Option("max-client-jobs", 4096, "queued chunks allowed per client before BUSY", POSITIVE_INT),
     Option("max-queued-jobs", 65536, "queued chunks allowed in total before BUSY", POSITIVE_INT),
     Option("worker-credit", 1, "REQUEST messages a worker holds at a time", POSITIVE_INT),
-    Option("merge-items", 1000, "items of small same-command jobs merged into one worker REQUEST (1 = no merging)", POSITIVE_INT),
-    Option("max-attempts", 3, "workers a request may be lost with (crash, stall) before it is answered INTERNAL", POSITIVE_INT),
+    Option(
+        "merge-items",
+        1000,
+        "items of small same-command jobs merged into one worker REQUEST (1 = no merging)",
+        POSITIVE_INT,
+    ),
+    Option(
+        "max-attempts",
+        3,
+        "workers a request may be lost with (crash, stall) before it is answered INTERNAL",
+        POSITIVE_INT,
+    ),
 )
 
 BROKER = (BIND, BACKEND_BIND, *SCHEDULER, ENDPOINT_FILE, METRICS, LOG_LEVEL)
@@ -128,15 +192,34 @@ WORKER = (
     BACKEND_CONNECT,
     DB,
     SYNCHRONOUS,
-    Option("busy-timeout", 200, "SQLite busy_timeout, milliseconds: one wait for another worker's lock", NON_NEGATIVE_INT, attr="busy_timeout_ms"),
-    Option("lock-wait", 5.0, "seconds a write waits in all for the lock (heartbeating) before STORAGE busy", NON_NEGATIVE_FLOAT, attr="lock_wait_s"),
+    Option(
+        "busy-timeout",
+        200,
+        "SQLite busy_timeout, milliseconds: one wait for another worker's lock",
+        NON_NEGATIVE_INT,
+        attr="busy_timeout_ms",
+    ),
+    Option(
+        "lock-wait",
+        5.0,
+        "seconds a write waits in all for the lock (heartbeating) before STORAGE busy",
+        NON_NEGATIVE_FLOAT,
+        attr="lock_wait_s",
+    ),
     Option("cache-size", 16384, "SQLite page cache per worker, KiB", NON_NEGATIVE_INT, attr="cache_size_kib"),
     # mmap is off by default: measured slower here for batched lookups (4.6 against 3.3 us
     # per lookup in a 900-hash chunk), and mapped pages count in every worker's RSS.
     Option("mmap-size", 0, "SQLite mmap_size, bytes (0 = off)", NON_NEGATIVE_INT),
     HEARTBEAT_INTERVAL,
     HEARTBEAT_LIVENESS,
-    Option("stats-rows-interval", 2.0, "least seconds between row counts for stats, taken when the database changed and the worker is idle (each is a table scan)", NON_NEGATIVE_FLOAT, attr="stats_rows_interval_s"),
+    Option(
+        "stats-rows-interval",
+        2.0,
+        "least seconds between row counts for stats, taken when the database changed "
+        "and the worker is idle (each is a table scan)",
+        NON_NEGATIVE_FLOAT,
+        attr="stats_rows_interval_s",
+    ),
     Option("name", "", "worker name shown in stats and logs (default hq-worker-PID)"),
     LOG_LEVEL,
 )

@@ -16,8 +16,15 @@ REDRAW_S = 0.2
 
 
 class Progress:
-    def __init__(self, label: str, enabled: bool = True, stream=None, show_after_s: float = 0.0,
-                 plain_every_s: float | None = None, unit: str = ""):
+    def __init__(
+        self,
+        label: str,
+        enabled: bool = True,
+        stream=None,
+        show_after_s: float = 0.0,
+        plain_every_s: float | None = None,
+        unit: str = "",
+    ):
         self.stream = stream or sys.stderr
         self.enabled = enabled
         self.tty = enabled and self.stream.isatty()
@@ -42,7 +49,9 @@ class Progress:
         if not self.enabled:
             return
         now = time.monotonic()
-        counts = f"{done:,}" + ("" if total is None else f"/{total:,}") + (f" {self.unit}" if self.unit else "")
+        counts = (
+            f"{done:,}" + ("" if total is None else f"/{total:,}") + (f" {self.unit}" if self.unit else "")
+        )
         if self.unit:
             counts += f", {self.rate(done):,.0f} {self.unit}/s"
         fraction = min(1.0, done / total) if total else 1.0
@@ -56,7 +65,9 @@ class Progress:
             self.stream.write(f"\r{self.label} {bar}{counts} {now - self.started:5.1f} s\x1b[K")
             self.drawn = True
         elif self.plain_every_s is not None and (force or now - self.last >= self.plain_every_s):
-            self.stream.write(f"{self.label}: {counts}" + ("" if total is None else f" ({fraction:.0%})") + "\n")
+            self.stream.write(
+                f"{self.label}: {counts}" + ("" if total is None else f" ({fraction:.0%})") + "\n"
+            )
         else:
             return
         self.stream.flush()

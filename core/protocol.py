@@ -62,9 +62,24 @@ ADMIN_WRITE_COMMANDS = frozenset({REMOVE, CLEAN_UNUSED, GC_MARK, GC_MARK_STREAM,
 #: instead of resending after a third of its deadline.
 LONG_COMMANDS = ADMIN_WRITE_COMMANDS | frozenset({DB_USAGE, GC_STATUS})
 #: Commands a worker executes.
-WORKER_COMMANDS = frozenset(
-    {PING, GET, GET_FULL, GET_OUTHASH, REPORT, REPORT_EQUIV, EXISTS, GC_STATUS, DB_USAGE, QUERY_COLUMNS, IMPORT_STATUS}
-) | ADMIN_WRITE_COMMANDS
+WORKER_COMMANDS = (
+    frozenset(
+        {
+            PING,
+            GET,
+            GET_FULL,
+            GET_OUTHASH,
+            REPORT,
+            REPORT_EQUIV,
+            EXISTS,
+            GC_STATUS,
+            DB_USAGE,
+            QUERY_COLUMNS,
+            IMPORT_STATUS,
+        }
+    )
+    | ADMIN_WRITE_COMMANDS
+)
 #: Commands the broker answers itself.
 BROKER_COMMANDS = frozenset({STATS, RESET_STATS})
 CLIENT_COMMANDS = WORKER_COMMANDS | BROKER_COMMANDS
@@ -276,9 +291,7 @@ def chunk_counts(command: bytes, body: list, request_id: bytes | None = None) ->
         raise ProtocolError(E_TOO_LARGE, f"chunk of {n} items exceeds {MAX_CHUNK_ITEMS}", request_id)
     total = sum(counts)
     if total > MAX_BATCH_ITEMS:
-        raise ProtocolError(
-            E_TOO_LARGE, f"batch of {total} items exceeds {MAX_BATCH_ITEMS}", request_id
-        )
+        raise ProtocolError(E_TOO_LARGE, f"batch of {total} items exceeds {MAX_BATCH_ITEMS}", request_id)
     return counts
 
 
@@ -342,6 +355,8 @@ HEARTBEAT_MESSAGE = [WORKER_PROTOCOL, HEARTBEAT]
 def encode_heartbeat(stats: dict) -> list:
     """A worker's HEARTBEAT carrying its statistics (cumulative counters, database facts)."""
     return [WORKER_PROTOCOL, HEARTBEAT, json.dumps(stats, separators=(",", ":")).encode()]
+
+
 DISCONNECT_MESSAGE = [WORKER_PROTOCOL, DISCONNECT]
 
 

@@ -17,7 +17,7 @@ class StopFlag:
     def _handler(self, signum, frame):
         self.signum = signum
 
-    def install(self, signals=(signal.SIGTERM, signal.SIGINT)) -> "StopFlag":
+    def install(self, signals=(signal.SIGTERM, signal.SIGINT)) -> StopFlag:
         for signum in signals:
             signal.signal(signum, self._handler)
         return self

@@ -54,8 +54,9 @@ class Child:
         # the workers before the broker. Should hq-server itself be killed, the kernel sends
         # the child SIGTERM (PR_SET_PDEATHSIG), so no orphan keeps the port or the database.
         # hq-server alone tells systemd (Type=notify) when the stack is ready: not its children.
-        self.proc = subprocess.Popen(self.argv, start_new_session=True, preexec_fn=_die_with_parent,
-                                     env=environ_for_children())
+        self.proc = subprocess.Popen(
+            self.argv, start_new_session=True, preexec_fn=_die_with_parent, env=environ_for_children()
+        )
         self.pid = self.proc.pid
         self.started = now
         log.info("started %s (pid %d)", self.name, self.proc.pid)
@@ -144,7 +145,12 @@ def prepare_database(opts) -> bool:
 
 
 def main(argv=None) -> int:
-    opts = config.parse("hq-server", "Run a whole local hq stack: one broker and N workers on one SQLite file.", options.SERVER, argv)
+    opts = config.parse(
+        "hq-server",
+        "Run a whole local hq stack: one broker and N workers on one SQLite file.",
+        options.SERVER,
+        argv,
+    )
     logs.setup("hq-server", opts.log_level)
     proctitle.set_title("hq-server", opts.db)
     stop = StopFlag().install()
@@ -167,7 +173,17 @@ def main(argv=None) -> int:
     children = [Child("hq-broker", broker_argv(opts.bind))]
     for n in range(opts.workers):
         name = f"hq-worker-{n:02d}"
-        worker_args = ["--backend", backend, "--db", opts.db, "--synchronous", opts.synchronous, "--name", name, *common]
+        worker_args = [
+            "--backend",
+            backend,
+            "--db",
+            opts.db,
+            "--synchronous",
+            opts.synchronous,
+            "--name",
+            name,
+            *common,
+        ]
         children.append(Child(name, _module_argv("hq.workers", worker_args)))
     try:
         now = time.monotonic()
@@ -188,8 +204,13 @@ def main(argv=None) -> int:
                         return 2
                     log.error("%s exited with %s before hq was ready; stopping", child.name, exit_text(code))
                     return 1
-                log.warning("%s (pid %d) exited with %s; restarting in %.1f s",
-                            child.name, child.pid, exit_text(code), child.restart_at - now)
+                log.warning(
+                    "%s (pid %d) exited with %s; restarting in %.1f s",
+                    child.name,
+                    child.pid,
+                    exit_text(code),
+                    child.restart_at - now,
+                )
             for child in children:
                 child.restart_if_due(now)
             if not ready and os.path.exists(broker_endpoints):
@@ -200,7 +221,12 @@ def main(argv=None) -> int:
                     # A restarted broker binds the same endpoints, even where the first bind
                     # said tcp://...:* : connected clients and workers find it again.
                     children[0].argv = broker_argv(endpoints)
-                    log.info("hq ready on %s (%d workers, database %s)", ", ".join(endpoints), opts.workers, opts.db)
+                    log.info(
+                        "hq ready on %s (%d workers, database %s)",
+                        ", ".join(endpoints),
+                        opts.workers,
+                        opts.db,
+                    )
                     if opts.endpoint_file:
                         from hq.broker.main import write_lines
 

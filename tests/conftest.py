@@ -36,9 +36,16 @@ def no_leaked_processes():
     """A test that leaves a child process running fails."""
     before = {p.pid for p in psutil.Process(os.getpid()).children(recursive=True)}
     yield
+
     def leaked():
-        return [p for p in psutil.Process(os.getpid()).children(recursive=True) if p.pid not in before and p.status() != psutil.STATUS_ZOMBIE]
+        return [
+            p
+            for p in psutil.Process(os.getpid()).children(recursive=True)
+            if p.pid not in before and p.status() != psutil.STATUS_ZOMBIE
+        ]
+
     from helpers import wait_for
+
     try:
         wait_for(lambda: not leaked(), timeout=5, what="child processes to exit")
     except AssertionError:
@@ -55,8 +62,10 @@ def bitbake():
     so a run where BitBake was there never passes by skipping its tests."""
     path = find_bitbake()
     if path is None:
-        message = ("needs BitBake (2.x): set HQ_BITBAKE to a BitBake source tree (with bin/ and lib/), "
-                   "or put one at ../shared/bitbake next to this repository")
+        message = (
+            "needs BitBake (2.x): set HQ_BITBAKE to a BitBake source tree (with bin/ and lib/), "
+            "or put one at ../shared/bitbake next to this repository"
+        )
         if os.environ.get("HQ_REQUIRE_BITBAKE"):
             pytest.fail(message + " (HQ_REQUIRE_BITBAKE is set)")
         pytest.skip(message)

@@ -74,7 +74,10 @@ class HashservDB:
         )
 
     def add_user(self, username: str, token: str, permissions: str) -> None:
-        self.conn.execute("INSERT INTO users (username, token, permissions) VALUES (?, ?, ?)", (username, token, permissions))
+        self.conn.execute(
+            "INSERT INTO users (username, token, permissions) VALUES (?, ?, ?)",
+            (username, token, permissions),
+        )
 
     def mapping(self, method: str, taskhash: str, unihash: str, gc_mark=None) -> None:
         """Insert a mapping row as it is (first wins), e.g. a report-equiv or a damaged row."""
@@ -87,7 +90,8 @@ class HashservDB:
         """The reference's report (ref. §7.2): store the row; a new row takes the unihash of
         the oldest other report of (method, outhash) with a mapping; first mapping wins."""
         cur = self.conn.execute(
-            "INSERT OR IGNORE INTO outhashes_v2 (method, taskhash, outhash, created, owner, PN, PV, PR, task, "
+            "INSERT OR IGNORE INTO outhashes_v2 "
+            "(method, taskhash, outhash, created, owner, PN, PV, PR, task, "
             "outhash_siginfo) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (method, taskhash, outhash, created, *(extra.get(k) for k in EXTRA)),
         )
@@ -207,7 +211,8 @@ def expected_hq_state(path, hq_mark: str = "") -> dict:
         outhashes = sorted(
             (m, t, o, iso_utc(c), *rest)
             for m, t, o, c, *rest in conn.execute(
-                "SELECT method, taskhash, outhash, created, owner, PN, PV, PR, task, outhash_siginfo FROM outhashes_v2"
+                "SELECT method, taskhash, outhash, created, owner, PN, PV, PR, task, outhash_siginfo "
+                "FROM outhashes_v2"
             )
         )
         users = sorted(conn.execute("SELECT username, token, permissions FROM users"))
@@ -223,7 +228,8 @@ def hq_state(hq_db_path) -> dict:
         mappings = {
             (m, from_key(t)): (u.hex(), g)
             for m, t, u, g in conn.execute(
-                "SELECT m.name, u.taskhash, u.unihash, u.gc_mark FROM unihashes u JOIN methods m ON m.id = u.method"
+                "SELECT m.name, u.taskhash, u.unihash, u.gc_mark "
+                "FROM unihashes u JOIN methods m ON m.id = u.method"
             )
         }
         outhashes = sorted(
@@ -251,8 +257,10 @@ def make_hq_schema_1(path, reports=()) -> dict:
         db.create_tables(schema.MODELS, safe=True)
         schema.Config.insert(name="schema-version", value="1").execute()
     store = Store(db)
-    answers = {taskhash: store.report(method, taskhash, outhash, unihash)
-               for method, taskhash, outhash, unihash in reports}
+    answers = {
+        taskhash: store.report(method, taskhash, outhash, unihash)
+        for method, taskhash, outhash, unihash in reports
+    }
     schema.User.insert(username="builder", token="$sha256$salt$" + sha256("t"), permissions="@read").execute()
     schema.Config.insert(name="gc-mark", value="mark-1").execute()
     db.close()

@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import os
 import random
-import signal
-import subprocess
 import sys
 import time
-
-import psutil
 
 from hq.bench.stack import Stack as BenchStack
 

@@ -17,7 +17,7 @@ from hq import protocol as p
 from . import errors
 from . import importer as imp
 from . import maintenance as mt
-from .store import Store, StorageUnavailable, is_busy
+from .store import StorageUnavailable, Store, is_busy
 
 log = logging.getLogger(__name__)
 
@@ -144,10 +144,7 @@ class Handlers:
     # --- lookups ----------------------------------------------------------------------
     @staticmethod
     def parse_get(body: list) -> list:
-        return [
-            (_method(body[i]), p.unpack_items(body[i + 1], "taskhash"))
-            for i in range(0, len(body), 2)
-        ]
+        return [(_method(body[i]), p.unpack_items(body[i + 1], "taskhash")) for i in range(0, len(body), 2)]
 
     def run_get(self, many: list) -> list:
         groups = [group for groups in many for group in groups]

@@ -70,7 +70,9 @@ def parse_import(body: list) -> Chunk:
     source = parse_source(body[0])
     table = bytes(body[1]).decode("ascii", "replace")
     if table not in p.IMPORT_TABLES:
-        raise p.ProtocolError(p.E_INVALID, f"cannot import table {table[:40]!r}; tables: {', '.join(p.IMPORT_TABLES)}")
+        raise p.ProtocolError(
+            p.E_INVALID, f"cannot import table {table[:40]!r}; tables: {', '.join(p.IMPORT_TABLES)}"
+        )
     raw_id = bytes(body[2])
     if not raw_id.isdigit() or len(raw_id) > _MAX_ID_DIGITS:
         raise p.ProtocolError(p.E_BAD_REQUEST, "last_id must be a non-negative decimal integer")
@@ -155,7 +157,12 @@ def _mapping_row(row: dict) -> tuple:
     mark = row["gc_mark"]
     if mark is not None and not isinstance(mark, str):
         raise _Invalid("gc_mark")
-    return _hash(row, "method"), to_key(_hash(row, "taskhash")), bytes.fromhex(unihash), _text(row, "gc_mark") or ""
+    return (
+        _hash(row, "method"),
+        to_key(_hash(row, "taskhash")),
+        bytes.fromhex(unihash),
+        _text(row, "gc_mark") or "",
+    )
 
 
 def _outhash_row(row: dict) -> tuple:
@@ -259,7 +266,9 @@ class Importer:
     def _write_users(self, conn, rows: list, source: str) -> int:
         """Users as they are (the token column holds BitBake's salted token hash); a user
         name hq already has is kept."""
-        cursor = conn.executemany("INSERT OR IGNORE INTO users (username, token, permissions) VALUES (?, ?, ?)", rows)
+        cursor = conn.executemany(
+            "INSERT OR IGNORE INTO users (username, token, permissions) VALUES (?, ?, ?)", rows
+        )
         return cursor.rowcount
 
     def _write_config(self, conn, rows: list, source: str) -> int:
@@ -273,7 +282,9 @@ class Importer:
             if current_gc_mark(conn.execute) or conn.execute("SELECT 1 FROM unihashes LIMIT 1").fetchone():
                 continue
             conn.execute("INSERT OR REPLACE INTO config (name, value) VALUES (?, ?)", (name, value))
-            conn.execute("INSERT OR REPLACE INTO config (name, value) VALUES (?, ?)", (_mark_from(source), value))
+            conn.execute(
+                "INSERT OR REPLACE INTO config (name, value) VALUES (?, ?)", (_mark_from(source), value)
+            )
             imported += 1
         return imported
 

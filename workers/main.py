@@ -34,8 +34,15 @@ class WorkerLoop:
     """``maintenance`` runs once per heartbeat interval; ``stats`` (a WorkerStats) counts each
     REQUEST and rides in the heartbeats."""
 
-    def __init__(self, opts, handlers: Handlers, info: dict, stats: WorkerStats | None = None,
-                 maintenance=lambda: None, ctx: zmq.Context | None = None):
+    def __init__(
+        self,
+        opts,
+        handlers: Handlers,
+        info: dict,
+        stats: WorkerStats | None = None,
+        maintenance=lambda: None,
+        ctx: zmq.Context | None = None,
+    ):
         self.opts = opts
         self.handlers = handlers
         self.info = info
@@ -127,7 +134,7 @@ class WorkerLoop:
             command, credentials, jobs = fields
             failpoints.hit("worker.request")
             results = self.handlers.handle_jobs(command, credentials, jobs)
-            for i, (job_id, status, reply) in enumerate(results):
+            for i, (job_id, _, reply) in enumerate(results):
                 if any(len(frame) > p.MAX_FRAME_BYTES for frame in reply):
                     results[i] = (job_id, p.E_TOO_LARGE, [b"reply larger than MAX_FRAME_BYTES"])
             if self.stats is not None:
@@ -143,7 +150,9 @@ class WorkerLoop:
 
 
 def main(argv=None) -> int:
-    opts = config.parse("hq-worker", "An hq worker: answers the broker's jobs from SQLite.", options.WORKER, argv)
+    opts = config.parse(
+        "hq-worker", "An hq worker: answers the broker's jobs from SQLite.", options.WORKER, argv
+    )
     name = opts.name or f"hq-worker-{os.getpid()}"
     logs.setup(name if opts.name else "hq-worker", opts.log_level)
     proctitle.set_title(name, opts.db)

@@ -116,16 +116,10 @@ class OuthashReport(BaseModel):
 
 
 OuthashReport.add_index(
-    SQL(
-        "CREATE INDEX IF NOT EXISTS outhashes_taskhash8 "
-        "ON outhashes (method, substr(taskhash, 1, 8))"
-    )
+    SQL("CREATE INDEX IF NOT EXISTS outhashes_taskhash8 ON outhashes (method, substr(taskhash, 1, 8))")
 )
 OuthashReport.add_index(
-    SQL(
-        "CREATE INDEX IF NOT EXISTS outhashes_outhash8 "
-        "ON outhashes (method, substr(outhash, 1, 8), created)"
-    )
+    SQL("CREATE INDEX IF NOT EXISTS outhashes_outhash8 ON outhashes (method, substr(outhash, 1, 8), created)")
 )
 
 
@@ -287,8 +281,12 @@ def _bring_up_to_date(path: str) -> None:
     database.execute_sql("PRAGMA journal_mode = wal")  # stays set in the file
     if version == SCHEMA_VERSION:
         return
-    log.debug("database %s has schema %s, this hq %s: bringing it up to date under the write lock",
-              path, version or "none", SCHEMA_VERSION)
+    log.debug(
+        "database %s has schema %s, this hq %s: bringing it up to date under the write lock",
+        path,
+        version or "none",
+        SCHEMA_VERSION,
+    )
     with database.atomic("IMMEDIATE"):
         version = _schema_of(_look_at_file())
         if version == SCHEMA_VERSION:
@@ -428,5 +426,9 @@ def settings_in_force(db: SqliteDatabase) -> dict:
     out = {}
     for name in ("journal_mode", "synchronous", "busy_timeout", "cache_size", "mmap_size"):
         out[name] = db.execute_sql(f"PRAGMA {name}").fetchone()[0]
-    out["synchronous"] = SYNCHRONOUS_MODES[out["synchronous"]] if isinstance(out["synchronous"], int) and out["synchronous"] < 4 else out["synchronous"]
+    out["synchronous"] = (
+        SYNCHRONOUS_MODES[out["synchronous"]]
+        if isinstance(out["synchronous"], int) and out["synchronous"] < 4
+        else out["synchronous"]
+    )
     return out

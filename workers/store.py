@@ -17,6 +17,10 @@ from peewee import OperationalError, SqliteDatabase
 
 from hq import protocol as p
 
+from . import errors
+from .schema import from_key, to_key
+from .timestamps import format_created, now_us
+
 log = logging.getLogger(__name__)
 
 
@@ -27,15 +31,14 @@ def _file_id(path: str):
         return None
     return st.st_dev, st.st_ino
 
-from . import errors
-from .schema import from_key, to_key
-from .timestamps import format_created, now_us
 
 #: IN-lists are padded to one of these sizes so SQLite's statement cache holds a handful
 #: of statements instead of one per distinct chunk length.
 _IN_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
-_OUTHASH_FIELDS = "o.id, o.taskhash, o.outhash, o.created, o.owner, o.PN, o.PV, o.PR, o.task, o.outhash_siginfo"
+_OUTHASH_FIELDS = (
+    "o.id, o.taskhash, o.outhash, o.created, o.owner, o.PN, o.PV, o.PR, o.task, o.outhash_siginfo"
+)
 #: The ``config`` row that holds the current gc mark (ref. §7.7); no row means no mark.
 GC_MARK_KEY = "gc-mark"
 
@@ -161,7 +164,9 @@ class Store:
             self.reopen()
         except Exception as exc:  # the file now at the path is not one hq can use
             log.error("cannot open the database file now at %s: %s; refusing writes", self.db.database, exc)
-            self.file_problem = f"database file changed and cannot be opened ({exc}); restore it or restart hq"
+            self.file_problem = (
+                f"database file changed and cannot be opened ({exc}); restore it or restart hq"
+            )
             self._file_id = _file_id(self.db.database)  # not again every heartbeat
             return
         self._method_ids.clear()
@@ -387,7 +392,17 @@ class Store:
             "outhash_siginfo) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM "
             "outhashes WHERE method = ? AND substr(taskhash, 1, 8) = substr(?, 1, 8) "
             "AND taskhash = ? AND outhash = ?)",
-            (mid, tkey, okey, now_us(), *(extra.get(f) for f in p.REPORT_EXTRA_FIELDS), mid, tkey, tkey, okey),
+            (
+                mid,
+                tkey,
+                okey,
+                now_us(),
+                *(extra.get(f) for f in p.REPORT_EXTRA_FIELDS),
+                mid,
+                tkey,
+                tkey,
+                okey,
+            ),
         ).rowcount
         if inserted:
             row = sql(
@@ -411,8 +426,7 @@ class Store:
         tkey = to_key(taskhash)
         mid = self.method_id(method, create=True)
         self._sql(
-            "INSERT OR IGNORE INTO unihashes (method, taskhash, unihash, gc_mark) "
-            "VALUES (?, ?, ?, ?)",
+            "INSERT OR IGNORE INTO unihashes (method, taskhash, unihash, gc_mark) VALUES (?, ?, ?, ?)",
             (mid, tkey, bytes.fromhex(unihash), mark),
         )
         return self._mapping(mid, tkey) or unihash

@@ -11,7 +11,7 @@ import psutil
 import pytest
 
 from helpers import Stack, script, wait_for
-from hq.client import create_client
+from hq.client import InvokeError, create_client
 
 M = "TestMethod"
 
@@ -19,7 +19,9 @@ M = "TestMethod"
 def admin(address, *args, timeout=30):
     return subprocess.run(
         [script("hq-admin"), *args, "--address", address],
-        capture_output=True, text=True, timeout=timeout,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
         env={k: v for k, v in os.environ.items() if k != "HQ_ADDRESS"},
     )
 
@@ -36,7 +38,7 @@ def busy_stack(tmp_path_factory):
         for i in range(20):
             c.report_unihash(h(i), M, h(10_000 + i % 10), h(20_000 + i))
         assert c.get_unihash_batch([(M, h(i)) for i in range(1000)]).count(None) == 980
-        with pytest.raises(Exception):
+        with pytest.raises(InvokeError):
             c.report_unihash(h(1), M, h(1), "A" * 64)
     yield s
     assert s.stop() == 0, s.log()
@@ -54,7 +56,9 @@ def worker_totals(data, name):
 
 def test_stats_counts_what_the_clients_did(busy_stack):
     # Workers send their counters every heartbeat interval (0.2 s here).
-    wait_for(lambda: worker_totals(stats_json(busy_stack.address), "lookups") == 1000, 5, 0.05, "worker counters")
+    wait_for(
+        lambda: worker_totals(stats_json(busy_stack.address), "lookups") == 1000, 5, 0.05, "worker counters"
+    )
     data = stats_json(busy_stack.address)
     counters = data["broker"]["counters"]
     assert counters["requests.report"] == 21 and counters["errors.422"] == 1
@@ -65,12 +69,24 @@ def test_stats_counts_what_the_clients_did(busy_stack):
     for w in data["workers"]:
         assert w["settings"]["journal_mode"] == "wal" and w["settings"]["synchronous"] == "normal"
         assert w["settings"]["busy_timeout"] == 200
-    wait_for(lambda: max(w["db"]["rows"]["unihashes"] for w in stats_json(busy_stack.address)["workers"]) == 20, 5, 0.05, "row counts")
+    wait_for(
+        lambda: max(w["db"]["rows"]["unihashes"] for w in stats_json(busy_stack.address)["workers"]) == 20,
+        5,
+        0.05,
+        "row counts",
+    )
 
     table = admin(busy_stack.address, "stats")
     assert table.returncode == 0, table.stderr
     text = table.stdout
-    for expected in ("Summary", "Per command", "Per worker", "hq-worker-00", "hq-worker-01", "journal_mode=wal"):
+    for expected in (
+        "Summary",
+        "Per command",
+        "Per worker",
+        "hq-worker-00",
+        "hq-worker-01",
+        "journal_mode=wal",
+    ):
         assert expected in text
     assert "1,000 (2.0%)" in text  # lookups and hit rate
     assert "10 / 10 / 0" in text  # reports new / equivalent / existing
@@ -140,8 +156,12 @@ def test_top_refreshes_with_rates(busy_stack):
 
 
 def test_top_stops_cleanly_on_ctrl_c(busy_stack):
-    proc = subprocess.Popen([script("hq-admin"), "top", "--interval", "0.05", "--address", busy_stack.address],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [script("hq-admin"), "top", "--interval", "0.05", "--address", busy_stack.address],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     first = proc.stdout.readline()
     assert "hq-admin top" in first
     proc.send_signal(signal.SIGINT)
@@ -161,7 +181,9 @@ def test_reset_stats_zeroes_what_stats_reports(tmp_path):
         assert worker_totals(after, "lookups") == 0 and after["requests"]["num"] == 0
         with create_client(stack.address, timeout=10) as c:
             c.get_unihash_batch([(M, h(i)) for i in range(7)])
-        wait_for(lambda: worker_totals(stats_json(stack.address), "lookups") == 7, 5, 0.05, "counted after reset")
+        wait_for(
+            lambda: worker_totals(stats_json(stack.address), "lookups") == 7, 5, 0.05, "counted after reset"
+        )
 
 
 def test_health_exit_codes(tmp_path):
@@ -175,7 +197,9 @@ def test_health_exit_codes(tmp_path):
         worker = stack.children()["hq-worker-00"]
         worker.send_signal(signal.SIGSTOP)
         try:
-            wait_for(lambda: admin(stack.address, "health", "--timeout", "2").returncode == 1, 10, 0.1, "unhealthy")
+            wait_for(
+                lambda: admin(stack.address, "health", "--timeout", "2").returncode == 1, 10, 0.1, "unhealthy"
+            )
         finally:
             worker.send_signal(signal.SIGCONT)
         wait_for(lambda: admin(stack.address, "health").returncode == 0, 10, 0.1, "healthy again")
@@ -214,15 +238,27 @@ def test_one_log_line_per_lifecycle_event_and_none_per_request(tmp_path):
             victim = stack.children()["hq-worker-01"]
             victim.kill()
             # hq-server starts a successor under the same name; the broker logs it as a restart.
-            wait_for(lambda: "restart 1)" in stack.log() and "hq-worker-01 expired" in stack.log(),
-                     10, 0.05, "the killed worker expired and its successor registered")
+            wait_for(
+                lambda: "restart 1)" in stack.log() and "hq-worker-01 expired" in stack.log(),
+                10,
+                0.05,
+                "the killed worker expired and its successor registered",
+            )
     finally:
         assert stack.stop() == 0
     log = stack.log()
     line = re.compile(r"^\S+ \S+ (hq-server|hq-broker|hq-worker-0[01])\[(\d+)\] (INFO|WARNING) ", re.M)
-    assert all(line.match(l) for l in log.splitlines()), log  # program name and pid on every line
-    for event in ("started hq-broker", "broker serving clients", "worker hq-worker-00 connecting",
-                  "worker hq-worker-00 registered (pid", "worker hq-worker-01 expired (no heartbeat)",
-                  "re-dispatched", "restart 1)", "worker hq-worker-00 stopped", "broker stopped",
-                  "hq-server stopped"):
+    assert all(line.match(text) for text in log.splitlines()), log  # program name and pid on every line
+    for event in (
+        "started hq-broker",
+        "broker serving clients",
+        "worker hq-worker-00 connecting",
+        "worker hq-worker-00 registered (pid",
+        "worker hq-worker-01 expired (no heartbeat)",
+        "re-dispatched",
+        "restart 1)",
+        "worker hq-worker-00 stopped",
+        "broker stopped",
+        "hq-server stopped",
+    ):
         assert event in log, event

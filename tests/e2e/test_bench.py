@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 
 import pytest
+
 from helpers import script
 from hq.bench import keys, populate
 from hq.workers.schema import open_database
@@ -89,7 +90,18 @@ def test_targets_are_judged_at_the_default_size_only():
 
 
 def test_quiet_prints_one_line(tmp_path):
-    proc = bench("report", "--clients", "2", "--requests", "20", "--repeats", "1", "--quiet", "--json", tmp_path / "q.json")
+    proc = bench(
+        "report",
+        "--clients",
+        "2",
+        "--requests",
+        "20",
+        "--repeats",
+        "1",
+        "--quiet",
+        "--json",
+        tmp_path / "q.json",
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout == "report: OK: every answer was right\n" and proc.stderr == ""
 
@@ -170,8 +182,21 @@ def test_worker_kills_during_a_burst_lose_nothing(tmp_path):
     """Fault injection: workers killed -9 mid-burst; hq-server restarts them; all answers right."""
     out = tmp_path / "kill.json"
     proc = bench(
-        "burst", "--clients", "4", "--tasks", "20000", "--waves", "20", "--repeats", "1", "--quiet",
-        "--kill-workers-every", "0.4", "--server-arg=--heartbeat-interval=0.2", "--json", str(out),
+        "burst",
+        "--clients",
+        "4",
+        "--tasks",
+        "20000",
+        "--waves",
+        "20",
+        "--repeats",
+        "1",
+        "--quiet",
+        "--kill-workers-every",
+        "0.4",
+        "--server-arg=--heartbeat-interval=0.2",
+        "--json",
+        str(out),
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (repeat,) = json.loads(out.read_text())["repeats"]
@@ -186,7 +211,17 @@ def test_burst_with_a_worker_kill_every_2s_keeps_half_the_throughput(tmp_path):
     rates = {}
     for name, extra in (("calm", []), ("kills", ["--kill-workers-every", "2"])):
         out = tmp_path / f"{name}.json"
-        proc = bench("burst", "--repeats", "3", "--quiet", "--server-arg=--heartbeat-interval=0.2", "--json", str(out), *extra, timeout=300)
+        proc = bench(
+            "burst",
+            "--repeats",
+            "3",
+            "--quiet",
+            "--server-arg=--heartbeat-interval=0.2",
+            "--json",
+            str(out),
+            *extra,
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stdout + proc.stderr
         data = json.loads(out.read_text())
         assert all(r["ok"] for r in data["repeats"])

@@ -25,7 +25,7 @@ def blocks(language: str) -> list:
 
 def admin_lines() -> list:
     """The hq-admin command lines of the first sh block of "Operating hq", comments cut."""
-    section = README[README.index("## Operating hq"):]
+    section = README[README.index("## Operating hq") :]
     block = re.search(r"```sh\n(.*?)```", section, re.S).group(1)
     return [line.split("#")[0].split() for line in block.splitlines() if line.startswith("hq-admin")]
 
@@ -34,8 +34,13 @@ def test_quick_start_snippet_then_the_admin_examples(stack):
     snippet = blocks("python")[0]
     assert ADDRESS in snippet
     env = {**os.environ, "HQ_ADDRESS": stack.address}
-    run = subprocess.run([sys.executable, "-c", snippet.replace(ADDRESS, stack.address)],
-                         capture_output=True, text=True, timeout=30, cwd="/")
+    run = subprocess.run(
+        [sys.executable, "-c", snippet.replace(ADDRESS, stack.address)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd="/",
+    )
     assert run.returncode == 0, run.stderr
     assert "'unihash': '" + "3" * 64 in run.stdout and "None]" in run.stdout, run.stdout
     lines = admin_lines()
@@ -43,8 +48,9 @@ def test_quick_start_snippet_then_the_admin_examples(stack):
     for words in lines:
         if words[1] == "top":
             words += ["-n", "1", "--interval", "0.1"]  # top refreshes until Ctrl-C
-        result = subprocess.run([script("hq-admin"), *words[1:]], capture_output=True, text=True, timeout=30, env=env)
+        result = subprocess.run(
+            [script("hq-admin"), *words[1:]], capture_output=True, text=True, timeout=30, env=env
+        )
         assert result.returncode == 0, f"{shlex.join(words)}: {result.stderr}"
         if words[1] == "get-outhash":
             assert "3" * 64 in result.stdout and "oe.sstatesig.OEOuthashBasic" in result.stdout, result.stdout
-

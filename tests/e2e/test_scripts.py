@@ -10,10 +10,9 @@ import time
 import psutil
 import pytest
 
-from hq import config
-from hq import options
-from hq.client import create_client
 from helpers import script, wait_for
+from hq import config, options
+from hq.client import create_client
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
 
@@ -32,7 +31,11 @@ def clean_env(**extra) -> dict:
 def run(name: str, *args, env=None, cwd=None, timeout: float = 20.0) -> subprocess.CompletedProcess:
     return subprocess.run(
         [script(name), *args],
-        env=env or clean_env(), cwd=cwd, capture_output=True, text=True, timeout=timeout,
+        env=env or clean_env(),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -108,8 +111,11 @@ def test_server_sigterm_stops_every_child(stack):
     assert len(children) == 3, children  # broker + 2 workers
     assert stack.stop() == 0
     # A child that outlived hq-server would be re-parented, out of reach of the leak check.
-    wait_for(lambda: not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children),
-             timeout=5, what="hq-server's children to be gone")
+    wait_for(
+        lambda: not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children),
+        timeout=5,
+        what="hq-server's children to be gone",
+    )
     assert not os.path.exists(stack.endpoint_file)
     assert "hq-server stopped" in stack.log()
 
@@ -129,8 +135,11 @@ def test_server_restarts_a_killed_worker(stack):
             return worker is not None and worker.pid != victim.pid and worker
 
         new = wait_for(replaced, timeout=15, what="hq-server to restart hq-worker-01")
-        wait_for(lambda: new.pid in [w["pid"] for w in client.get_stats()["workers"]],
-                 timeout=10, what="the restarted worker to register with the broker")
+        wait_for(
+            lambda: new.pid in [w["pid"] for w in client.get_stats()["workers"]],
+            timeout=10,
+            what="the restarted worker to register with the broker",
+        )
         assert client.get_unihash_batch([(METHOD, t) for t in known]) == list(known.values())
     assert "hq-worker-01" in stack.log() and "restarting" in stack.log()
 

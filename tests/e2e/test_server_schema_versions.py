@@ -65,8 +65,11 @@ def _hashserv(path):
 
 REFUSED = [
     (_newer, "the database's schema is version 3, newer than this hq (2): upgrade hq"),
-    (_hashserv, "it has tables unihashes_v3, outhashes_v2, users, config: a bitbake-hashserv database? "
-                "copy it into hq with hq-admin import-hashserv"),
+    (
+        _hashserv,
+        "it has tables unihashes_v3, outhashes_v2, users, config: a bitbake-hashserv database? "
+        "copy it into hq with hq-admin import-hashserv",
+    ),
 ]
 
 

@@ -22,8 +22,8 @@ import time
 import psutil
 import pytest
 
-from hq.client import create_client
 from helpers import BIN, script, wait_for
+from hq.client import create_client
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 
@@ -83,11 +83,13 @@ class Supervisor:
         self.proc = None
 
     # --- life cycle -------------------------------------------------------------------------
-    def start(self) -> "Supervisor":
+    def start(self) -> Supervisor:
         self._output = open(self.output_path, "ab")
         self.proc = subprocess.Popen(
             [script("supervisord"), "-c", CONF, "-n"],
-            stdout=self._output, stderr=subprocess.STDOUT, env=self.env,
+            stdout=self._output,
+            stderr=subprocess.STDOUT,
+            env=self.env,
         )
         wait_for(self._all_running, timeout=20, interval=0.1, what=f"all RUNNING\n{self.diagnostics()}")
         wait_for(self._pings, timeout=10, interval=0.05, what="a ping through supervisord's broker")
@@ -97,7 +99,9 @@ class Supervisor:
         if self.proc.poll() is not None:
             raise AssertionError(f"supervisord exited {self.proc.returncode}\n{self.diagnostics()}")
         status = self.status()
-        return sorted(status) == sorted(self.names) and all(state == "RUNNING" for state, _ in status.values())
+        return sorted(status) == sorted(self.names) and all(
+            state == "RUNNING" for state, _ in status.values()
+        )
 
     def _pings(self) -> bool:
         with create_client(self.address, timeout=0.5) as client:
@@ -119,7 +123,7 @@ class Supervisor:
                         child.kill()
                     self.proc.kill()
                     self.proc.wait()
-                    raise AssertionError(f"supervisord did not shut down\n{self.diagnostics()}")
+                    raise AssertionError(f"supervisord did not shut down\n{self.diagnostics()}") from None
             assert self.proc.returncode == 0, self.diagnostics()
         finally:
             self._output.close()
@@ -130,7 +134,10 @@ class Supervisor:
     def ctl(self, *args, timeout: float = 30.0) -> subprocess.CompletedProcess:
         return subprocess.run(
             [script("supervisorctl"), "-c", CONF, *args],
-            env=self.env, capture_output=True, text=True, timeout=timeout,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
 
     def status(self) -> dict:
@@ -141,7 +148,7 @@ class Supervisor:
             if len(fields) < 2 or not fields[0].startswith("hq:"):
                 continue
             match = re.search(r"pid (\d+)", line)
-            out[fields[0][len("hq:"):]] = (fields[1], int(match.group(1)) if match else None)
+            out[fields[0][len("hq:") :]] = (fields[1], int(match.group(1)) if match else None)
         return out
 
     # --- files ----------------------------------------------------------------------------------
@@ -191,7 +198,7 @@ def test_worker_killed_mid_batch_is_restarted_and_no_answer_is_lost(supervisor):
     known = [h("known", i) for i in range(reported)]
     unihash = {t: h("uni-of", t) for t in known}
     with create_client(supervisor.address, timeout=10) as client:
-        for i, taskhash in enumerate(known):
+        for taskhash in known:
             client.report_unihash(taskhash, METHOD, h("out-of", taskhash), unihash[taskhash])
     # Even positions: a reported taskhash (each looked up many times); odd: never reported.
     query = [(METHOD, known[(i // 2) % reported] if i % 2 == 0 else h("miss", i)) for i in range(lookups)]
@@ -230,7 +237,8 @@ def test_worker_killed_mid_batch_is_restarted_and_no_answer_is_lost(supervisor):
         # The new process registered with the broker under the same name.
         wait_for(
             lambda: f"worker {victim} registered (pid {new_pid}, restart 1)" in supervisor.log("hq-broker"),
-            timeout=10, what="the restarted worker to register",
+            timeout=10,
+            what="the restarted worker to register",
         )
         done_before = len(rounds)
         wait_for(lambda: len(rounds) >= done_before + 2 or errors, timeout=30, what="2 batches after restart")
@@ -338,15 +346,23 @@ def test_a_configuration_that_cannot_work_goes_fatal_not_round_and_round(tmp_pat
     (tmp_path / "dir.db").mkdir()
     sv.env.update(HQ_DB=str(tmp_path / "dir.db"), HQ_BIND=f"tcp://127.0.0.1:{holder.getsockname()[1]}")
     sv._output = open(sv.output_path, "ab")
-    sv.proc = subprocess.Popen([script("supervisord"), "-c", CONF, "-n"], stdout=sv._output,
-                               stderr=subprocess.STDOUT, env=sv.env)
+    sv.proc = subprocess.Popen(
+        [script("supervisord"), "-c", CONF, "-n"], stdout=sv._output, stderr=subprocess.STDOUT, env=sv.env
+    )
     try:
+
         def all_fatal():
             status = sv.status()
-            return sorted(status) == sorted(sv.names) and all(state == "FATAL" for state, _ in status.values())
+            return sorted(status) == sorted(sv.names) and all(
+                state == "FATAL" for state, _ in status.values()
+            )
 
         wait_for(all_fatal, timeout=30, interval=0.2, what=f"every program FATAL\n{sv.diagnostics()}")
-        expected = {"hq-broker": "Address already in use", "hq-worker_00": "it is a directory", "hq-worker_01": "it is a directory"}
+        expected = {
+            "hq-broker": "Address already in use",
+            "hq-worker_00": "it is a directory",
+            "hq-worker_01": "it is a directory",
+        }
         for name, reason in expected.items():
             log = sv.log(name)
             errors = [line for line in log.splitlines() if " ERROR " in line]

@@ -22,9 +22,9 @@ import time
 
 import pytest
 
+from helpers import BIN, script, wait_for
 from hq import config, options
 from hq.client import create_client
-from helpers import BIN, script, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
 
@@ -163,8 +163,16 @@ def stop_timeout_s(unit: str) -> float:
 def test_broker_is_ready_once_it_answers_and_says_stopping_before_it_exits(daemons, notify_socket, run_dir):
     backend = f"ipc://{run_dir}/backend.ipc"
     endpoint_file = os.path.join(run_dir, "endpoints")
-    proc, log = daemons.start("hq-broker", "--bind", "tcp://127.0.0.1:*", "--backend", backend,
-                              "--endpoint-file", endpoint_file, notify=notify_socket)
+    proc, log = daemons.start(
+        "hq-broker",
+        "--bind",
+        "tcp://127.0.0.1:*",
+        "--backend",
+        backend,
+        "--endpoint-file",
+        endpoint_file,
+        notify=notify_socket,
+    )
     fields = notify_socket.expect("READY=1", proc, log)
     address = broker_address(fields["STATUS"])
     assert backend in fields["STATUS"]
@@ -178,19 +186,22 @@ def test_broker_is_ready_once_it_answers_and_says_stopping_before_it_exits(daemo
     assert not os.path.exists(endpoint_file)
 
 
-def test_worker_is_ready_once_connected_and_says_stopping_before_it_exits(daemons, notify_socket, run_dir,
-                                                                           tmp_path):
+def test_worker_is_ready_once_connected_and_says_stopping_before_it_exits(
+    daemons, notify_socket, run_dir, tmp_path
+):
     backend = f"ipc://{run_dir}/backend.ipc"
     endpoint_file = os.path.join(run_dir, "endpoints")
-    broker, broker_log = daemons.start("hq-broker", "--bind", "tcp://127.0.0.1:*", "--backend", backend,
-                                       "--endpoint-file", endpoint_file)
+    broker, broker_log = daemons.start(
+        "hq-broker", "--bind", "tcp://127.0.0.1:*", "--backend", backend, "--endpoint-file", endpoint_file
+    )
     wait_for(lambda: os.path.exists(endpoint_file) or broker.poll() is not None, 20, what="the broker")
     assert broker.poll() is None, broker_log()
     with open(endpoint_file) as fh:
         address = fh.read().split()[0]
     db = tmp_path / "hq.db"
-    proc, log = daemons.start("hq-worker", "--backend", backend, "--db", str(db), "--name", "hq-worker-7",
-                              notify=notify_socket)
+    proc, log = daemons.start(
+        "hq-worker", "--backend", backend, "--db", str(db), "--name", "hq-worker-7", notify=notify_socket
+    )
     fields = notify_socket.expect("READY=1", proc, log)
     assert db.exists() and "hq-worker-7" in fields["STATUS"] and backend in fields["STATUS"]
     with create_client(address, timeout=5) as client:
@@ -209,15 +220,31 @@ def test_worker_is_ready_once_connected_and_says_stopping_before_it_exits(daemon
 def test_worker_is_ready_without_a_broker(daemons, notify_socket, run_dir, tmp_path):
     """A worker started while its broker is down (After= orders, Wants= does not bind) is up:
     it registers whenever the broker comes."""
-    proc, log = daemons.start("hq-worker", "--backend", f"ipc://{run_dir}/backend.ipc",
-                              "--db", str(tmp_path / "hq.db"), notify=notify_socket)
+    proc, log = daemons.start(
+        "hq-worker",
+        "--backend",
+        f"ipc://{run_dir}/backend.ipc",
+        "--db",
+        str(tmp_path / "hq.db"),
+        notify=notify_socket,
+    )
     notify_socket.expect("READY=1", proc, log)
     sigterm(proc, notify_socket, log)
 
 
 def test_server_is_ready_with_its_workers_and_its_children_never_notify(daemons, notify_socket, tmp_path):
-    proc, log = daemons.start("hq-server", "--bind", "tcp://127.0.0.1:*", "--db", str(tmp_path / "hq.db"),
-                              "--workers", "2", "--heartbeat-interval", "0.2", notify=notify_socket)
+    proc, log = daemons.start(
+        "hq-server",
+        "--bind",
+        "tcp://127.0.0.1:*",
+        "--db",
+        str(tmp_path / "hq.db"),
+        "--workers",
+        "2",
+        "--heartbeat-interval",
+        "0.2",
+        notify=notify_socket,
+    )
     fields = notify_socket.expect("READY=1", proc, log)
     assert fields["STATUS"].startswith("hq ready on tcp://")
     with create_client(broker_address(fields["STATUS"]), timeout=5) as client:
@@ -228,8 +255,10 @@ def test_server_is_ready_with_its_workers_and_its_children_never_notify(daemons,
     assert notify_socket.states() == ["READY=1", "STOPPING=1"]
 
 
-@pytest.mark.parametrize("name,mistake", [("hq-broker", "port in use"), ("hq-broker", "no such directory"),
-                                          ("hq-worker", "no such directory")])
+@pytest.mark.parametrize(
+    "name,mistake",
+    [("hq-broker", "port in use"), ("hq-broker", "no such directory"), ("hq-worker", "no such directory")],
+)
 def test_configuration_error_exits_2_without_ready(name, mistake, daemons, notify_socket, run_dir):
     """What RestartPreventExitStatus=2 relies on: a configuration error is exit status 2,
     before READY=1."""
@@ -311,9 +340,16 @@ def test_services_notify_and_stop_restarting_on_configuration_errors(unit_name):
 @pytest.mark.parametrize("unit_name", sorted(SERVICES))
 def test_services_are_hardened(unit_name):
     unit = read_unit(unit_name)
-    expected = {"User": "hq", "Group": "hq", "NoNewPrivileges": "yes", "ProtectSystem": "strict",
-                "ProtectHome": "yes", "PrivateTmp": "yes", "PrivateDevices": "yes",
-                "CapabilityBoundingSet": ""}
+    expected = {
+        "User": "hq",
+        "Group": "hq",
+        "NoNewPrivileges": "yes",
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "PrivateTmp": "yes",
+        "PrivateDevices": "yes",
+        "CapabilityBoundingSet": "",
+    }
     assert {key: value(unit, "Service", key) for key in expected} == expected
 
 
@@ -408,8 +444,14 @@ def test_systemd_analyze_verify(tmp_path):
         pytest.skip(NO_SYSTEMD.format(tool="systemd-analyze"))
     units = installable_units(tmp_path)
     names = [BROKER_UNIT, WORKER_UNIT, TARGET, "hq-worker@0.service"]
-    result = subprocess.run([tool, "verify", "--man=no", *(f"./{n}" for n in names)], cwd=units,
-                            capture_output=True, text=True, timeout=60, check=False)
+    result = subprocess.run(
+        [tool, "verify", "--man=no", *(f"./{n}" for n in names)],
+        cwd=units,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     # Lines about the host's own units are not ours to fix; any about hq's are.
     ours = [line for line in result.stderr.splitlines() if "hq" in line]
     assert result.returncode == 0 and ours == [], result.stderr
@@ -424,8 +466,9 @@ def test_systemctl_enable_hq_target_enables_the_broker_and_two_workers(tmp_path)
     shutil.copytree(installable_units(tmp_path), system)
 
     def systemctl(*args):
-        result = subprocess.run([tool, f"--root={root}", *args], capture_output=True, text=True, timeout=60,
-                                check=False)
+        result = subprocess.run(
+            [tool, f"--root={root}", *args], capture_output=True, text=True, timeout=60, check=False
+        )
         assert result.returncode == 0, result.stderr
 
     def wanted():

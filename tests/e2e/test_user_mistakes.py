@@ -20,7 +20,7 @@ import time
 import pytest
 
 from helpers import Stack, script
-from hq import config, options
+from hq import options
 from hq.admin import cli as admin_cli
 from hq.bench import cli as bench_cli
 
@@ -43,9 +43,9 @@ def _refused(convert, value) -> bool:
 
 
 def daemon_cases():
-    for prog, options in DAEMONS.items():
+    for prog, rows in DAEMONS.items():
         env_cases = 0
-        for opt in options:
+        for opt in rows:
             if opt.choices:
                 bad = ["bogus"]
             elif opt.type is str:
@@ -96,14 +96,18 @@ def tool_cases():
                 yield prog, argv, {}, named
 
 
-CASES = list(daemon_cases()) + list(tool_cases()) + [
-    ("hq-admin", ["stats"], {"HQ_ADDRESS": "127.0.0.1:8686"}, "HQ_ADDRESS"),
-    ("hq-admin", ["stats"], {"HQ_ADMIN_TIMEOUT": "-3"}, "HQ_ADMIN_TIMEOUT"),
-    ("hq-admin", ["no-such-command"], {}, "no-such-command"),
-    ("hq-bench", ["burst", "--tasks", "2", "--waves", "3"], {}, "waves"),
-    ("hq-bench", ["burst", "--server-arg=--workers=0"], {}, "workers"),
-    ("hq-broker", ["--bind="], {}, "bind"),
-]
+CASES = (
+    list(daemon_cases())
+    + list(tool_cases())
+    + [
+        ("hq-admin", ["stats"], {"HQ_ADDRESS": "127.0.0.1:8686"}, "HQ_ADDRESS"),
+        ("hq-admin", ["stats"], {"HQ_ADMIN_TIMEOUT": "-3"}, "HQ_ADMIN_TIMEOUT"),
+        ("hq-admin", ["no-such-command"], {}, "no-such-command"),
+        ("hq-bench", ["burst", "--tasks", "2", "--waves", "3"], {}, "waves"),
+        ("hq-bench", ["burst", "--server-arg=--workers=0"], {}, "workers"),
+        ("hq-broker", ["--bind="], {}, "bind"),
+    ]
+)
 
 
 def _env(extra: dict) -> dict:
@@ -123,8 +127,13 @@ def _run_all(cases, cwd) -> list:
         while pending and len(running) < 8:
             prog, argv, env, named = pending.pop()
             proc = subprocess.Popen(
-                [script(prog), *argv], cwd=cwd, env=_env(env), stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                [script(prog), *argv],
+                cwd=cwd,
+                env=_env(env),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
             )
             running.append((proc, time.monotonic(), (prog, argv, env, named)))
         proc, started, case = running.pop(0)
@@ -142,7 +151,7 @@ def _run_all(cases, cwd) -> list:
 def test_every_option_of_every_program_refuses_a_bad_value_in_one_line(tmp_path):
     assert len(CASES) > 60  # the sweep found the options
     failures = []
-    for (prog, argv, env, named), code, out, err, took in _run_all(CASES, tmp_path):
+    for (prog, argv, env, named), code, out, err, _ in _run_all(CASES, tmp_path):
         lines = err.strip().splitlines()
         what = f"{prog} {' '.join(argv)} {env or ''}"
         if code != 2:
@@ -159,8 +168,13 @@ def test_every_option_of_every_program_refuses_a_bad_value_in_one_line(tmp_path)
 
 def test_hq_admin_address_without_scheme_suggests_tcp(tmp_path):
     started = time.monotonic()
-    result = subprocess.run([script("hq-admin"), "--address", "127.0.0.1:8686", "stats"],
-                            capture_output=True, text=True, timeout=30, env=_env({}))
+    result = subprocess.run(
+        [script("hq-admin"), "--address", "127.0.0.1:8686", "stats"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=_env({}),
+    )
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert "did you mean tcp://127.0.0.1:8686?" in result.stderr
@@ -214,8 +228,14 @@ def test_hq_server_ends_on_a_start_up_error_with_one_line(kind, reason, tmp_path
         elif kind == "bind-without-scheme":
             args = ["--db", str(tmp_path / "hq.db"), "--bind", f"127.0.0.1:{port}"]
         started = time.monotonic()
-        proc = subprocess.run([script("hq-server"), *args], capture_output=True, text=True, timeout=30,
-                              cwd=tmp_path, env=_env({}))
+        proc = subprocess.run(
+            [script("hq-server"), *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=tmp_path,
+            env=_env({}),
+        )
         took = time.monotonic() - started
     finally:
         holder.close()
@@ -258,8 +278,13 @@ def _closed_port() -> int:
 
 def test_hq_admin_knows_at_once_that_nothing_listens():
     started = time.monotonic()
-    result = subprocess.run([script("hq-admin"), "--address", f"tcp://127.0.0.1:{_closed_port()}", "stats"],
-                            capture_output=True, text=True, timeout=30, env=_env({}))
+    result = subprocess.run(
+        [script("hq-admin"), "--address", f"tcp://127.0.0.1:{_closed_port()}", "stats"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=_env({}),
+    )
     took = time.monotonic() - started
     assert result.returncode == 3
     assert result.stderr.count("\n") == 1 and "Connection refused" in result.stderr, result.stderr
@@ -278,14 +303,19 @@ except ConnectionError as exc:
 """
 
 
-@pytest.mark.parametrize("address,reason", [
-    ("tcp://127.0.0.1:{port}", "Connection refused"),
-    ("ipc://{tmp}/nothing-here.ipc", "No such file or directory"),
-    ("tcp://no-such-host.invalid:8686", "cannot resolve"),
-])
+@pytest.mark.parametrize(
+    "address,reason",
+    [
+        ("tcp://127.0.0.1:{port}", "Connection refused"),
+        ("ipc://{tmp}/nothing-here.ipc", "No such file or directory"),
+        ("tcp://no-such-host.invalid:8686", "cannot resolve"),
+    ],
+)
 def test_a_server_that_is_not_there_is_a_connection_error_in_about_a_second(address, reason, tmp_path):
     address = address.format(port=_closed_port(), tmp=tmp_path)
-    result = subprocess.run([sys.executable, "-c", CLIENT_CALL, address], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", CLIENT_CALL, address], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     took, _, message = result.stdout.strip().partition(" ")
     assert reason in message and address in message, message
@@ -324,12 +354,18 @@ def test_a_bitbake_task_without_network_falls_back_at_once(stack, bitbake):
     """A task forked by bitbake-worker runs in a network namespace of its own, where the
     broker's TCP address cannot be reached: its report must fail in about a second (BitBake
     then falls back to the taskhash), not after the 30 s deadline."""
-    result = subprocess.run([sys.executable, "-c", FORKED_TASK, stack.address, bitbake],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", FORKED_TASK, stack.address, bitbake],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     first, parent = result.stdout.strip().splitlines()
     if first == "no-netns":
-        pytest.skip("this kernel refuses unprivileged network namespaces: BitBake runs tasks with the network")
+        pytest.skip(
+            "this kernel refuses unprivileged network namespaces: BitBake runs tasks with the network"
+        )
     took, _, message = first.partition(" ")
     assert "Network is unreachable" in message, first
     assert float(took) < 2.0, first

@@ -9,6 +9,7 @@ import os
 import subprocess
 
 import pytest
+
 from helpers import script
 from hq.client import InvokeError, create_client
 
@@ -187,8 +188,12 @@ def test_usage_errors_and_unreachable_server(stack):
     result = admin(stack, "gc-mark", "m" * 300, "--where", f"unihash={unihash(1)}")
     assert result.returncode == 1 and "refused" in result.stderr and "TOO_LARGE" in result.stderr
     # The common options may come before the subcommand too.
-    result = subprocess.run([script("hq-admin"), "--address", stack.address, "--format", "json", "gc-status"],
-                            capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [script("hq-admin"), "--address", stack.address, "--format", "json", "gc-status"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert result.returncode == 0 and set(json.loads(result.stdout)) == {"keep", "remove", "mark"}
 
 

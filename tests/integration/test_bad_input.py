@@ -119,20 +119,92 @@ CASES = [
     ("odd GET body", p.encode_request(RID, p.GET, [M.encode()]), p.E_BAD_REQUEST, RID, "groups"),
     ("wrong protocol", [b"HTTP/1.1", RID, p.PING, b""], p.E_BAD_REQUEST, b"", "HQC01"),
     ("request id too long", [p.CLIENT_PROTOCOL, b"x" * 33, p.PING, b""], p.E_BAD_REQUEST, b"", "request id"),
-    ("unknown command", p.encode_request(RID, b"get-everything"), p.E_UNKNOWN_COMMAND, RID, "unknown command"),
-    ("non-ASCII command", p.encode_request(RID, "pïng".encode()), p.E_UNKNOWN_COMMAND, RID, "unknown command"),
+    (
+        "unknown command",
+        p.encode_request(RID, b"get-everything"),
+        p.E_UNKNOWN_COMMAND,
+        RID,
+        "unknown command",
+    ),
+    (
+        "non-ASCII command",
+        p.encode_request(RID, "pïng".encode()),
+        p.E_UNKNOWN_COMMAND,
+        RID,
+        "unknown command",
+    ),
     ("old version", [b"HQC00", RID, p.PING, b""], p.E_VERSION, RID, "supported: HQC01"),
     ("new version", [b"HQC02", RID, p.PING, b""], p.E_VERSION, RID, "supported: HQC01"),
-    ("non-hex unihash", p.encode_request(RID, p.REPORT, [*GOOD, b"${@os.system('true')}"]), p.E_INVALID, RID, "Invalid unihash"),
-    ("short unihash", p.encode_request(RID, p.REPORT, [*GOOD, b"a" * 63]), p.E_INVALID, RID, "Invalid unihash"),
-    ("long unihash", p.encode_request(RID, p.REPORT, [*GOOD, b"a" * 65]), p.E_INVALID, RID, "Invalid unihash"),
-    ("upper-case unihash", p.encode_request(RID, p.REPORT_EQUIV, [*GOOD[:2], b"A" * 64]), p.E_INVALID, RID, "Invalid unihash"),
-    ("invalid UTF-8 method", p.encode_request(RID, p.GET, [b"\xffTest", b"0" * 40]), p.E_BAD_REQUEST, RID, "UTF-8"),
-    ("NUL in method", p.encode_request(RID, p.REPORT, [b"Te\x00st", *GOOD[1:], b"a" * 64]), p.E_INVALID, RID, "control"),
-    ("empty taskhash", p.encode_request(RID, p.GET_FULL, [M.encode(), b""]), p.E_INVALID, RID, "empty taskhash"),
-    ("extra not an object", p.encode_request(RID, p.REPORT, [*GOOD, b"a" * 64, b"[1]"]), p.E_BAD_REQUEST, RID, "object"),
-    ("chunk over the limit", p.encode_request(RID, p.GET, _batch(p.GET, 1, p.MAX_CHUNK_ITEMS + 1)), p.E_TOO_LARGE, RID, "chunk"),
-    ("batch over the limit", p.encode_request(RID, p.EXISTS, _batch(p.EXISTS, 66, 1000)), p.E_TOO_LARGE, RID, "batch"),
+    (
+        "non-hex unihash",
+        p.encode_request(RID, p.REPORT, [*GOOD, b"${@os.system('true')}"]),
+        p.E_INVALID,
+        RID,
+        "Invalid unihash",
+    ),
+    (
+        "short unihash",
+        p.encode_request(RID, p.REPORT, [*GOOD, b"a" * 63]),
+        p.E_INVALID,
+        RID,
+        "Invalid unihash",
+    ),
+    (
+        "long unihash",
+        p.encode_request(RID, p.REPORT, [*GOOD, b"a" * 65]),
+        p.E_INVALID,
+        RID,
+        "Invalid unihash",
+    ),
+    (
+        "upper-case unihash",
+        p.encode_request(RID, p.REPORT_EQUIV, [*GOOD[:2], b"A" * 64]),
+        p.E_INVALID,
+        RID,
+        "Invalid unihash",
+    ),
+    (
+        "invalid UTF-8 method",
+        p.encode_request(RID, p.GET, [b"\xffTest", b"0" * 40]),
+        p.E_BAD_REQUEST,
+        RID,
+        "UTF-8",
+    ),
+    (
+        "NUL in method",
+        p.encode_request(RID, p.REPORT, [b"Te\x00st", *GOOD[1:], b"a" * 64]),
+        p.E_INVALID,
+        RID,
+        "control",
+    ),
+    (
+        "empty taskhash",
+        p.encode_request(RID, p.GET_FULL, [M.encode(), b""]),
+        p.E_INVALID,
+        RID,
+        "empty taskhash",
+    ),
+    (
+        "extra not an object",
+        p.encode_request(RID, p.REPORT, [*GOOD, b"a" * 64, b"[1]"]),
+        p.E_BAD_REQUEST,
+        RID,
+        "object",
+    ),
+    (
+        "chunk over the limit",
+        p.encode_request(RID, p.GET, _batch(p.GET, 1, p.MAX_CHUNK_ITEMS + 1)),
+        p.E_TOO_LARGE,
+        RID,
+        "chunk",
+    ),
+    (
+        "batch over the limit",
+        p.encode_request(RID, p.EXISTS, _batch(p.EXISTS, 66, 1000)),
+        p.E_TOO_LARGE,
+        RID,
+        "batch",
+    ),
     ("100k tiny frames", p.encode_request(RID, p.GET, [b""] * 100_000), p.E_TOO_LARGE, RID, "frames"),
 ]
 
@@ -216,10 +288,13 @@ def tls_client_hello() -> bytes:
     hello = (
         b"\x03\x03"
         + rng.randbytes(32)
-        + b"\x20" + rng.randbytes(32)
-        + struct.pack("!H", 6) + b"\x13\x01\x13\x02\xc0\x2f"
+        + b"\x20"
+        + rng.randbytes(32)
+        + struct.pack("!H", 6)
+        + b"\x13\x01\x13\x02\xc0\x2f"
         + b"\x01\x00"
-        + struct.pack("!H", len(extensions)) + extensions
+        + struct.pack("!H", len(extensions))
+        + extensions
     )
     handshake = b"\x01" + struct.pack("!I", len(hello))[1:] + hello
     return b"\x16\x03\x01" + struct.pack("!H", len(handshake)) + handshake
@@ -280,7 +355,9 @@ def test_silent_tcp_connections(stack, pids):
     try:
         for _ in range(SILENT):
             conns.append(socket.create_connection(("127.0.0.1", tcp_port(stack)), timeout=5))
-        wait_for(lambda: broker_fds(stack) >= baseline + SILENT, what=f"the broker accepting {SILENT} connections")
+        wait_for(
+            lambda: broker_fds(stack) >= baseline + SILENT, what=f"the broker accepting {SILENT} connections"
+        )
         assert_serving(stack, pids)
         # Half of them hang up; the broker cuts the other half after its handshake interval.
         for conn in conns[: SILENT // 2]:
@@ -306,7 +383,9 @@ def test_silent_tcp_connections(stack, pids):
     finally:
         for conn in conns:
             conn.close()
-    wait_for(lambda: broker_fds(stack) <= baseline + 5, HANDSHAKE_IVL_S + 1, what="broker fds back to baseline")
+    wait_for(
+        lambda: broker_fds(stack) <= baseline + 5, HANDSHAKE_IVL_S + 1, what="broker fds back to baseline"
+    )
     assert_serving(stack, pids)
 
 

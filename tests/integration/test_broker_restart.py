@@ -40,7 +40,11 @@ def test_broker_restart_mid_burst(any_stack, how):
         wait_for(lambda: len(done) >= 3, 20, what="batches flowing")
         broker = stack.children()["hq-broker"]
         broker.send_signal(how)
-        wait_for(lambda: getattr(stack.children().get("hq-broker"), "pid", broker.pid) != broker.pid, 10, what="broker restarted")
+        wait_for(
+            lambda: getattr(stack.children().get("hq-broker"), "pid", broker.pid) != broker.pid,
+            10,
+            what="broker restarted",
+        )
         back = time.monotonic()
         before = len(done)
         wait_for(lambda: len(done) >= before + 3, 10, what="batches after the restart")

@@ -68,7 +68,15 @@ def test_silent_tcp_listener():
 def test_broker_without_workers(tmp_path):
     endpoint_file = tmp_path / "ep"
     proc = subprocess.Popen(
-        [script("hq-broker"), "--bind", "tcp://127.0.0.1:*", "--backend", f"ipc://{tmp_path}/be.ipc", "--endpoint-file", str(endpoint_file)],
+        [
+            script("hq-broker"),
+            "--bind",
+            "tcp://127.0.0.1:*",
+            "--backend",
+            f"ipc://{tmp_path}/be.ipc",
+            "--endpoint-file",
+            str(endpoint_file),
+        ],
         stderr=subprocess.DEVNULL,
     )
     try:
@@ -222,6 +230,7 @@ def test_silent_peer_gets_a_resend_on_a_new_socket(peer_factory):
     """Lazy Pirate: after an attempt (1 s here) without an answer, the client drops its socket
     and resends on a new one, which the peer sees as a new routing id. When exactly, and that
     a long admin command waits instead, is in tests/unit/test_client_policy.py."""
+
     def answer(request, n):
         if n >= 2:
             yield p.encode_reply(request.request_id, p.OK, [])
@@ -238,6 +247,7 @@ def test_silent_peer_gets_a_resend_on_a_new_socket(peer_factory):
 def test_an_admin_write_that_may_have_run_is_not_retried(peer_factory, status):
     """503 (timed out at the broker) or 500 (its worker lost): the sweep may have run. It is
     not sent again (the second would be refused); the error says to check first."""
+
     def answer(request, n):
         yield p.encode_error(request.request_id, status, "no worker answered in time")
 
@@ -281,7 +291,10 @@ def test_client_works_in_a_forked_child(shared_stack):
     if pid == 0:  # child: use the parent's client object, as BitBake's forked tasks do
         code = 1
         try:
-            if c.get_unihash(M, "f0" * 32) == U1 and c.report_unihash_equiv("f1" * 32, M, U1)["unihash"] == U1:
+            if (
+                c.get_unihash(M, "f0" * 32) == U1
+                and c.report_unihash_equiv("f1" * 32, M, U1)["unihash"] == U1
+            ):
                 code = 0
         finally:
             os._exit(code)

@@ -36,7 +36,9 @@ def run(tmp_path, clients, per_client, kill_every, workers=3):
     stack = Stack(tmp_path, workers=workers).start()
     ctx = multiprocessing.get_context("fork")
     out = ctx.Queue()
-    procs = [ctx.Process(target=reporter, args=(stack.address, seed, per_client, out)) for seed in range(clients)]
+    procs = [
+        ctx.Process(target=reporter, args=(stack.address, seed, per_client, out)) for seed in range(clients)
+    ]
     stop = threading.Event()
     kills = []
 

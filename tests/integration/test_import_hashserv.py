@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 
 import pytest
+
 from hashserv_db import expected_hq_state, hq_state, iso_utc, populate, source_mappings, source_outhash_rows
 from helpers import script, wait_for
 from hq.client import create_client
@@ -18,7 +19,13 @@ U_NEW = "0123456789abcdef" * 4
 
 
 def hq_admin(stack, *args, timeout=120):
-    argv = [script("hq-admin"), "import-hashserv", "--address", stack.address if stack else "tcp://127.0.0.1:9", *args]
+    argv = [
+        script("hq-admin"),
+        "import-hashserv",
+        "--address",
+        stack.address if stack else "tcp://127.0.0.1:9",
+        *args,
+    ]
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
 
 
@@ -60,8 +67,16 @@ def test_an_import_keeps_every_equivalence(stack, source, tmp_path):
         marks = {(m, t): g for m, t, g in conn.execute("SELECT method, taskhash, gc_mark FROM unihashes_v3")}
     rows = source_outhash_rows(path)
     t = data["tables"]
-    assert (t["unihashes_v3"]["rows"], t["unihashes_v3"]["imported"], t["unihashes_v3"]["invalid"]) == (len(mappings), len(mappings) - 1, 1)
-    assert (t["outhashes_v2"]["rows"], t["outhashes_v2"]["imported"], t["outhashes_v2"]["skipped"]) == (len(rows), len(rows), 0)
+    assert (t["unihashes_v3"]["rows"], t["unihashes_v3"]["imported"], t["unihashes_v3"]["invalid"]) == (
+        len(mappings),
+        len(mappings) - 1,
+        1,
+    )
+    assert (t["outhashes_v2"]["rows"], t["outhashes_v2"]["imported"], t["outhashes_v2"]["skipped"]) == (
+        len(rows),
+        len(rows),
+        0,
+    )
     assert (t["users"]["imported"], t["config"]["imported"]) == (2, 1)
     assert data["chunks"] > 1 + 1 + len(mappings) // 1000 + len(rows) // 1000  # big siginfo split a chunk
     assert hq_state(stack.db) == expected_hq_state(path)
@@ -78,7 +93,9 @@ def test_an_import_keeps_every_equivalence(stack, source, tmp_path):
             assert without_id(got) == full_row(rows, mappings, marks, method, taskhash)
             got = client.get_outhash(method, outhash, taskhash)
             same = [r for r in rows if (r["method"], r["outhash"]) == (method, outhash)]
-            oldest = min(same, key=lambda r: (datetime.datetime.fromisoformat(iso_utc(r["created"])), r["id"]))
+            oldest = min(
+                same, key=lambda r: (datetime.datetime.fromisoformat(iso_utc(r["created"])), r["id"])
+            )
             assert without_id(got) == full_row(rows, mappings, marks, method, oldest["taskhash"])
         big = next(r for r in rows if r["outhash_siginfo"] and len(r["outhash_siginfo"]) > 500_000)
         got = client.get_taskhash(big["method"], big["taskhash"], all_properties=True)
@@ -101,7 +118,7 @@ def test_running_again_sends_nothing_and_restart_skips_everything(stack, source)
         assert (r["sent"], r["imported"]) == (0, 0)
     restart = import_json(stack, path, "--restart")
     assert not restart["resumed"]
-    for table, r in restart["tables"].items():
+    for r in restart["tables"].values():
         assert r["imported"] == 0
         assert r["skipped"] + r["invalid"] == r["sent"] == r["rows"]
     assert restart["tables"]["unihashes_v3"]["invalid"] == 1
@@ -131,11 +148,24 @@ def test_an_import_stopped_after_some_chunks_resumes_where_it_stopped(stack, sou
 
 def test_ctrl_c_stops_an_import_and_running_again_finishes_it(stack, source):
     path, _ = source
-    argv = [script("hq-admin"), "import-hashserv", str(path), "--address", stack.address, "--chunk-rows", "5", "--quiet"]
+    argv = [
+        script("hq-admin"),
+        "import-hashserv",
+        str(path),
+        "--address",
+        stack.address,
+        "--chunk-rows",
+        "5",
+        "--quiet",
+    ]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         with create_client(stack.address, timeout=30) as client:
-            wait_for(lambda: client.import_status(str(path))["unihashes_v3"] > 0, timeout=60, what="the first mapping chunks")
+            wait_for(
+                lambda: client.import_status(str(path))["unihashes_v3"] > 0,
+                timeout=60,
+                what="the first mapping chunks",
+            )
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
     finally:
@@ -156,7 +186,15 @@ def test_the_table_output_names_every_table(stack, source):
     done = hq_admin(stack, str(path), "--max-chunks", "3")
     assert done.returncode == 0, done.stderr
     assert "run again to resume" in done.stdout
-    for word in ("users", "config", "unihashes_v3", "outhashes_v2", "rows in source", "resumed after id", "invalid"):
+    for word in (
+        "users",
+        "config",
+        "unihashes_v3",
+        "outhashes_v2",
+        "rows in source",
+        "resumed after id",
+        "invalid",
+    ):
         assert word in done.stdout
     assert "hq-admin: importing" in done.stderr  # progress lines, stderr not being a terminal
     quiet = hq_admin(stack, str(path), "--quiet")

@@ -110,7 +110,10 @@ def test_live_fuzz(tmp_path, fuzz_messages, ratio_limit=None):
         pids = {n: proc.pid for n, proc in stack.children().items()}
         calm = run_clients(ctx, stack.address, known, 4, 10)
         fuzz_out = ctx.Queue()
-        fuzzers = [ctx.Process(target=fuzzer, args=(stack.address, seed, fuzz_messages, fuzz_out)) for seed in range(2)]
+        fuzzers = [
+            ctx.Process(target=fuzzer, args=(stack.address, seed, fuzz_messages, fuzz_out))
+            for seed in range(2)
+        ]
         for proc in fuzzers:
             proc.start()
         loaded = run_clients(ctx, stack.address, known, 4, 10)

@@ -6,9 +6,10 @@ import random
 import socket
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
 from helpers import Stack, wait_for
 from hq.client import create_client
-from prometheus_client.parser import text_string_to_metric_families
 
 M = "TestMethod"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -137,7 +138,9 @@ def test_worker_labels_name_the_workers(metrics_stack):
     assert names == {"hq-worker-00", "hq-worker-01"}
     info = [dict(labels) for name, labels in samples if name == "hq_sqlite_settings_info"]
     assert {i["worker"] for i in info} == names
-    assert all(i["journal_mode"] == "wal" and i["synchronous"] == "normal" and i["busy_timeout"] for i in info)
+    assert all(
+        i["journal_mode"] == "wal" and i["synchronous"] == "normal" and i["busy_timeout"] for i in info
+    )
     assert total(samples, "hq_workers") == 2
     assert all(total(samples, "hq_worker_restarts_total", worker=n) == 0 for n in names)
 

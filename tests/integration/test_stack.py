@@ -43,10 +43,20 @@ def test_reference_exchange(any_stack):
 
 def test_extra_fields_are_stored(shared_stack):
     with create_client(shared_stack.address, timeout=10) as c:
-        extra = {"owner": "alice", "PN": "busybox", "PV": "1.36", "PR": "r0", "task": "do_package", "outhash_siginfo": "s" * 200_000, "ignored": 1}
+        extra = {
+            "owner": "alice",
+            "PN": "busybox",
+            "PV": "1.36",
+            "PR": "r0",
+            "task": "do_package",
+            "outhash_siginfo": "s" * 200_000,
+            "ignored": 1,
+        }
         c.report_unihash("e" * 64, M, "d" * 64, U1, extra)
         row = c.get_taskhash(M, "e" * 64, True)
-        assert {k: row[k] for k in ("owner", "PN", "PV", "PR", "task")} == {k: extra[k] for k in ("owner", "PN", "PV", "PR", "task")}
+        assert {k: row[k] for k in ("owner", "PN", "PV", "PR", "task")} == {
+            k: extra[k] for k in ("owner", "PN", "PV", "PR", "task")
+        }
         assert row["outhash_siginfo"] == "s" * 200_000
 
 
@@ -87,7 +97,9 @@ def _client_process(address, seed, rounds, out):
 def test_forty_concurrent_clients(any_stack):
     ctx = multiprocessing.get_context("fork")
     out = ctx.Queue()
-    procs = [ctx.Process(target=_client_process, args=(any_stack.address, seed, 50, out)) for seed in range(40)]
+    procs = [
+        ctx.Process(target=_client_process, args=(any_stack.address, seed, 50, out)) for seed in range(40)
+    ]
     for proc in procs:
         proc.start()
     results = [out.get(timeout=120) for _ in procs]
@@ -109,7 +121,10 @@ def test_concurrent_equivalent_reports_agree(any_stack):
     """Many builds report the same outhash at once: they all end up with one unihash."""
     ctx = multiprocessing.get_context("fork")
     out = ctx.Queue()
-    procs = [ctx.Process(target=_equivalent_reporter, args=(any_stack.address, "c" * 64, seed, out)) for seed in range(20)]
+    procs = [
+        ctx.Process(target=_equivalent_reporter, args=(any_stack.address, "c" * 64, seed, out))
+        for seed in range(20)
+    ]
     for proc in procs:
         proc.start()
     results = [out.get(timeout=60) for _ in procs]
@@ -145,14 +160,25 @@ def test_worker_killed_mid_batch_loses_nothing(tmp_path):
         victim = stack.children()["hq-worker-00"]
         stats_client = create_client(stack.address, timeout=10)
         # Kill once the batch is flowing through the workers.
-        wait_for(lambda: stats_client.get_stats()["broker"]["counters"].get("items.get", 0) > 0
-                 or stats_client.get_stats()["broker"]["inflight_jobs"] > 0, 20, 0.001, "batch in flight")
+        wait_for(
+            lambda: (
+                stats_client.get_stats()["broker"]["counters"].get("items.get", 0) > 0
+                or stats_client.get_stats()["broker"]["inflight_jobs"] > 0
+            ),
+            20,
+            0.001,
+            "batch in flight",
+        )
         victim.send_signal(signal.SIGKILL)
         thread.join(60)
         assert not thread.is_alive()
         assert result["answers"] == [known.get(t) for t in queries]
         # hq-server restarts the killed worker.
-        wait_for(lambda: getattr(stack.children().get("hq-worker-00"), "pid", victim.pid) != victim.pid, 15, what="worker restart")
+        wait_for(
+            lambda: getattr(stack.children().get("hq-worker-00"), "pid", victim.pid) != victim.pid,
+            15,
+            what="worker restart",
+        )
         counters = stats_client.get_stats()["broker"]["counters"]
         stats_client.close()
         assert counters["workers.dropped"] >= 1

@@ -24,14 +24,29 @@ def test_a_handler_blocked_for_10s_is_routed_around(tmp_path):
         log_path = tmp_path / "stuck.log"
         with open(log_path, "wb") as log:
             stuck = subprocess.Popen(
-                [sys.executable, "-m", "hq.workers", "--backend", backend, "--db", stack.db,
-                 "--name", "stuck", "--heartbeat-interval", "0.2"],
-                stdout=log, stderr=subprocess.STDOUT,
+                [
+                    sys.executable,
+                    "-m",
+                    "hq.workers",
+                    "--backend",
+                    backend,
+                    "--db",
+                    stack.db,
+                    "--name",
+                    "stuck",
+                    "--heartbeat-interval",
+                    "0.2",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
                 env={**os.environ, "HQ_FAILPOINTS": "worker.request=sleep(10)*1"},
             )
         try:
             stats = create_client(stack.address, timeout=10)
-            names = lambda: sorted(w["name"] for w in stats.get_stats()["workers"])
+
+            def names():
+                return sorted(w["name"] for w in stats.get_stats()["workers"])
+
             wait_for(lambda: names() == ["hq-worker-00", "stuck"], 10, 0.05, "both workers")
             queries = list(known) + ["%064x" % (i + 1) for i in range(200)]
             answers, done = [], threading.Event()
@@ -44,7 +59,12 @@ def test_a_handler_blocked_for_10s_is_routed_around(tmp_path):
             thread = threading.Thread(target=lookups)
             thread.start()
             try:
-                wait_for(lambda: "failpoint worker.request" in log_path.read_text(errors="replace"), 10, 0.005, "a request stalls the worker")
+                wait_for(
+                    lambda: "failpoint worker.request" in log_path.read_text(errors="replace"),
+                    10,
+                    0.005,
+                    "a request stalls the worker",
+                )
                 stalled = time.monotonic()
                 wait_for(lambda: names() == ["hq-worker-00"], 5, 0.02, "stuck worker dropped")
                 detected = time.monotonic() - stalled

@@ -39,7 +39,9 @@ def tmpfs(tmp_path):
     """A 4 MiB tmpfs: a real filesystem that fills up."""
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True).returncode:
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True
+    ).returncode:
         pytest.skip("cannot mount a tmpfs here (needs root)")
     try:
         yield mnt
@@ -132,7 +134,12 @@ def test_database_replaced_is_reopened(tmp_path):
             sqlite3.connect(stack.db).close()  # a new, empty database file at the path
             wait_for(lambda: _reports(c, *fresh(4)), 5, 0.05, "writes to the new file")
             # Within a heartbeat every worker reads the new file too.
-            wait_for(lambda: all(c.get_unihash(M, fresh(4)[0]) == fresh(4)[2] for _ in range(6)), 5, 0.05, "all workers on the new file")
+            wait_for(
+                lambda: all(c.get_unihash(M, fresh(4)[0]) == fresh(4)[2] for _ in range(6)),
+                5,
+                0.05,
+                "all workers on the new file",
+            )
             assert c.get_unihash(M, t0) is None  # the old file's rows are not in the new one
     finally:
         stack.stop()
@@ -163,9 +170,13 @@ def test_database_made_read_only_then_writable(tmp_path):
             victim = stack.children()["hq-worker-00"]
             victim.kill()
             wait_for(
-                lambda: stack.children().get("hq-worker-00") not in (None, victim)
-                and len(c.get_stats()["workers"]) == 2,
-                10, 0.05, "worker restarted",
+                lambda: (
+                    stack.children().get("hq-worker-00") not in (None, victim)
+                    and len(c.get_stats()["workers"]) == 2
+                ),
+                10,
+                0.05,
+                "worker restarted",
             )
             restarted = {n: p.pid for n, p in stack.children().items()}
             for i in range(6, 12):

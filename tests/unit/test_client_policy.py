@@ -12,7 +12,12 @@ import pytest
 from hq import protocol as p
 from hq.client import policy as policy_module
 from hq.client.policy import (
-    BACKOFF_MAX_S, BACKOFF_START_S, InvokeError, RetryPolicy, ServerError, attempt_time_s,
+    BACKOFF_MAX_S,
+    BACKOFF_START_S,
+    InvokeError,
+    RetryPolicy,
+    ServerError,
+    attempt_time_s,
 )
 
 BODY = [b"TestMethod", b"a" * 64]
@@ -63,9 +68,23 @@ def test_request_ids_are_lower_case_hex_from_one_counter_and_every_send_takes_a_
     policy = started()
     assert [policy.add(p.GET, BODY, decode, 0.0) for _ in range(12)] == [b"%x" % i for i in range(1, 13)]
     assert [policy.add(p.GET, BODY, decode, 0.0) for _ in range(3)] == [b"d", b"e", b"f"]
-    assert resent_ids(policy.resend_all(10.0)) == [b"10", b"11", b"12", b"13", b"14", b"15",
-                                                   b"16", b"17", b"18", b"19", b"1a", b"1b",
-                                                   b"1c", b"1d", b"1e"]
+    assert resent_ids(policy.resend_all(10.0)) == [
+        b"10",
+        b"11",
+        b"12",
+        b"13",
+        b"14",
+        b"15",
+        b"16",
+        b"17",
+        b"18",
+        b"19",
+        b"1a",
+        b"1b",
+        b"1c",
+        b"1d",
+        b"1e",
+    ]
     assert len(policy.outstanding) == 15
     policy.start(30.0)  # the next call goes on counting
     assert policy.add(p.PING, [], decode, 20.0) == b"1f"
@@ -85,7 +104,7 @@ def test_answers_are_matched_by_id_and_carry_the_index_of_their_request():
 def test_replies_to_unknown_or_abandoned_ids_are_counted_as_stale_and_ignored():
     policy = started()
     first = policy.add(p.GET, BODY, decode, 0.0)
-    (resent, request), = policy.resend_all(10.0)
+    ((resent, request),) = policy.resend_all(10.0)
     assert policy.on_reply(first, p.OK, [b"late"], 10.5) is None  # the abandoned attempt's answer
     assert policy.on_reply(b"old-id", p.E_INVALID, [b"no"], 10.5) is None  # not even an error
     policy.on_garbage()  # a reply that does not decode
@@ -128,7 +147,7 @@ def test_lazy_pirate_resends_every_outstanding_request_at_exactly_the_attempt_de
     second = policy.add(p.GET, BODY, decode, 104.0)
     assert policy.on_reply(second, p.E_BUSY, [b"queue full"], 104.5) is None  # in its backoff
     assert policy.wake_at() == 104.5 + BACKOFF_START_S
-    (again, _), = policy.due(104.5 + BACKOFF_START_S)
+    ((again, _),) = policy.due(104.5 + BACKOFF_START_S)
     assert policy.wake_at() == 110.0
     assert not policy.attempt_expired(109.999)
     assert policy.attempt_expired(110.0)
@@ -180,7 +199,7 @@ def test_retryable_statuses_are_resent_after_a_backoff_of_50_ms_doubling_to_1_s(
         assert policy.on_reply(request_id, status, [b"try later"], now) is None
         assert policy.wake_at() == now + backoff_s
         assert policy.due(now + backoff_s - 0.001) == []
-        (new_id, request), = policy.due(now + backoff_s)
+        ((new_id, request),) = policy.due(now + backoff_s)
         assert new_id == b"%x" % (int(request_id, 16) + 1) and request.index == 0
         request_id = new_id
         now += backoff_s
@@ -208,7 +227,7 @@ def test_a_retry_whose_resend_would_not_come_before_the_deadline_fails_the_call(
         while True:  # answered BUSY at once, every time
             policy.on_reply(request_id, p.E_BUSY, [b"queue full"], now)
             now = policy.wake_at()
-            (request_id, _), = policy.due(now)
+            ((request_id, _),) = policy.due(now)
             sends += 1
     # Sent at 0, 0.05, 0.15 and 0.35; the next would be at 0.75, after the deadline of 0.5.
     assert (sends, now) == (4, 0.05 + 0.1 + 0.2)
@@ -220,7 +239,7 @@ def test_a_resend_due_exactly_at_the_deadline_is_not_made():
     policy = started(1.0)
     request_id = policy.add(p.PING, [], decode, 0.0)
     policy.on_reply(request_id, p.E_INTERNAL, [b"internal error"], 0.9499)
-    (request_id, _), = policy.due(0.9499 + 0.05)
+    ((request_id, _),) = policy.due(0.9499 + 0.05)
     policy = started(1.0)
     request_id = policy.add(p.PING, [], decode, 0.0)
     assert 0.95 + BACKOFF_START_S == 1.0
@@ -294,8 +313,14 @@ def test_refusals_raise_invoke_error_with_the_server_text(status):
 
 @pytest.mark.parametrize(
     "status, name",
-    [(p.E_BAD_REQUEST, "BAD_REQUEST"), (p.E_UNKNOWN_COMMAND, "UNKNOWN_COMMAND"), (p.E_TOO_LARGE, "TOO_LARGE"),
-     (p.E_VERSION, "VERSION"), (p.E_STORAGE, "STORAGE"), (599, "599")],
+    [
+        (p.E_BAD_REQUEST, "BAD_REQUEST"),
+        (p.E_UNKNOWN_COMMAND, "UNKNOWN_COMMAND"),
+        (p.E_TOO_LARGE, "TOO_LARGE"),
+        (p.E_VERSION, "VERSION"),
+        (p.E_STORAGE, "STORAGE"),
+        (599, "599"),
+    ],
 )
 def test_other_error_statuses_raise_server_error_at_once(status, name):
     policy = started()
@@ -314,7 +339,7 @@ def test_wake_at_is_the_earliest_attempt_end_backoff_or_deadline():
     assert policy.wake_at() == 1.0
     policy.on_reply(first, p.E_BUSY, [b"busy"], 0.2)
     assert policy.wake_at() == 0.2 + 0.05
-    (first, _), = policy.due(0.25)
+    ((first, _),) = policy.due(0.25)
     assert policy.wake_at() == 1.25 == 0.25 + 1.0 and not policy.attempt_expired(1.249)
     policy.resend_all(2.9)  # their attempts now end after the deadline of the first
     assert policy.wake_at() == 3.0

@@ -126,8 +126,8 @@ def test_every_program_can_read_the_example_file():
     import pathlib
 
     example = pathlib.Path(__file__).resolve().parents[2] / "configs" / "hq.conf.example"
-    for prog, options in DAEMONS:
-        opts = config.parse(prog, "t", options, ["--config", str(example)], {})
+    for prog, rows in DAEMONS:
+        opts = config.parse(prog, "t", rows, ["--config", str(example)], {})
         assert opts.config == str(example)
 
 
@@ -135,10 +135,10 @@ def test_example_file_names_every_option():
     import pathlib
 
     text = (pathlib.Path(__file__).resolve().parents[2] / "configs" / "hq.conf.example").read_text()
-    for prog, options in DAEMONS:
+    for prog, rows in DAEMONS:
         if prog == "hq-server":
             continue
-        for opt in options:
+        for opt in rows:
             assert f"{opt.name} =" in text, f"{prog} option {opt.name} missing from hq.conf.example"
 
 

@@ -12,7 +12,11 @@ from hq import failpoints
 def test_parse_actions_and_counts():
     points = failpoints.parse(" worker.request = sleep(0.01)*2 ; other=exit(3)")
     assert set(points) == {"worker.request", "other"}
-    assert (points["worker.request"].action, points["worker.request"].arg, points["worker.request"].remaining) == ("sleep", 0.01, 2)
+    assert (
+        points["worker.request"].action,
+        points["worker.request"].arg,
+        points["worker.request"].remaining,
+    ) == ("sleep", 0.01, 2)
     assert (points["other"].action, points["other"].remaining) == ("exit", None)
     assert failpoints.parse("") == {}
 

@@ -1,7 +1,6 @@
 """A worker REQUEST's jobs run together: one query per method, one transaction for reports."""
 
 from helpers import Statements
-
 from hq import protocol as p
 
 M = b"TestMethod"
@@ -63,7 +62,11 @@ def test_exists_jobs_share_one_query(handlers):
 def test_a_refused_write_fails_every_report_of_the_request(handlers):
     handlers.store.db.execute_sql("PRAGMA query_only = 1")  # SQLite refuses every write
     try:
-        results = handlers.handle_jobs(p.REPORT, b"", [(b"1", report_body("1" * 64, "a" * 64, U1)), (b"2", report_body("2" * 64, "b" * 64, U2))])
+        results = handlers.handle_jobs(
+            p.REPORT,
+            b"",
+            [(b"1", report_body("1" * 64, "a" * 64, U1)), (b"2", report_body("2" * 64, "b" * 64, U2))],
+        )
     finally:
         handlers.store.db.execute_sql("PRAGMA query_only = 0")
     assert [(job_id, status) for job_id, status, _ in results] == [(b"1", p.E_STORAGE), (b"2", p.E_STORAGE)]
@@ -77,11 +80,17 @@ def test_a_new_method_rolled_back_is_not_cached(handlers):
     store = handlers.store
     store.db.execute_sql("PRAGMA query_only = 1")
     try:
-        handlers.handle_jobs(p.REPORT_EQUIV, b"", [(b"1", [b"New", b"1" * 64, U1.encode()]), (b"2", [b"New", b"2" * 64, U1.encode()])])
+        handlers.handle_jobs(
+            p.REPORT_EQUIV,
+            b"",
+            [(b"1", [b"New", b"1" * 64, U1.encode()]), (b"2", [b"New", b"2" * 64, U1.encode()])],
+        )
     finally:
         store.db.execute_sql("PRAGMA query_only = 0")
     assert "New" not in store._method_ids
     store.report_equiv("Another", "9" * 64, U2)  # takes the id the rolled-back insert had
-    assert handlers.handle_jobs(p.REPORT_EQUIV, b"", [(b"1", [b"New", b"1" * 64, U1.encode()])]) == [(b"1", p.OK, [U1.encode()])]
+    assert handlers.handle_jobs(p.REPORT_EQUIV, b"", [(b"1", [b"New", b"1" * 64, U1.encode()])]) == [
+        (b"1", p.OK, [U1.encode()])
+    ]
     assert store.get_unihashes("Another", ["9" * 64]) == [U2]
     assert store.get_unihashes("New", ["1" * 64]) == [U1]

@@ -26,7 +26,7 @@ def test_quantiles_are_within_one_bucket_of_the_exact_value():
         h.add(v)
     for q in (0.5, 0.9, 0.99):
         exact = values[math.ceil(q * len(values)) - 1]
-        assert exact <= h.quantile(q) <= exact * 2 ** 0.25 * (1 + 1e-9), q
+        assert exact <= h.quantile(q) <= exact * 2**0.25 * (1 + 1e-9), q
     assert h.quantile(1.0) == pytest.approx(values[-1])
     assert h.count == len(values) and h.sum == pytest.approx(sum(values))
 

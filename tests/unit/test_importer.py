@@ -5,6 +5,7 @@ import json
 import sqlite3
 
 import pytest
+
 from hashserv_db import HashservDB, expected_hq_state, hq_state, populate
 from hq import protocol as p
 from hq.admin.importer import CHUNK_BYTES, SourceError, open_source, read_chunks
@@ -51,11 +52,21 @@ def outhash(taskhash, out, created="2026-11-27T12:14:00.721026+00:00", method=M,
 
 def test_rows_are_stored_as_a_report_would_store_them(handlers):
     store = handlers.store
-    assert run_import(handlers, "unihashes_v3", [mapping(T1, U1)]) == {"imported": 1, "skipped": 0, "invalid": 0}
-    row = outhash(T1, O1, owner="alice", PN="zlib", PV="1.3", PR="r0", task="do_install", outhash_siginfo='{"a":\n1}')
+    assert run_import(handlers, "unihashes_v3", [mapping(T1, U1)]) == {
+        "imported": 1,
+        "skipped": 0,
+        "invalid": 0,
+    }
+    row = outhash(
+        T1, O1, owner="alice", PN="zlib", PV="1.3", PR="r0", task="do_install", outhash_siginfo='{"a":\n1}'
+    )
     assert run_import(handlers, "outhashes_v2", [row]) == {"imported": 1, "skipped": 0, "invalid": 0}
     full = store.get_full(M, T1)
-    assert {k: v for k, v in full.items() if k != "id"} == {**{k: v for k, v in row.items() if k != "id"}, "unihash": U1, "gc_mark": ""}
+    assert {k: v for k, v in full.items() if k != "id"} == {
+        **{k: v for k, v in row.items() if k != "id"},
+        "unihash": U1,
+        "gc_mark": "",
+    }
     # Hex hashes are stored as binary keys, the unihash as 32 bytes, the method interned.
     raw = store.db.execute_sql("SELECT method, taskhash, unihash FROM unihashes").fetchone()
     assert raw[1] == bytes.fromhex(T1) and raw[2] == bytes.fromhex(U1)
@@ -151,7 +162,9 @@ def test_an_existing_hq_mapping_wins_and_the_row_counts_as_skipped(handlers):
     assert reply == {"imported": 1, "skipped": 1, "invalid": 0}
     assert store.get_unihashes(M, [T1, T2]) == [U1, U2]
     # The same (method, taskhash, outhash) is not stored twice; other outhashes are.
-    reply = run_import(handlers, "outhashes_v2", [outhash(T1, O1), outhash(T1, "ab" * 32), outhash(T1, "ab" * 32)])
+    reply = run_import(
+        handlers, "outhashes_v2", [outhash(T1, O1), outhash(T1, "ab" * 32), outhash(T1, "ab" * 32)]
+    )
     assert reply == {"imported": 1, "skipped": 2, "invalid": 0}
     assert store.db.execute_sql("SELECT count(*) FROM outhashes").fetchone() == (2,)
 
@@ -160,7 +173,11 @@ def test_running_a_chunk_twice_changes_nothing(handlers, tmp_path):
     rows = [mapping("%040x" % i, "%064x" % (i % 7 + 1)) for i in range(50)]
     assert run_import(handlers, "unihashes_v3", rows, last_id=50)["imported"] == 50
     before = hq_state(tmp_path / "hq.db")
-    assert run_import(handlers, "unihashes_v3", rows, last_id=50) == {"imported": 0, "skipped": 50, "invalid": 0}
+    assert run_import(handlers, "unihashes_v3", rows, last_id=50) == {
+        "imported": 0,
+        "skipped": 50,
+        "invalid": 0,
+    }
     assert hq_state(tmp_path / "hq.db") == before
 
 
@@ -196,7 +213,10 @@ def test_a_gc_cycle_in_progress_at_the_source_goes_on_in_hq(handlers):
     # The source is mid-cycle: current mark ABC, T1 marked (kept), T2 not (to be swept).
     run_import(handlers, "config", [{"id": 1, "name": "gc-mark", "value": "ABC"}])
     run_import(handlers, "unihashes_v3", [mapping(T1, U1, gc_mark="ABC"), mapping(T2, U2)], last_id=2)
-    gc = lambda command, body: json.loads(handlers.handle(command, b"", body)[1][0])
+
+    def gc(command, body):
+        return json.loads(handlers.handle(command, b"", body)[1][0])
+
     assert gc(p.GC_STATUS, []) == {"keep": 1, "remove": 1, "mark": "ABC"}
     assert gc(p.GC_SWEEP, [b"ABC", b"1"]) == {"count": 1}  # as the source would sweep
     # Another source's mappings, imported while hq has that mark, get it (kept).
@@ -205,7 +225,11 @@ def test_a_gc_cycle_in_progress_at_the_source_goes_on_in_hq(handlers):
 
 
 def config_rows(handlers):
-    return dict(handlers.store.db.execute_sql("SELECT name, value FROM config WHERE name NOT LIKE 'import:%'").fetchall())
+    return dict(
+        handlers.store.db.execute_sql(
+            "SELECT name, value FROM config WHERE name NOT LIKE 'import:%'"
+        ).fetchall()
+    )
 
 
 def test_config_takes_only_the_gc_mark_and_never_hqs_own_rows(handlers):
@@ -246,7 +270,9 @@ def test_import_status_reports_each_tables_checkpoint_per_source(handlers):
     assert status_of(handlers) == {"users": 0, "config": 0, "unihashes_v3": 41, "outhashes_v2": 0}
     assert status_of(handlers, "/other/file.db")["outhashes_v2"] == 7
     name = imp.checkpoint_name("unihashes_v3", "src")
-    assert handlers.store.db.execute_sql("SELECT value FROM config WHERE name = ?", (name,)).fetchone() == ("41",)
+    assert handlers.store.db.execute_sql("SELECT value FROM config WHERE name = ?", (name,)).fetchone() == (
+        "41",
+    )
 
 
 @pytest.mark.parametrize("failing", ["config", "unihashes"])
@@ -359,7 +385,9 @@ def test_read_chunks_splits_by_rows_and_by_bytes(tmp_path):
     db = HashservDB(path)
     for i in range(25):
         siginfo = "x" * (CHUNK_BYTES // 3) if i in (3, 4, 5, 6, 7) else None
-        db.report(M, "%040x" % i, "%064x" % i, "%064x" % (i + 1), "2026-11-27 12:00:00", outhash_siginfo=siginfo)
+        db.report(
+            M, "%040x" % i, "%064x" % i, "%064x" % (i + 1), "2026-11-27 12:00:00", outhash_siginfo=siginfo
+        )
     db.close()
     conn = open_source(str(path))
     chunks = list(read_chunks(conn, "outhashes_v2", 0, 10))
@@ -382,7 +410,9 @@ def test_read_chunks_resumes_after_an_id(tmp_path):
     assert [json.loads(line) for _, lines, _ in chunks for line in lines] == every[20:]
     assert [len(lines) for _, lines, _ in chunks][:-1] == [7] * (len(chunks) - 1)
     rest = ids[20:]
-    assert [last for last, _, _ in chunks] == [rest[min(i + 6, len(rest) - 1)] for i in range(0, len(rest), 7)]
+    assert [last for last, _, _ in chunks] == [
+        rest[min(i + 6, len(rest) - 1)] for i in range(0, len(rest), 7)
+    ]
 
 
 @pytest.mark.parametrize("content", ["missing", "empty", "garbage", "old schema", "other tables"])
@@ -394,7 +424,10 @@ def test_open_source_refuses_what_is_not_a_hashserv_database(tmp_path, content):
         path.write_bytes(b"this is not sqlite" * 100)
     elif content in ("old schema", "other tables"):
         with sqlite3.connect(path) as conn:
-            conn.execute("CREATE TABLE %s (id INTEGER PRIMARY KEY)" % ("unihashes_v2" if content == "old schema" else "foo"))
+            conn.execute(
+                "CREATE TABLE %s (id INTEGER PRIMARY KEY)"
+                % ("unihashes_v2" if content == "old schema" else "foo")
+            )
     with pytest.raises(SourceError) as err:
         open_source(str(path))
     assert str(path) in str(err.value)

@@ -1,9 +1,9 @@
 """Layout rules: one import namespace, layers that import downward only, a small client.
 
-    core (hq)                      the foundation: imports nothing of the rest
-    broker, workers, client        import only core (the client only its leaf modules)
-    admin, bench, server           on top: may import the layers below, never each other's
-                                   internals (bench runs hq-server as a program)
+core (hq)                      the foundation: imports nothing of the rest
+broker, workers, client        import only core (the client only its leaf modules)
+admin, bench, server           on top: may import the layers below, never each other's
+                               internals (bench runs hq-server as a program)
 """
 
 import ast
@@ -18,8 +18,13 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 #: Source folder -> the import package it is installed as (pyproject's package-dir).
 PACKAGES = {
-    "core": "hq", "broker": "hq.broker", "workers": "hq.workers", "client": "hq.client",
-    "admin": "hq.admin", "bench": "hq.bench", "server": "hq.server",
+    "core": "hq",
+    "broker": "hq.broker",
+    "workers": "hq.workers",
+    "client": "hq.client",
+    "admin": "hq.admin",
+    "bench": "hq.bench",
+    "server": "hq.server",
 }
 #: Layer -> the layers it may import. hq-admin is a client: it must not load the
 #: workers' database code (peewee) or the broker.
@@ -69,8 +74,12 @@ def test_layers_import_downward_only():
             for module in hq_imports(path, package):
                 target = layer_of(module)
                 allowed = ALLOWED[folder]
-                if target not in allowed and module not in allowed and not (
-                    target == "core" and any(module == a or module.startswith(a + ".") for a in allowed)
+                if (
+                    target not in allowed
+                    and module not in allowed
+                    and not (
+                        target == "core" and any(module == a or module.startswith(a + ".") for a in allowed)
+                    )
                 ):
                     offenders.append(f"{path.relative_to(ROOT)} imports {module} ({folder} -> {target})")
     assert offenders == []
@@ -90,7 +99,8 @@ def test_leaf_modules_import_nothing_of_hq(leaf):
 def test_client_loads_only_stdlib_and_pyzmq():
     code = (
         "import sys, hq.client\n"
-        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('peewee', 'tabulate', 'sqlite3', 'psutil'))\n"
+        "bad = sorted(m for m in sys.modules\n"
+        "             if m.split('.')[0] in ('peewee', 'tabulate', 'sqlite3', 'psutil'))\n"
         "bad += sorted(m for m in sys.modules if m.startswith('hq.') and not m.startswith('hq.client') "
         "and m not in ('hq.protocol', 'hq.sockets', 'hq.addresses'))\n"
         "print(','.join(bad))\n"
@@ -100,7 +110,11 @@ def test_client_loads_only_stdlib_and_pyzmq():
 
 
 def test_hq_admin_loads_no_database_code():
-    code = "import sys, hq.admin.cli\nprint(','.join(sorted(m for m in sys.modules if m.split('.')[0] == 'peewee' or m.startswith(('hq.workers', 'hq.broker')))))\n"
+    code = (
+        "import sys, hq.admin.cli\n"
+        "print(','.join(sorted(m for m in sys.modules\n"
+        "      if m.split('.')[0] == 'peewee' or m.startswith(('hq.workers', 'hq.broker')))))\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/")
     assert out.stdout.strip() == ""
 

@@ -2,12 +2,13 @@
 
 import math
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from hq import options
 from hq import protocol as p
 from hq.broker.histogram import EXPORT_BOUNDS
 from hq.broker.metrics import CONTENT_TYPE, HttpEndpoint, render
 from hq.broker.scheduler import Scheduler
-from prometheus_client.parser import text_string_to_metric_families
 
 M = b"TestMethod"
 
@@ -47,7 +48,7 @@ def lookup(s, worker_id, client, request_id, hashes, start, elapsed):
     (frames,) = [f for f in s.to_workers if f[2] == p.REQUEST]
     s.to_workers.clear()
     _, jobs = p.decode_broker_message(frames[1:])[1][1:]
-    (job_id, body), = jobs
+    ((job_id, body),) = jobs
     s.on_worker([worker_id, *p.encode_job_reply(job_id, p.OK, [body[1]])], start + elapsed)
     s.to_clients.clear()
 
@@ -138,7 +139,17 @@ def test_render_exports_the_raw_cumulative_values_as_valid_text():
     assert value(samples, "hq_db_file_bytes", **w) == 8192
     assert ("hq_db_wal_bytes", tuple(w.items())) not in samples  # None: no sample, no crash
     assert value(samples, "hq_db_rows", table="unihashes", **w) == 7
-    assert value(samples, "hq_sqlite_settings_info", journal_mode="wal", synchronous="normal", busy_timeout="200", **w) == 1
+    assert (
+        value(
+            samples,
+            "hq_sqlite_settings_info",
+            journal_mode="wal",
+            synchronous="normal",
+            busy_timeout="200",
+            **w,
+        )
+        == 1
+    )
 
     kinds = types(text)
     assert kinds["hq_requests"] == "counter" and kinds["hq_request_duration_seconds"] == "histogram"
@@ -189,7 +200,10 @@ def test_settings_fall_back_to_ready_info_and_junk_stats_are_skipped():
     ready(s, b"w1", "hq-worker-00", settings={"journal_mode": "wal", "bad key!": "x"})
     heartbeat(s, b"w1", {"counters": {"lookups": "many"}, "uptime_s": [1], "db": "nope"}, 0.5)
     samples = parse(render(s, 1.0))
-    assert value(samples, "hq_sqlite_settings_info", worker="hq-worker-00", journal_mode="wal", bad_key_="x") == 1
+    assert (
+        value(samples, "hq_sqlite_settings_info", worker="hq-worker-00", journal_mode="wal", bad_key_="x")
+        == 1
+    )
     assert not any(name == "hq_worker_lookups_total" for name, _ in samples)
     assert not any(name == "hq_worker_uptime_seconds" for name, _ in samples)
 

@@ -171,7 +171,10 @@ def test_worker_messages_round_trip():
     assert p.decode_worker_message(p.DISCONNECT_MESSAGE) == (p.DISCONNECT, ())
     reply = p.encode_job_reply(b"1f", p.OK, [b"a", b"b"])
     assert p.decode_worker_message(reply) == (p.REPLY, [(b"1f", p.OK, [b"a", b"b"])])
-    assert p.decode_worker_message(p.encode_job_reply(b"2", p.E_STORAGE)) == (p.REPLY, [(b"2", p.E_STORAGE, [])])
+    assert p.decode_worker_message(p.encode_job_reply(b"2", p.E_STORAGE)) == (
+        p.REPLY,
+        [(b"2", p.E_STORAGE, [])],
+    )
     results = [(b"a", p.OK, [b"x", b""]), (b"b", p.E_INVALID, [b"Invalid unihash"]), (b"c", p.OK, [])]
     assert p.decode_worker_message(p.encode_results(results)) == (p.REPLY, results)
 
@@ -180,7 +183,10 @@ def test_broker_messages_round_trip():
     body = valid_body(p.REPORT)
     job = p.encode_job(b"7", p.REPORT, b"creds", body)
     assert p.decode_broker_message(job) == (p.REQUEST, (p.REPORT, b"creds", [(b"7", body)]))
-    assert p.decode_broker_message(p.encode_job(b"8", p.PING, b"", [])) == (p.REQUEST, (p.PING, b"", [(b"8", [])]))
+    assert p.decode_broker_message(p.encode_job(b"8", p.PING, b"", [])) == (
+        p.REQUEST,
+        (p.PING, b"", [(b"8", [])]),
+    )
     jobs = [(b"1", [b"M", b"a\nb"]), (b"2", [b"M", b"c"]), (b"3", [b"N", b""])]
     assert p.decode_broker_message(p.encode_jobs(p.GET, b"", jobs)) == (p.REQUEST, (p.GET, b"", jobs))
     assert p.decode_broker_message(p.HEARTBEAT_MESSAGE) == (p.HEARTBEAT, ())
@@ -526,16 +532,33 @@ VALUE_CASES = [
     ("report: empty taskhash", p.REPORT, [b(M), b"", b(O1), b(U1)], p.E_INVALID, "empty taskhash"),
     ("report: long outhash", p.REPORT, [b(M), b(T1), b(LONG), b(U1)], p.E_INVALID, "longer than"),
     ("report: long method", p.REPORT, [b(LONG_METHOD), b(T1), b(O1), b(U1)], p.E_INVALID, "longer than"),
-    ("report: unihash not ASCII", p.REPORT, [b(M), b(T1), b(O1), b"\xff" * 64], p.E_INVALID, "Invalid unihash"),
+    (
+        "report: unihash not ASCII",
+        p.REPORT,
+        [b(M), b(T1), b(O1), b"\xff" * 64],
+        p.E_INVALID,
+        "Invalid unihash",
+    ),
     ("report: extra not JSON", p.REPORT, [b(M), b(T1), b(O1), b(U1), b"{nope"], p.E_BAD_REQUEST, "JSON"),
     ("report: extra not UTF-8", p.REPORT, [b(M), b(T1), b(O1), b(U1), b"\xff{}"], p.E_BAD_REQUEST, "JSON"),
     ("report: extra a list", p.REPORT, [b(M), b(T1), b(O1), b(U1), b'["PN"]'], p.E_BAD_REQUEST, "object"),
     ("report: extra a string", p.REPORT, [b(M), b(T1), b(O1), b(U1), b'"PN"'], p.E_BAD_REQUEST, "object"),
     ("report: extra null", p.REPORT, [b(M), b(T1), b(O1), b(U1), b"null"], p.E_BAD_REQUEST, "object"),
     # Valid JSON, but a lone surrogate cannot be stored as text: refused, not INTERNAL.
-    ("report: extra surrogate", p.REPORT, [b(M), b(T1), b(O1), b(U1), b'{"PN": "\\ud800"}'], p.E_INVALID, "PN"),
-    ("report: extra too large", p.REPORT, [b(M), b(T1), b(O1), b(U1), b" " * (p.MAX_EXTRA_BYTES + 1)],
-     p.E_TOO_LARGE, "extra"),
+    (
+        "report: extra surrogate",
+        p.REPORT,
+        [b(M), b(T1), b(O1), b(U1), b'{"PN": "\\ud800"}'],
+        p.E_INVALID,
+        "PN",
+    ),
+    (
+        "report: extra too large",
+        p.REPORT,
+        [b(M), b(T1), b(O1), b(U1), b" " * (p.MAX_EXTRA_BYTES + 1)],
+        p.E_TOO_LARGE,
+        "extra",
+    ),
     ("report-equiv: extra a list", p.REPORT_EQUIV, [b(M), b(T1), b(U1), b"[]"], p.E_BAD_REQUEST, "object"),
     ("report-equiv: taskhash NUL", p.REPORT_EQUIV, [b(M), b"\x00", b(U1)], p.E_INVALID, "control"),
     ("ping: extra frame", p.PING, [b""], p.E_BAD_REQUEST, "ping"),

@@ -375,8 +375,15 @@ def test_an_admin_write_is_answered_and_forgotten_like_any_request():
 
 @pytest.mark.parametrize(
     "junk",
-    [{"counters": {"lookups": "many"}}, {"counters": None}, {"counters": {"lookups": None}},
-     {"counters": {"x": True}}, {"settings": [1]}, {"db": "big"}, {"uptime_s": "long"}],
+    [
+        {"counters": {"lookups": "many"}},
+        {"counters": None},
+        {"counters": {"lookups": None}},
+        {"counters": {"x": True}},
+        {"settings": [1]},
+        {"db": "big"},
+        {"uptime_s": "long"},
+    ],
 )
 def test_a_heartbeat_with_malformed_stats_is_ignored_not_fatal(junk):
     s = make()
@@ -454,7 +461,13 @@ def test_merging_respects_the_item_budget_and_the_command():
             break
         ((_, command, jobs),) = messages
         sizes.append((command, len(jobs)))
-        s.on_worker([b"w1", *p.encode_results([(j, p.OK, echo_reply(b) if command == p.GET else []) for j, b in jobs])], 0.1)
+        s.on_worker(
+            [
+                b"w1",
+                *p.encode_results([(j, p.OK, echo_reply(b) if command == p.GET else []) for j, b in jobs]),
+            ],
+            0.1,
+        )
     assert sorted(sizes) == [(p.GET, 1), (p.GET, 1), (p.PING, 1)]
 
 

@@ -25,8 +25,10 @@ REPORTS = [(M, "%064x" % i, "%064x" % (1000 + i // 2), "%064x" % (2000 + i)) for
 REPORTS.append((M, "not-a-hex-taskhash", "ab" * 32, "cd" * 32))
 MIGRATED_1_TO_2 = "migrated database {} from schema 1 to 2"
 NEWER = "the database's schema is version 3, newer than this hq (2): upgrade hq"
-HASHSERV = ("it has tables unihashes_v3, outhashes_v2, users, config: a bitbake-hashserv database? "
-            "copy it into hq with hq-admin import-hashserv")
+HASHSERV = (
+    "it has tables unihashes_v3, outhashes_v2, users, config: a bitbake-hashserv database? "
+    "copy it into hq with hq-admin import-hashserv"
+)
 
 
 # --- reading files behind hq's back ------------------------------------------------------------
@@ -37,8 +39,10 @@ def facts(path) -> dict:
     conn = sqlite3.connect(path)
     try:
         version = conn.execute("SELECT value FROM config WHERE name = 'schema-version'").fetchone()
-        return {"version": version and version[0],
-                "application_id": conn.execute("PRAGMA application_id").fetchone()[0]}
+        return {
+            "version": version and version[0],
+            "application_id": conn.execute("PRAGMA application_id").fetchone()[0],
+        }
     finally:
         conn.close()
 
@@ -56,8 +60,10 @@ def all_rows(path) -> dict:
 def file_bytes(path) -> tuple:
     """The database file and its WAL, byte for byte. No WAL is an empty one: a read-only
     connection leaves an empty -wal file behind, which holds nothing."""
+
     def read(p):
         return open(p, "rb").read() if os.path.exists(p) else b""
+
     return read(path), read(path + "-wal")
 
 
@@ -108,9 +114,7 @@ def test_a_file_at_this_version_is_opened_as_it_is(tmp_path, caplog_debug):
     assert schema_log(caplog_debug) == []
 
 
-def test_a_schema_1_file_is_migrated_keeping_every_row_and_a_second_open_does_nothing(
-    tmp_path, caplog_debug
-):
+def test_a_schema_1_file_is_migrated_keeping_every_row_and_a_second_open_does_nothing(tmp_path, caplog_debug):
     path = str(tmp_path / "hq.db")
     answers = make_hq_schema_1(path, REPORTS)
     assert facts(path) == {"version": "1", "application_id": 0}
@@ -194,10 +198,14 @@ def _a_version_no_hq_writes(path):
 FOREIGN = [
     (_another_apps_tables, "it has tables notes and no hq schema version: not an hq database"),
     (_many_tables, "it has tables t0, t1, t2, t3, t4, t5, ... and no hq schema version: not an hq database"),
-    (_another_application_id,
-     "its SQLite application_id is 0x0f055112, not hq's (0x68710001): not an hq database"),
-    (_hq_tables_with_another_application_id,
-     "its SQLite application_id is 0x00000001, not hq's (0x68710001): not an hq database"),
+    (
+        _another_application_id,
+        "its SQLite application_id is 0x0f055112, not hq's (0x68710001): not an hq database",
+    ),
+    (
+        _hq_tables_with_another_application_id,
+        "its SQLite application_id is 0x00000001, not hq's (0x68710001): not an hq database",
+    ),
     (_a_version_no_hq_writes, "its schema version is 'two', which no hq writes: not an hq database"),
 ]
 

@@ -97,16 +97,49 @@ def test_report_equiv(store):
 
 
 def test_get_full_row(store):
-    store.report(M, T1, O1, U1, {"owner": "alice", "PN": "busybox", "PV": "1.36", "PR": "r0", "task": "do_package", "outhash_siginfo": "x" * 100})
+    store.report(
+        M,
+        T1,
+        O1,
+        U1,
+        {
+            "owner": "alice",
+            "PN": "busybox",
+            "PV": "1.36",
+            "PR": "r0",
+            "task": "do_package",
+            "outhash_siginfo": "x" * 100,
+        },
+    )
     store.report(M, T1, O2, U2)
     row = store.get_full(M, T1)
     assert row["outhash"] == O1  # oldest report of the taskhash
     assert row["unihash"] == U1
     assert row["gc_mark"] == ""
-    assert (row["owner"], row["PN"], row["PV"], row["PR"], row["task"]) == ("alice", "busybox", "1.36", "r0", "do_package")
+    assert (row["owner"], row["PN"], row["PV"], row["PR"], row["task"]) == (
+        "alice",
+        "busybox",
+        "1.36",
+        "r0",
+        "do_package",
+    )
     assert row["outhash_siginfo"] == "x" * 100
     assert row["created"].endswith("+00:00")
-    assert set(row) == {"id", "method", "taskhash", "outhash", "created", "owner", "PN", "PV", "PR", "task", "outhash_siginfo", "unihash", "gc_mark"}
+    assert set(row) == {
+        "id",
+        "method",
+        "taskhash",
+        "outhash",
+        "created",
+        "owner",
+        "PN",
+        "PV",
+        "PR",
+        "task",
+        "outhash_siginfo",
+        "unihash",
+        "gc_mark",
+    }
     assert store.get_full(M, "0" * 40) is None
 
 
@@ -159,7 +192,9 @@ def test_upper_and_lower_case_are_different_keys(store):
 
 def test_canonical_hex_is_stored_as_blob(store):
     store.report(M, T1, O1, U1)
-    kinds = store.db.execute_sql("SELECT typeof(taskhash), typeof(unihash), length(unihash) FROM unihashes").fetchall()
+    kinds = store.db.execute_sql(
+        "SELECT typeof(taskhash), typeof(unihash), length(unihash) FROM unihashes"
+    ).fetchall()
     assert kinds == [("blob", "blob", 32)]
 
 
@@ -203,12 +238,22 @@ def test_two_connections_see_each_others_writes(tmp_path, store):
     "sql, index",
     [
         ("SELECT unihash FROM unihashes WHERE substr(unihash, 1, 8) IN (?, ?)", "unihashes_unihash8"),
-        ("SELECT id FROM outhashes WHERE method = ? AND substr(taskhash, 1, 8) = substr(?, 1, 8) AND taskhash = ?", "outhashes_taskhash8"),
-        ("SELECT id FROM outhashes WHERE method = ? AND substr(outhash, 1, 8) = substr(?, 1, 8) AND outhash = ? ORDER BY created, id LIMIT 1", "outhashes_outhash8"),
+        (
+            "SELECT id FROM outhashes WHERE method = ? AND substr(taskhash, 1, 8) = substr(?, 1, 8) "
+            "AND taskhash = ?",
+            "outhashes_taskhash8",
+        ),
+        (
+            "SELECT id FROM outhashes WHERE method = ? AND substr(outhash, 1, 8) = substr(?, 1, 8) "
+            "AND outhash = ? ORDER BY created, id LIMIT 1",
+            "outhashes_outhash8",
+        ),
     ],
 )
 def test_queries_use_the_prefix_indexes(store, sql, index):
-    plan = " ".join(str(row) for row in store.db.execute_sql("EXPLAIN QUERY PLAN " + sql, [b"x"] * sql.count("?")))
+    plan = " ".join(
+        str(row) for row in store.db.execute_sql("EXPLAIN QUERY PLAN " + sql, [b"x"] * sql.count("?"))
+    )
     assert index in plan, plan
 
 

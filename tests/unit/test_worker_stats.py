@@ -49,10 +49,12 @@ def run(worker, command, jobs):
 def test_lookups_hits_misses_reports_and_errors_are_counted(worker):
     _, stats = worker
     # 3 new reports: two share an outhash, so the second is an equivalence; then one again.
-    for body in ([M, h(1).encode(), h(100).encode(), h(1000).encode()],
-                 [M, h(2).encode(), h(100).encode(), h(2000).encode()],
-                 [M, h(3).encode(), h(300).encode(), h(3000).encode()],
-                 [M, h(1).encode(), h(100).encode(), h(1000).encode()]):
+    for body in (
+        [M, h(1).encode(), h(100).encode(), h(1000).encode()],
+        [M, h(2).encode(), h(100).encode(), h(2000).encode()],
+        [M, h(3).encode(), h(300).encode(), h(3000).encode()],
+        [M, h(1).encode(), h(100).encode(), h(1000).encode()],
+    ):
         run(worker, p.REPORT, [body])
     chunk = p.pack_items([h(i) for i in range(1, 11)])  # 3 known of 10
     run(worker, p.GET, [[M, chunk], [M, p.pack_items([h(2)])]])

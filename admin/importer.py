@@ -76,6 +76,8 @@ def _chunk_rows(text: str) -> int:
 
 def open_source(path: str) -> sqlite3.Connection:
     """The file, read-only; raises SourceError unless it holds the hashserv tables."""
+    if os.path.isdir(path):
+        raise SourceError(f"{path}: is a directory, not a bitbake-hashserv database file")
     if not os.path.isfile(path):
         raise SourceError(f"{path}: no such file")
     uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"

@@ -46,7 +46,6 @@ class Child:
         self.started = 0.0
         self.backoff = RESTART_BACKOFF_MIN_S
         self.restart_at = 0.0
-        self.restarts = 0
         self.pid = None  # of the process last started
 
     def start(self, now: float) -> None:
@@ -74,7 +73,6 @@ class Child:
         self.proc = None
         self.restart_at = now + self.backoff
         self.backoff = min(self.backoff * 2, RESTART_BACKOFF_MAX_S)
-        self.restarts += 1
         return code
 
     def restart_if_due(self, now: float) -> None:

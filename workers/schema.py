@@ -40,6 +40,7 @@ from peewee import (
 )
 from playhouse.migrate import SchemaMigrator
 
+from hq import protocol as p
 from hq.options import SYNCHRONOUS_MODES
 
 from . import errors
@@ -147,18 +148,7 @@ TABLE_NAMES = tuple(m._meta.table_name for m in MODELS)
 
 #: The columns a `where` clause may name (reference: get-db-query-columns).
 UNIHASH_COLUMNS = ("method", "taskhash", "unihash", "gc_mark")
-OUTHASH_COLUMNS = (
-    "method",
-    "taskhash",
-    "outhash",
-    "created",
-    "owner",
-    "PN",
-    "PV",
-    "PR",
-    "task",
-    "outhash_siginfo",
-)
+OUTHASH_COLUMNS = ("method", "taskhash", "outhash", "created", *p.REPORT_EXTRA_FIELDS)
 
 
 def to_key(value: str):

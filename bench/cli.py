@@ -5,6 +5,7 @@
     hq-bench report   [--clients 10 --requests 1000 --equiv 0.2]
     hq-bench mixed    [--clients 20 --tasks 4500 --waves 10 --reporters 4 --reports 1000]
     hq-bench fairness [--clients 20 --requests 200 --interval-ms 10 --batch 1000]
+    hq-bench compare  [--workloads burst,single,report --bitbake DIR --scale F]
     hq-bench summary DIR
 
 Common options: --workers, --transport, --repeats, --json, --quiet, --seed (see --help of
@@ -26,7 +27,7 @@ import hq
 from hq import config, options
 from hq.progress import Progress
 
-from . import machine, summary
+from . import compare, machine, summary
 from .metrics import summarize
 from .populate import populate
 from .runner import json_safe, run_repeat
@@ -53,14 +54,14 @@ def _directory(text):
     return text
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
+def _common(parser: argparse.ArgumentParser, transport: str = "ipc", faults: bool = True) -> None:
     g = parser.add_argument_group("stack and run")
     g.add_argument("--workers", type=_POSITIVE_INT, default=2, help="hq-server worker processes (default 2)")
     g.add_argument(
         "--transport",
         choices=("ipc", "tcp"),
-        default="ipc",
-        help="client endpoint: ipc:// in the run directory or tcp://127.0.0.1:* (default ipc)",
+        default=transport,
+        help=f"client endpoint: ipc:// in the run directory or tcp://127.0.0.1:* (default {transport})",
     )
     g.add_argument(
         "--repeats",
@@ -104,19 +105,21 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--keep", action="store_true", help="keep each run directory (database, hq-server.log)")
     g.add_argument(
+        "--corrupt-keys",
+        type=_NON_NEGATIVE_INT,
+        default=0,
+        metavar="N",
+        help="testing the checker: store a wrong unihash for N pre-populated keys; the run must fail",
+    )
+    if not faults:
+        return
+    g.add_argument(
         "--kill-workers-every",
         type=_POSITIVE_FLOAT,
         default=None,
         metavar="S",
         help="fault injection: kill -9 a random worker S/4 s after the release and every S s "
         "after that (hq-server restarts it); every answer must still be right",
-    )
-    g.add_argument(
-        "--corrupt-keys",
-        type=_NON_NEGATIVE_INT,
-        default=0,
-        metavar="N",
-        help="testing the checker: store a wrong unihash for N pre-populated keys; the run must fail",
     )
 
 
@@ -219,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(p)
 
+    compare.add_parser(sub, _common)
+
     p = sub.add_parser("summary", help="one table over every hq-bench JSON result in DIR")
     p.add_argument("directory", metavar="DIR", type=_directory)
     return parser
@@ -247,6 +252,10 @@ def main(argv=None) -> int:
         return summary.main(opts.directory)
     # hq-server's own parser checks the extra arguments now, not after pre-populating.
     config.parse("hq-server", "", options.SERVER, ["--workers", "1", *opts.server_arg], environ={})
+    if opts.command == "compare":
+        result = compare.run(parser, opts)
+        write_json(opts.json, result)
+        return 0 if result["ok"] else 1
     try:
         workload = WORKLOADS[opts.command](opts)
     except ValueError as exc:
@@ -281,11 +290,15 @@ def main(argv=None) -> int:
         "ok": all(r["ok"] for r in repeats),
     }
     print_report(result, workload, quiet=opts.quiet)
-    if opts.json:
-        with open(opts.json, "w", encoding="utf-8") as fh:
+    write_json(opts.json, result)
+    return 0 if result["ok"] else 1
+
+
+def write_json(path, result: dict) -> None:
+    if path:
+        with open(path, "w", encoding="utf-8") as fh:
             json.dump(json_safe(result), fh, indent=1, allow_nan=False)
             fh.write("\n")
-    return 0 if result["ok"] else 1
 
 
 def print_report(result: dict, workload, quiet: bool = False) -> None:

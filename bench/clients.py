@@ -51,9 +51,10 @@ def cpu_seconds() -> float:
 
 
 class ClientPool:
-    def __init__(self, address: str, jobs: list, call_timeout_s: float, events=()):
+    def __init__(self, address: str, jobs: list, call_timeout_s: float, events=(), connect=create_client):
         ctx = multiprocessing.get_context("fork")
         self.address = address
+        self.connect = connect  # (address, timeout) -> a client with BitBake's client's methods
         self.jobs = jobs
         self.call_timeout_s = call_timeout_s
         self.messages = ctx.Queue()
@@ -71,7 +72,7 @@ class ClientPool:
         control = Control(self, index)
         job = self.jobs[index]
         try:
-            client = create_client(self.address, timeout=self.call_timeout_s)
+            client = self.connect(self.address, timeout=self.call_timeout_s)
             client.ping()
             job.setup()
         except BaseException as exc:  # noqa: BLE001 - reported to the parent, which fails the run

@@ -17,33 +17,44 @@ from hq.client import create_client
 from hq.progress import Progress
 
 from .clients import ClientFailure, ClientPool
-from .stack import Stack, StackError, database_size
+from .stack import Stack, StackError
 
 #: Per-result counters that must all be zero for a run to be correct.
 FAILURE_COUNTS = ("wrong", "missing", "derailed", "unanswered")
 
 
-def run_repeat(workload, opts, template_db: str, number: int, progress: Progress) -> dict:
+def hq_stack(opts, workdir: str) -> Stack:
+    """The server under test by default: ``hq-server`` with the run's options."""
+    bind = f"ipc://{workdir}/hq.ipc" if opts.transport == "ipc" else "tcp://127.0.0.1:*"
+    return Stack(workdir, opts.workers, bind, opts.server_arg, log_level="WARNING", inherit_env=False)
+
+
+def run_repeat(
+    workload, opts, template_db: str, number: int, progress: Progress, server=hq_stack, connect=create_client
+) -> dict:
     """Run the workload once on a copy of ``template_db``; return the raw result.
 
-    Never raises for a failed run: a stack or client failure is an ``error`` and
-    ``ok: false`` in the result, so the other repeats and the report still happen.
+    ``server(opts, workdir)`` makes the server (:class:`~hq.bench.stack.Stack`, or
+    :class:`~hq.bench.reference.ReferenceServer`: start, stop, address, db, processes,
+    cpu_seconds, rss_bytes, restarted, counters, database_size); ``connect(address,
+    timeout)`` is the client the client processes use. Never raises for a failed run: a
+    stack or client failure is an ``error`` and ``ok: false`` in the result, so the other
+    repeats and the report still happen.
     """
     workdir = tempfile.mkdtemp(prefix="hq-bench-", dir=opts.tmpdir)
     result: dict = {"repeat": number, "ok": False, "load_average_before": list(os.getloadavg())}
-    bind = f"ipc://{workdir}/hq.ipc" if opts.transport == "ipc" else "tcp://127.0.0.1:*"
-    stack = Stack(workdir, opts.workers, bind, opts.server_arg, log_level="WARNING", inherit_env=False)
+    stack = server(opts, workdir)
     try:
         shutil.copyfile(template_db, stack.db)
         progress.note(f"repeat {number}/{opts.repeats}: starting hq-server")
         try:
             stack.start()
-            _measure(workload, opts, stack, progress, number, result)
+            _measure(workload, opts, stack, progress, number, result, connect)
         except BaseException:
             stack.stop(check=False)
             raise
         stack.stop(check="error" not in result)
-        result["db"] = database_size(stack.db)
+        result["db"] = stack.database_size()
         _finish_figures(result)
     except (StackError, ClientFailure, OSError) as exc:
         result.setdefault("error", f"{type(exc).__name__}: {exc}")
@@ -57,8 +68,8 @@ def run_repeat(workload, opts, template_db: str, number: int, progress: Progress
     return result
 
 
-def _measure(workload, opts, stack: Stack, progress: Progress, number: int, result: dict) -> None:
-    pool = ClientPool(stack.address, workload.jobs, opts.timeout, workload.events)
+def _measure(workload, opts, stack, progress: Progress, number: int, result: dict, connect) -> None:
+    pool = ClientPool(stack.address, workload.jobs, opts.timeout, workload.events, connect)
     try:
         progress.note(f"repeat {number}/{opts.repeats}: starting {len(workload.jobs)} clients")
         pool.start()
@@ -66,7 +77,8 @@ def _measure(workload, opts, stack: Stack, progress: Progress, number: int, resu
         progress.begin(f"{workload.name} {number}/{opts.repeats}")
         cpu_before = stack.cpu_seconds()
         deadline = time.monotonic() + opts.run_timeout
-        killer = WorkerKiller(stack, opts.kill_workers_every) if opts.kill_workers_every else None
+        every = getattr(opts, "kill_workers_every", None)
+        killer = WorkerKiller(stack, every) if every else None
         try:
             by_index = workload.drive(pool, deadline, lambda: progress.update(pool.done(), total))
         finally:
@@ -78,11 +90,7 @@ def _measure(workload, opts, stack: Stack, progress: Progress, number: int, resu
         crashed = stack.restarted()
         if killer:  # the workers we killed are expected to be gone; the broker is not
             crashed = [name for name in crashed if not name.startswith("hq-worker")]
-        with create_client(stack.address, timeout=5.0) as client:
-            try:
-                result["broker_counters"] = client.get_stats().get("broker", {}).get("counters", {})
-            except ConnectionError as exc:
-                result["broker_counters"] = {"error": str(exc)}
+        result["broker_counters"] = stack.counters()
     finally:
         pool.finish()
     results = [by_index[i] for i in range(len(workload.jobs))]

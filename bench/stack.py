@@ -189,6 +189,20 @@ class Stack:
         """Names of processes that are no longer the ones found at start (crashed)."""
         return [name for name, proc in self.processes.items() if not proc.is_running()]
 
+    def counters(self) -> dict:
+        """The broker's raw counters (hashserv's get-stats, hq's part), or {"error": ...}."""
+        from hq.client import create_client
+
+        with create_client(self.address, timeout=5.0) as client:
+            try:
+                return client.get_stats().get("broker", {}).get("counters", {})
+            except ConnectionError as exc:
+                return {"error": str(exc)}
+
+    def database_size(self) -> dict:
+        """After :meth:`stop`: see :func:`database_size`."""
+        return database_size(self.db)
+
 
 def database_size(db: str) -> dict:
     """After the stack stopped: checkpoint the WAL into the file, then measure and count.

@@ -36,7 +36,7 @@ def load(directory: str) -> list:
                 data = json.load(fh)
         except (OSError, ValueError):
             continue
-        if isinstance(data, dict) and "workload" in data and "summary" in data:
+        if isinstance(data, dict) and "workload" in data and "summary" in data and "title" in data:
             out.append((name, data))
     return out
 

@@ -113,14 +113,16 @@ class Broker:
                 timeout_ms = min(timeout_ms, metrics.next_wakeup(time.monotonic()) * 1000)
             events = dict(poller.poll(max(1, int(timeout_ms))))
             now = time.monotonic()
+            # Drain both sides, then dispatch once (in tick): the jobs that arrived together
+            # go to the workers merged, and the replies just read have freed their slots.
             if backend in events:
                 for _ in range(BURST):
-                    sched.on_worker(recv_frames(backend), now)
+                    sched.on_worker(recv_frames(backend), now, dispatch=False)
                     if not readable(backend):
                         break
             if frontend in events:
                 for _ in range(BURST):
-                    sched.on_client(recv_frames(frontend), now)
+                    sched.on_client(recv_frames(frontend), now, dispatch=False)
                     if not readable(frontend):
                         break
             sched.tick(now)

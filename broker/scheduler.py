@@ -238,8 +238,11 @@ class Scheduler:
         return expiry if expiry > worker.long_until else worker.long_until
 
     # --- clients ------------------------------------------------------------------------
-    def on_client(self, frames: list, now: float):
-        """A message from the frontend: [client_id, protocol, request_id, command, ...]."""
+    def on_client(self, frames: list, now: float, dispatch: bool = True):
+        """A message from the frontend: [client_id, protocol, request_id, command, ...].
+
+        ``dispatch=False`` only queues the jobs: the socket loop drains everything waiting
+        and then dispatches once (in :meth:`tick`), so what arrived together is merged."""
         client_id = frames[0]
         try:
             request = p.decode_request(frames[1:])
@@ -291,7 +294,8 @@ class Scheduler:
             )
         self.queue.push(client_id, jobs)
         pending.queued = len(jobs)
-        self.dispatch(now)
+        if dispatch:
+            self.dispatch(now)
 
     def _broker_command(self, client_id, request, now):
         body = [p.encode_json(self.stats(now))]
@@ -317,8 +321,9 @@ class Scheduler:
         pending.queued = 0
 
     # --- workers ------------------------------------------------------------------------
-    def on_worker(self, frames: list, now: float):
-        """A message from the backend: [worker_id, HQW01, kind, ...]."""
+    def on_worker(self, frames: list, now: float, dispatch: bool = True):
+        """A message from the backend: [worker_id, HQW01, kind, ...] (``dispatch``: as
+        :meth:`on_client`)."""
         worker_id = frames[0]
         try:
             kind, fields = p.decode_worker_message(frames[1:])
@@ -362,7 +367,8 @@ class Scheduler:
                     worker.stats = stats
         elif kind == p.DISCONNECT:
             self._drop_worker(worker, "disconnected", now)
-        self.dispatch(now)
+        if dispatch:
+            self.dispatch(now)
 
     def _add_worker(self, worker_id, info, now):
         credit = self.settings.worker_credit

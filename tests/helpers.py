@@ -47,10 +47,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def find_bitbake() -> str | None:
     """BitBake's source tree (bin/, lib/): ``$HQ_BITBAKE``, else ``../shared/bitbake`` next to
     this repository; None when neither holds one."""
-    for candidate in (os.environ.get("HQ_BITBAKE"), os.path.join(REPO, os.pardir, "shared", "bitbake")):
-        if candidate and os.path.isfile(os.path.join(candidate, "bin", "bitbake-hashserv")):
-            return os.path.realpath(candidate)
-    return None
+    from hq.bench.reference import find_bitbake as find
+
+    return find(default=os.path.join(REPO, os.pardir, "shared", "bitbake"))
 
 
 def seed_known(address: str, n: int, seed: int, method: str = "TestMethod") -> dict:

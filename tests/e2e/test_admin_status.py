@@ -165,7 +165,11 @@ def test_top_stops_cleanly_on_ctrl_c(busy_stack):
     first = proc.stdout.readline()
     assert "hq-admin top" in first
     proc.send_signal(signal.SIGINT)
-    assert proc.wait(10) == 130
+    # Read what it still writes: a screen every 50 ms fills an unread pipe in a second or two,
+    # and a process blocked flushing stdout at exit is the test's doing, not top's.
+    _, err = proc.communicate(timeout=10)
+    assert proc.returncode == 130
+    assert "Traceback" not in err
 
 
 def test_reset_stats_zeroes_what_stats_reports(tmp_path):

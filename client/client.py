@@ -116,7 +116,9 @@ class Client:
         if self._pid == os.getpid():
             self._reset_socket()
             if self._ctx is not None:
-                self._ctx.term()
+                # destroy, not term: a Ctrl-C that lands between creating a socket and
+                # keeping it would leave a socket open, and term() would then wait forever.
+                self._ctx.destroy(linger=0)
         self._ctx = None
         self._socket = None
         self._pid = None

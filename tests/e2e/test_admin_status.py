@@ -155,12 +155,19 @@ def test_top_refreshes_with_rates(busy_stack):
     assert set(json.loads(result.stdout)) == {"rates", "stats"}
 
 
+def _default_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_top_stops_cleanly_on_ctrl_c(busy_stack):
+    # As from a terminal: a suite started in the background by a non-interactive shell
+    # inherits SIGINT ignored, and Python then never turns Ctrl-C into KeyboardInterrupt.
     proc = subprocess.Popen(
         [script("hq-admin"), "top", "--interval", "0.05", "--address", busy_stack.address],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_default_sigint,
     )
     first = proc.stdout.readline()
     assert "hq-admin top" in first

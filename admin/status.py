@@ -117,6 +117,9 @@ def summary_rows(data: dict, usage: dict | None = None) -> list:
     reports = [t.get(k, 0) for k in ("reports.new", "reports.equivalent", "reports.existing")]
     settings = (data["workers"][0].get("settings") or {}) if data.get("workers") else {}
     problems = settings_problems(data)
+    cache = broker.get("cache", {})
+    cached = counters.get("cache.hits", 0)  # lookups the broker answered: no worker counted them
+    lookups = t.get("lookups", 0) + cached
     return [
         ("broker uptime", f"{broker['uptime_s']:.0f} s"),
         ("since reset", f"{data.get('since_reset_s', broker['uptime_s']):.0f} s"),
@@ -127,7 +130,12 @@ def summary_rows(data: dict, usage: dict | None = None) -> list:
         ),
         (
             "lookups (hit rate)",
-            f"{output.fmt(t.get('lookups', 0))} ({_ratio(t.get('lookups.hit', 0), t.get('lookups', 0))})",
+            f"{output.fmt(lookups)} ({_ratio(t.get('lookups.hit', 0) + cached, lookups)})",
+        ),
+        (
+            "broker cache (mappings / answered)",
+            f"{output.fmt(cache.get('entries', 0))} of {output.fmt(cache.get('max_entries', 0))} / "
+            f"{output.fmt(cached)}",
         ),
         ("reports new / equivalent / existing", " / ".join(output.fmt(n) for n in reports)),
         ("errors", output.fmt(errors)),
@@ -249,7 +257,9 @@ def _rates(before: dict, after: dict, dt: float) -> dict:
 
     return {
         "requests_per_s": rate(before["requests"]["num"], after["requests"]["num"]),
-        "lookups_per_s": rate(b.get("lookups", 0), a.get("lookups", 0)),
+        "lookups_per_s": rate(  # the workers' and those the broker answered from its cache
+            b.get("lookups", 0) + bc.get("cache.hits", 0), a.get("lookups", 0) + ac.get("cache.hits", 0)
+        ),
         "reports_per_s": rate(
             sum(b.get(k, 0) for k in ("reports.new", "reports.equivalent", "reports.existing")),
             sum(a.get(k, 0) for k in ("reports.new", "reports.equivalent", "reports.existing")),

@@ -147,6 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--hit-ratio", type=_ratio, default=0.5, help="fraction of tasks the server knows (default 0.5)"
     )
+    p.add_argument(
+        "--configs",
+        type=_NON_NEGATIVE_INT,
+        default=0,
+        help="clients share this many configurations (client c builds c %% N: same taskhashes, "
+        "same waves); 0 = every client its own (default)",
+    )
     _common(p)
 
     p = sub.add_parser("single", help="closed-loop lookups, one call in flight per client")
@@ -166,6 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--hit-ratio", type=_ratio, default=0.5, help="fraction of lookups the server knows (default 0.5)"
+    )
+    p.add_argument(
+        "--keys",
+        type=_NON_NEGATIVE_INT,
+        default=0,
+        help="distinct keys per client, asked in turn (repeated lookups); 0 = every lookup a new "
+        "key (default)",
     )
     _common(p)
 

@@ -64,20 +64,24 @@ class Burst(Workload):
         super().__init__(opts)
         if opts.waves < 1 or opts.tasks < opts.waves:
             raise ValueError("--tasks must be at least --waves, and --waves at least 1")
+        # With --configs N, client c builds configuration c % N: clients of one configuration
+        # ask the same taskhashes in the same waves, as builders of one machine/distro do.
+        configs = getattr(opts, "configs", 0) or opts.clients
         chains = [
             keys.BurstChain(opts.seed, c, opts.tasks, opts.waves, opts.hit_ratio, self.rows)
-            for c in range(opts.clients)
+            for c in range(min(configs, opts.clients))
         ]
-        self.jobs = [BurstJob(chain) for chain in chains]
+        self.jobs = [BurstJob(chains[c % len(chains)]) for c in range(opts.clients)]
 
     def batch(self) -> int:
         return self.opts.tasks // self.opts.waves
 
     def title(self) -> str:
         o = self.opts
+        shared = f", {o.configs} configurations shared by the clients" if getattr(o, "configs", 0) else ""
         return (
             f"burst: {o.clients} clients x {o.tasks} tasks in {o.waves} waves of ~{self.batch()} "
-            f"(one get_unihash_batch per wave), hit ratio {o.hit_ratio:g}"
+            f"(one get_unihash_batch per wave), hit ratio {o.hit_ratio:g}{shared}"
         )
 
     def total_items(self) -> int:
@@ -101,10 +105,15 @@ class Single(Workload):
     def __init__(self, opts):
         super().__init__(opts)
         interval = 1.0 / opts.rate if opts.rate else 0.0
+        distinct = min(getattr(opts, "keys", 0) or opts.requests, opts.requests)
         for c in range(opts.clients):
             taskhashes, expected = keys.lookup_keys(
-                keys.rng(opts.seed, "single", c), opts.requests, opts.hit_ratio, self.rows
+                keys.rng(opts.seed, "single", c), distinct, opts.hit_ratio, self.rows
             )
+            # --keys K: each client asks its K keys in turn until it has made --requests calls.
+            rounds = -(-opts.requests // distinct)
+            taskhashes = (taskhashes * rounds)[: opts.requests]
+            expected = (expected * rounds)[: opts.requests]
             self.jobs.append(LookupJob(taskhashes, expected, opts.batch, interval))
 
     def title(self) -> str:
@@ -115,8 +124,10 @@ class Single(Workload):
             if o.rate
             else ", closed loop (one in flight each)"
         )
+        repeat = f", each client's {o.keys} keys in turn" if getattr(o, "keys", 0) else ""
         return (
-            f"single: {o.clients} clients x {o.requests} lookups by {what}{pace}, hit ratio {o.hit_ratio:g}"
+            f"single: {o.clients} clients x {o.requests} lookups by {what}{pace}, "
+            f"hit ratio {o.hit_ratio:g}{repeat}"
         )
 
     def total_items(self) -> int:

@@ -30,6 +30,8 @@ from collections import deque
 from hq import options
 from hq import protocol as p
 
+from .cache import MAX_ITEMS as CACHE_MAX_ITEMS
+from .cache import MappingCache
 from .fairqueue import FairQueue
 from .histogram import Histogram
 
@@ -37,6 +39,8 @@ log = logging.getLogger(__name__)
 
 #: Commands whose jobs a worker can run together (one query per method, one transaction).
 MERGE_COMMANDS = frozenset({p.GET, p.EXISTS, p.REPORT, p.REPORT_EQUIV})
+#: The writes that may insert a mapping of the (method, taskhash) in their first two frames.
+INSERT_COMMANDS = frozenset({p.REPORT, p.REPORT_EQUIV})
 #: Commands that write: at most one REQUEST of them is in flight at a time (see dispatch).
 WRITE_COMMANDS = frozenset({p.REPORT, p.REPORT_EQUIV}) | p.ADMIN_WRITE_COMMANDS
 
@@ -106,6 +110,7 @@ class Job:
         "worker_id",
         "start",
         "attempts",
+        "epoch",
     )
 
     def __init__(self, job_id, request, index, command, credentials, body, items):
@@ -119,6 +124,9 @@ class Job:
         self.worker_id = None
         self.start = 0  # fair-queuing start tag
         self.attempts = 0  # workers lost while holding this job
+        # A small lookup whose answer the cache may learn: (epoch, inserts) of the cache at
+        # dispatch (-1: not learnable; None: learnable, not dispatched yet).
+        self.epoch = -1
 
 
 class Worker:
@@ -201,6 +209,9 @@ class Scheduler:
         self.free_slots: deque = deque()  # worker ids, one entry per free credit
         self.queue = FairQueue()
         self.writer = None  # worker id holding the one write REQUEST allowed in flight
+        self.cache = MappingCache(settings.cache_entries)
+        self.admin_writes = 0  # admin write jobs in flight: the cache learns nothing meanwhile
+        self.insert_writes = 0  # report and report-equiv jobs in flight: it learns no miss
         # (client_id, request_id) -> PendingRequest, oldest first, so the first one is the
         # next to time out. Admin writes (a sweep of millions of rows) get admin_timeout_s and
         # their own table, which keeps both in deadline order.
@@ -263,8 +274,14 @@ class Scheduler:
             return
         group = p.BATCH_GROUP_FRAMES.get(command)
         body = request.body
-        bodies = [body] if group is None else [body[i : i + group] for i in range(0, len(body), group)]
         counts = request.counts  # counted once, while decoding
+        small_get = command == p.GET and len(body) == 2 and counts[0] <= CACHE_MAX_ITEMS
+        if small_get and self.cache.entries:
+            frame = self.cache.answer(body[0], body[1])
+            if frame is not None:
+                self._answered_from_cache(client_id, request.request_id, counts[0], frame)
+                return
+        bodies = [body] if group is None else [body[i : i + group] for i in range(0, len(body), group)]
         items = sum(counts)
         if (
             self.queue.client_length(client_id) + len(bodies) > self.settings.max_client_jobs
@@ -292,10 +309,32 @@ class Scheduler:
                     b"%x" % self._next_job, pending, index, command, request.credentials, chunk, counts[index]
                 )
             )
+        if small_get and self.cache.max_entries:
+            jobs[0].epoch = None
         self.queue.push(client_id, jobs)
         pending.queued = len(jobs)
         if dispatch:
             self.dispatch(now)
+
+    def _answered_from_cache(self, client_id, request_id, items, frame):
+        self.count("items.get", items)
+        self.count("cache.hits", items)
+        self.request_stats.add(0.0)
+        hist = self.latency.get(p.GET)
+        if hist is None:
+            hist = self.latency[p.GET] = Histogram()
+        hist.add(0.0)
+        self._reply(client_id, p.encode_reply(request_id, p.OK, [frame]))
+
+    def _admin_write_ended(self, n: int = 1):
+        """An admin write was answered or lost: whatever it deleted is gone from the cache."""
+        self.admin_writes = max(0, self.admin_writes - n)
+        self.cache.invalidate()
+
+    def _insert_ended(self, n: int = 1):
+        """A report or report-equiv was answered or lost: misses read before are void."""
+        self.insert_writes = max(0, self.insert_writes - n)
+        self.cache.inserting(())
 
     def _broker_command(self, client_id, request, now):
         body = [p.encode_json(self.stats(now))]
@@ -337,7 +376,10 @@ class Scheduler:
                 self._drop_worker(worker, "registered again", now)
             self._add_worker(worker_id, fields, now)
         elif worker is None:
-            # Unknown (expired, or this broker restarted): make it register again.
+            # Unknown (expired, or this broker restarted): make it register again. It may
+            # have just finished an admin write this broker does not know of: the cache
+            # must not keep what that write deleted.
+            self.cache.invalidate()
             if kind == p.REPLY:
                 self.count("replies.stale")
             if kind != p.DISCONNECT:
@@ -395,6 +437,12 @@ class Scheduler:
             self.writer = None
         jobs = list(worker.jobs.values())
         worker.jobs.clear()
+        lost_admin_writes = sum(1 for job in jobs if job.command in p.ADMIN_WRITE_COMMANDS)
+        if lost_admin_writes:
+            self._admin_write_ended(lost_admin_writes)
+        lost_inserts = sum(1 for job in jobs if job.command in INSERT_COMMANDS)
+        if lost_inserts:
+            self._insert_ended(lost_inserts)
         for job in reversed(jobs):  # back to the front of their queues, in order
             del self.jobs[job.job_id]
             job.worker_id = None
@@ -427,9 +475,16 @@ class Scheduler:
             self.count("replies.stale")  # redispatched elsewhere, or from before a restart
             return False
         del self.jobs[job_id]
+        if job.command in p.ADMIN_WRITE_COMMANDS:
+            self._admin_write_ended()
+        elif job.command in INSERT_COMMANDS:
+            self._insert_ended()
         pending = job.request
         if pending.done:
             return True
+        if isinstance(job.epoch, tuple) and status == p.OK and body:  # learnable, dispatched
+            epoch, inserts = job.epoch
+            self.cache.learn(epoch, inserts, job.body[0], job.body[1], body[0])
         if status != p.OK:
             self.count(f"errors.{status}")
             self._finish(pending, now, p.encode_reply(pending.request_id, status, body))
@@ -481,9 +536,21 @@ class Scheduler:
                 # heartbeat: do not take the worker for dead (and run the sweep twice) meanwhile.
                 worker.long_until = now + self.settings.admin_request_timeout_s
                 worker.expiry = max(worker.expiry, worker.long_until)
+            if job.command in p.ADMIN_WRITE_COMMANDS:
+                self.admin_writes += len(batch)
+                self.cache.invalidate()
+            elif job.command in INSERT_COMMANDS:
+                self.insert_writes += len(batch)
+                self.cache.inserting([(j.body[0], j.body[1]) for j in batch])
             worker.busy += 1
             worker.last_sent = now
+            cache = self.cache
+            learnable = (
+                None if self.admin_writes else (cache.epoch, -1 if self.insert_writes else cache.inserts)
+            )
             for item in batch:
+                if item.epoch != -1:  # a learnable lookup: what it may learn, as of now
+                    item.epoch = learnable
                 item.request.queued -= 1
                 item.worker_id = worker.worker_id
                 worker.jobs[item.job_id] = item
@@ -558,6 +625,12 @@ class Scheduler:
                 "inflight_jobs": len(self.jobs),
                 "pending_requests": len(self.pending) + len(self.slow_pending),
                 "clients_queued": len(self.queue.queues),
+                "cache": {
+                    "entries": len(self.cache.entries),
+                    "max_entries": self.cache.max_entries,
+                    "learned": self.cache.learned,
+                    "invalidations": self.cache.invalidations,
+                },
                 "counters": {k: v - base.get(k, 0) for k, v in self.counters.items() if v != base.get(k, 0)},
                 "latency": {
                     command.decode(): h.minus(self._base_latency.get(command)).summary()

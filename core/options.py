@@ -151,6 +151,13 @@ ENDPOINT_FILE = Option(
 LOG_LEVEL = Option("log-level", "INFO", "logging level", choices=LEVELS)
 
 #: What the broker's scheduler runs with (hq.broker.scheduler.Scheduler reads these).
+CACHE_ENTRIES = Option(
+    "cache-entries",
+    10000,
+    "mappings the broker keeps to answer small lookups without a worker (0 = no cache)",
+    NON_NEGATIVE_INT,
+)
+
 SCHEDULER = (
     HEARTBEAT_INTERVAL,
     HEARTBEAT_LIVENESS,
@@ -184,6 +191,7 @@ SCHEDULER = (
         "workers a request may be lost with (crash, stall) before it is answered INTERNAL",
         POSITIVE_INT,
     ),
+    CACHE_ENTRIES,
 )
 
 BROKER = (BIND, BACKEND_BIND, *SCHEDULER, ENDPOINT_FILE, METRICS, LOG_LEVEL)
@@ -231,6 +239,7 @@ SERVER = (
     BACKEND_PRIVATE,
     SYNCHRONOUS,
     HEARTBEAT_INTERVAL,
+    CACHE_ENTRIES,
     METRICS,
     ENDPOINT_FILE,
     LOG_LEVEL,

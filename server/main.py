@@ -164,6 +164,8 @@ def main(argv=None) -> int:
     broker_args = ["--backend", backend, "--endpoint-file", broker_endpoints, *common]
     if opts.metrics:
         broker_args.append(f"--metrics={opts.metrics}")
+    if opts.cache_entries != options.CACHE_ENTRIES.default:
+        broker_args.append(f"--cache-entries={opts.cache_entries}")
 
     def broker_argv(binds: list) -> list:
         return _module_argv("hq.broker", [*broker_args, *(f"--bind={b}" for b in binds)])

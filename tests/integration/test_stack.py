@@ -183,3 +183,36 @@ def test_worker_killed_mid_batch_loses_nothing(tmp_path):
         stats_client.close()
         assert counters["workers.dropped"] >= 1
         print("re-dispatched chunks:", counters.get("jobs.redispatched", 0))
+
+
+def test_the_broker_answers_repeated_lookups_and_forgets_what_is_deleted(shared_stack):
+    """The broker's cache on a real stack: a repeated lookup is answered without a worker,
+    and after remove (and gc-sweep) the next lookups see the deletion at once."""
+    t1, t2 = "c1" * 32, "c2" * 32
+    with create_client(shared_stack.address, timeout=10) as c:
+        c.report_unihash_equiv(t1, M, U1)
+        c.report_unihash_equiv(t2, M, U2)
+
+        def broker():
+            return c.get_stats()["broker"]
+
+        before = broker()["counters"].get("cache.hits", 0)
+        assert c.get_unihash(M, t1) == U1  # learned from the worker's answer
+        assert [c.get_unihash(M, t1) for _ in range(5)] == [U1] * 5
+        assert c.get_unihash_batch([(M, t1), (M, t2)]) == [U1, U2]  # t2: learned now
+        assert c.get_unihash_batch([(M, t2), (M, t1)]) == [U2, U1]
+        after = broker()
+        assert after["counters"]["cache.hits"] - before == 5 + 2
+        assert after["cache"]["entries"] >= 2
+        assert c.remove({"taskhash": t1}) == {"count": 1}  # its mapping (report-equiv made no outhash row)
+        assert c.get_unihash(M, t1) is None
+        assert c.get_unihash(M, t2) == U2
+        c.gc_mark("keep-nothing", {"taskhash": "0" * 64})
+        assert c.gc_sweep("keep-nothing")["count"] >= 1
+        assert c.get_unihash_batch([(M, t1), (M, t2)]) == [None, None]
+        # Misses are cached too, and a report of the key drops its miss.
+        hits = broker()["counters"]["cache.hits"]
+        assert c.get_unihash(M, t1) is None
+        assert broker()["counters"]["cache.hits"] == hits + 1
+        c.report_unihash_equiv(t1, M, U2)
+        assert c.get_unihash(M, t1) == U2

@@ -87,7 +87,7 @@ WORKER_STATS = {
 
 
 def test_render_exports_the_raw_cumulative_values_as_valid_text():
-    s = Scheduler(options.namespace(options.BROKER, heartbeat_interval_s=1.0), now=0.0)
+    s = Scheduler(options.namespace(options.BROKER, heartbeat_interval_s=1.0, cache_entries=0), now=0.0)
     ready(s, b"w1", "hq-worker-00")
     heartbeat(s, b"w1", WORKER_STATS, 0.5)
     for i, elapsed in enumerate([0.001, 0.002, 0.004, 0.100]):
@@ -165,7 +165,7 @@ def _sample_names(text, kind):
 
 
 def test_reset_stats_does_not_move_the_exported_counters():
-    s = Scheduler(options.namespace(options.BROKER, heartbeat_interval_s=1.0), now=0.0)
+    s = Scheduler(options.namespace(options.BROKER, heartbeat_interval_s=1.0, cache_entries=0), now=0.0)
     ready(s, b"w1", "hq-worker-00")
     heartbeat(s, b"w1", WORKER_STATS, 0.5)
     lookup(s, b"w1", b"c", b"r1", ["a"], 1.0, 0.01)

@@ -14,6 +14,7 @@ def make(**kw):
     kw.setdefault("heartbeat_interval_s", 1.0)
     kw.setdefault("heartbeat_liveness", 3)
     kw.setdefault("request_timeout_s", 10.0)
+    kw.setdefault("cache_entries", 0)  # their fake workers echo; the cache has its own tests
     return Scheduler(options.namespace(options.BROKER, **kw))
 
 

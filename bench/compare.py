@@ -99,7 +99,29 @@ def add_parser(sub, common) -> None:
         help="multiply every workload's clients and per-client requests by this (0 < F <= 1; "
         "targets are judged at 1 only)",
     )
+    p.add_argument(
+        "--keys",
+        type=_non_negative,
+        default=0,
+        help="single: distinct keys per client, asked in turn (default 0: every lookup a new key)",
+    )
+    p.add_argument(
+        "--configs",
+        type=_non_negative,
+        default=0,
+        help="burst: clients share this many configurations (default 0: each its own)",
+    )
     common(p, transport="tcp", faults=False)
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, not {text}")
+    return value
 
 
 def _workloads(text: str) -> list:
@@ -126,6 +148,10 @@ def workload_options(parser, name: str, opts):
     for key in COMMON:
         setattr(wopts, key, getattr(opts, key))
     wopts.repeats = opts.repeats
+    if name == "single":
+        wopts.keys = opts.keys
+    if name == "burst":
+        wopts.configs = opts.configs
     f = opts.scale
     wopts.clients = max(1, round(wopts.clients * f))
     if name == "burst":
@@ -228,7 +254,7 @@ def run(parser, opts) -> dict:
         "bitbake_tree": tree,
         "started_at": started,
         "targets": {f"{w}.{k}": list(v) for (w, k), v in TARGETS.items()},
-        "targets_judged": opts.scale == 1.0,
+        "targets_judged": opts.scale == 1.0 and not opts.keys and not opts.configs,
         "workloads": report,
         "repeats": raw,
         "ok": ok,
@@ -253,7 +279,7 @@ def print_report(result: dict, quiet: bool = False) -> None:
         print()
         print(table(result))
         if not result["targets_judged"]:
-            print("(targets are judged at --scale 1 only)")
+            print("(targets are judged at --scale 1, without --keys or --configs, only)")
         print()
     for r in result["repeats"]:
         if not r["ok"]:

@@ -15,14 +15,16 @@ Broker (the scheduler's counters and gauges):
 * ``hq_requests_malformed_total``, ``hq_requests_timed_out_total`` counters
 * ``hq_items_total{command}`` counter: items (hashes) of the requests answered OK
 * ``hq_errors_total{code}`` counter: error replies sent to clients, by status (PROTOCOL.md §5)
-* ``hq_request_duration_seconds{command}`` histogram: arrival to reply, requests answered
-  through workers (buckets every octave from 61 us to 32 s)
+* ``hq_request_duration_seconds{command}`` histogram: arrival to reply (buckets every octave
+  from 61 us to 32 s; a lookup answered from the broker's cache counts as 0)
 * ``hq_queued_jobs``, ``hq_inflight_jobs``, ``hq_pending_requests``, ``hq_clients_queued``,
   ``hq_workers`` gauges: queue depth, jobs running on workers, requests not yet answered,
   clients with queued jobs, registered workers
+* ``hq_broker_cache_entries`` gauge: answers held in the broker's cache (``broker/cache.py``)
 * ``hq_broker_events_total{event}`` counter: the scheduler's other counters by name
   (``jobs.redispatched``, ``jobs.merged``, ``jobs.abandoned``, ``replies.dropped``,
-  ``replies.stale``, ``workers.registered``, ``workers.dropped``, ...)
+  ``replies.stale``, ``workers.registered``, ``workers.dropped``, ``cache.hits``: lookup
+  items the broker answered from its cache, ...)
 * ``hq_worker_restarts_total{worker}`` counter: registrations under a name after the first
 * ``hq_worker_inflight_jobs{worker}`` gauge
 
@@ -217,6 +219,12 @@ def render(sched, now: float, http_counts: dict | None = None) -> str:
     )
     t.family("hq_clients_queued", "gauge", "Clients with jobs in the queue.", [("", len(sched.queue.queues))])
     t.family("hq_workers", "gauge", "Workers registered with the broker.", [("", len(sched.workers))])
+    t.family(
+        "hq_broker_cache_entries",
+        "gauge",
+        "Answers held in the broker's cache of small lookups.",
+        [("", len(sched.cache.entries))],
+    )
     t.family(
         "hq_broker_events_total",
         "counter",

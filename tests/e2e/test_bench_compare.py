@@ -68,7 +68,7 @@ def test_the_table_and_json_give_both_sides_and_the_ratios(compared):
         assert rate["ratio"]["max"] == pytest.approx(ratios[-1])
         assert summary["broker_us"]["ref"]["median"] is None  # hq's own split has no counterpart
     assert "bitbake-hashserv" in proc.stdout and "hq ÷ ref" in proc.stdout
-    assert "targets are judged at --scale 1 only" in proc.stdout
+    assert "targets are judged at --scale 1, without --keys or --configs, only" in proc.stdout
     for label in ("rate (/s)", "server CPU per op (µs)", "hq broker (µs)", "p99 latency (ms)"):
         assert label in proc.stdout
 

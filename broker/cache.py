@@ -21,6 +21,10 @@ unihash the workers found, or that they found none, and it is exact, for these r
 * A message from a worker this broker does not know (one expired while frozen, or one of a
   previous broker) empties the cache: it may just have committed a write this broker has
   no record of.
+* Workers name the database they answer from (``Store.identity``: the open file's device,
+  inode and opening count) in READY and in their heartbeats. A change (a file replaced
+  under hq, which workers notice and reopen) empties the cache, and nothing is learned
+  while the workers disagree (``Scheduler._databases_changed``).
 
 Only lookups of at most :data:`MAX_ITEMS` items in one chunk use it: the farm burst's
 900-hash chunks would pay per-item Python in the broker for nothing, while their workers

@@ -142,6 +142,7 @@ class Worker:
         "stats",
         "registered",
         "long_until",
+        "db_id",
     )
 
     def __init__(self, worker_id, info, credit, now, expiry):
@@ -156,6 +157,7 @@ class Worker:
         self.stats: dict = {}  # the worker's last HEARTBEAT statistics
         self.registered = now
         self.long_until = 0.0  # holding a LONG_COMMANDS job: not expired before this
+        self.db_id = info.get("db_id")  # which database it answers from (Store.identity)
 
     @property
     def name(self) -> str:
@@ -212,6 +214,8 @@ class Scheduler:
         self.cache = MappingCache(settings.cache_entries)
         self.admin_writes = 0  # admin write jobs in flight: the cache learns nothing meanwhile
         self.insert_writes = 0  # report and report-equiv jobs in flight: it learns no miss
+        self.same_db = True  # every registered worker reports the same database identity
+        self._db_id = None  # that identity, when they agree
         # (client_id, request_id) -> PendingRequest, oldest first, so the first one is the
         # next to time out. Admin writes (a sweep of millions of rows) get admin_timeout_s and
         # their own table, which keeps both in deadline order.
@@ -407,6 +411,10 @@ class Scheduler:
                     self.count("workers.bad_stats")
                 else:
                     worker.stats = stats
+                    db_id = stats.get("db", {}).get("id")
+                    if db_id is not None and db_id != worker.db_id:
+                        worker.db_id = db_id
+                        self._databases_changed()
         elif kind == p.DISCONNECT:
             self._drop_worker(worker, "disconnected", now)
         if dispatch:
@@ -416,6 +424,7 @@ class Scheduler:
         credit = self.settings.worker_credit
         worker = Worker(worker_id, info, credit, now, self._expiry(now))
         self.workers[worker_id] = worker
+        self._databases_changed()
         self.free_slots.extend([worker_id] * credit)
         self.count("workers.registered")
         pid = info.get("pid")
@@ -431,8 +440,21 @@ class Scheduler:
             self.count("workers.restarted")
             log.info("worker %s registered (pid %s, restart %d)", worker.name, pid, last[1] + 1)
 
+    def _databases_changed(self):
+        """A worker joined, or one's database identity changed (a file replaced under hq):
+        what the cache holds may come from another file, and it learns only while every
+        worker answers from the same one."""
+        ids = {w.db_id for w in self.workers.values()}
+        self.same_db = len(ids) <= 1
+        if len(ids) > 1:
+            self.cache.invalidate()
+        elif ids and ids != {self._db_id}:
+            self.cache.invalidate()  # not the database the cache learned from
+            (self._db_id,) = ids
+
     def _drop_worker(self, worker: Worker, why: str, now: float):
         del self.workers[worker.worker_id]
+        self._databases_changed()
         if self.writer == worker.worker_id:
             self.writer = None
         jobs = list(worker.jobs.values())
@@ -546,7 +568,9 @@ class Scheduler:
             worker.last_sent = now
             cache = self.cache
             learnable = (
-                None if self.admin_writes else (cache.epoch, -1 if self.insert_writes else cache.inserts)
+                None
+                if self.admin_writes or not self.same_db
+                else (cache.epoch, -1 if self.insert_writes else cache.inserts)
             )
             for item in batch:
                 if item.epoch != -1:  # a learnable lookup: what it may learn, as of now

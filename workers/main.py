@@ -42,10 +42,12 @@ class WorkerLoop:
         stats: WorkerStats | None = None,
         maintenance=lambda: None,
         ctx: zmq.Context | None = None,
+        identity=None,
     ):
         self.opts = opts
         self.handlers = handlers
         self.info = info
+        self.identity = identity  # () -> the database's identity, sent with READY
         self.stats = stats
         self.maintenance = maintenance
         self.ctx = ctx or zmq.Context()
@@ -69,7 +71,8 @@ class WorkerLoop:
         self.socket = sock
         self.poller = zmq.Poller()
         self.poller.register(sock, zmq.POLLIN)
-        self.send(p.encode_ready(self.info))
+        info = self.info if self.identity is None else {**self.info, "db_id": self.identity()}
+        self.send(p.encode_ready(info))
         self.broker_expiry = time.monotonic() + self._liveness_s()
         log.info("worker %s connecting to %s", self.info["name"], self.opts.backend)
 
@@ -178,7 +181,9 @@ def main(argv=None) -> int:
     store = Store(db, lock_wait_s=opts.lock_wait_s)
     store.reopen = open_db
     stats = WorkerStats(store, rows_interval_s=opts.stats_rows_interval_s)
-    loop = WorkerLoop(opts, Handlers(store), info, stats=stats, maintenance=store.check_file)
+    loop = WorkerLoop(
+        opts, Handlers(store), info, stats=stats, maintenance=store.check_file, identity=store.identity
+    )
     store.on_wait = loop.heartbeat_if_due
     loop.serve(stop)
     db.close()

@@ -131,6 +131,7 @@ class WorkerStats:
         db = self.store.db
         path = db.database
         facts = {"path": path, "file_bytes": _size(path), "wal_bytes": _size(path + "-wal")}
+        facts["id"] = self.store.identity()
         for pragma in ("page_size", "page_count", "freelist_count"):
             facts[pragma] = db.execute_sql(f"PRAGMA {pragma}").fetchone()[0]
         now = self.clock()

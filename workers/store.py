@@ -112,6 +112,7 @@ class Store:
         self._uncommitted_counts: dict = {}
         self._method_ids: dict = {}
         self._uncommitted_methods: set = set()
+        self.opened = 1  # times the file was opened: 2 after the first reopen, ...
 
     def _count(self, name: str, n: int = 1) -> None:
         """Count an outcome of the write transaction in progress (kept if it commits)."""
@@ -171,8 +172,16 @@ class Store:
             return
         self._method_ids.clear()
         self._file_id = _file_id(self.db.database)
+        self.opened += 1
         self._reopen_when_writable = False
         self.file_problem = ""
+
+    def identity(self) -> str:
+        """Which database this worker answers from: the open file's device and inode, and
+        how often it was opened. The broker's cache learns only while every worker reports
+        the same, and forgets everything when one changes (a file replaced under hq)."""
+        file_id = self._file_id or ("-", "-")
+        return f"{file_id[0]}:{file_id[1]}:{self.opened}"
 
     def writes_failed(self, exc: Exception) -> None:
         """A write failed with ``exc``: after "read-only", reopen once the file is writable."""

@@ -386,3 +386,27 @@ def test_a_cached_miss_goes_when_its_key_is_reported(tmp_path):
     assert not sim.sched.cache.entries
     sim = _drain(_continue(_drain(sim), [("lookup", 1, 0)]))
     assert sim.answers[-1][1] == UNIHASHES[2]
+
+
+def _beat(sim: Sim, index: int, db_id: str) -> None:
+    worker = sim.workers[index]
+    sim.sched.on_worker([worker, *p.encode_heartbeat({"db": {"id": db_id}})], sim.now)
+    sim.route()
+
+
+def test_a_database_file_replaced_under_the_workers_empties_the_cache(tmp_path):
+    """Workers report which file they answer from (Store.identity) in their heartbeats. When
+    one changes, the cache forgets everything, and it learns nothing until all agree again."""
+    sim = play(tmp_path, SETUP)
+    _beat(sim, 0, "A")
+    _beat(sim, 1, "A")
+    sim = _drain(_continue(sim, [("lookup", 0, 0)]))
+    assert sim.sched.cache.entries and sim.sched.same_db
+    _beat(sim, 0, "B")  # worker 0 reopened a new file at the path; worker 1 has not noticed
+    assert not sim.sched.cache.entries and not sim.sched.same_db
+    sim = _drain(_continue(sim, [("lookup", 0, 0), ("lookup", 1, 0)]))
+    assert not sim.sched.cache.entries  # answers from either file: none is learned
+    _beat(sim, 1, "B")
+    assert sim.sched.same_db
+    sim = _drain(_continue(sim, [("lookup", 0, 0)]))
+    assert sim.sched.cache.entries

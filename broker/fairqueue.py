@@ -123,15 +123,16 @@ class FairQueue:
             self._push_head(client_id)
         return batch
 
-    def purge(self, request) -> int:
-        """Drop every queued job of ``request``; return how many."""
+    def purge(self, request, keep=None) -> list:
+        """Drop every queued job of ``request`` except those ``keep(job)`` is true for;
+        return the jobs dropped."""
         client_id = request.client_id
         queue = self.queues.get(client_id)
         if not queue:
-            return 0
-        kept = deque(job for job in queue if job.request is not request)
-        dropped = len(queue) - len(kept)
-        self.length -= dropped
+            return []
+        kept = deque(job for job in queue if job.request is not request or (keep is not None and keep(job)))
+        dropped = [job for job in queue if job.request is request and not (keep is not None and keep(job))]
+        self.length -= len(dropped)
         if kept:
             head_changed = kept[0] is not queue[0]
             self.queues[client_id] = kept

@@ -53,6 +53,10 @@ def _mergeable(first: Job, other: Job) -> bool:
     )
 
 
+def _has_live_followers(job) -> bool:
+    return bool(job.followers) and any(not pending.done for pending, _ in job.followers)
+
+
 def _valid_stats(stats: dict):
     """A worker's HEARTBEAT statistics if they have the expected shape, else None: counters
     a dict of name -> int, settings and db dicts, uptime a number."""
@@ -111,6 +115,8 @@ class Job:
         "start",
         "attempts",
         "epoch",
+        "followers",
+        "queued",
     )
 
     def __init__(self, job_id, request, index, command, credentials, body, items):
@@ -127,6 +133,10 @@ class Job:
         # A small lookup whose answer the cache may learn: (epoch, inserts) of the cache at
         # dispatch (-1: not learnable; None: learnable, not dispatched yet).
         self.epoch = -1
+        # Identical lookups of other requests that arrived while this one was queued: they
+        # get its answer, [(PendingRequest, index)] (see Scheduler._collapse).
+        self.followers = None
+        self.queued = False  # in a client's queue (not given to a worker)
 
 
 class Worker:
@@ -214,6 +224,8 @@ class Scheduler:
         self.cache = MappingCache(settings.cache_entries)
         self.admin_writes = 0  # admin write jobs in flight: the cache learns nothing meanwhile
         self.insert_writes = 0  # report and report-equiv jobs in flight: it learns no miss
+        # (method, chunk) -> the queued GET job identical lookups of other requests join.
+        self.collapsible: dict = {}
         self.same_db = True  # every registered worker reports the same database identity
         self._db_id = None  # that identity, when they agree
         # (client_id, request_id) -> PendingRequest, oldest first, so the first one is the
@@ -315,10 +327,42 @@ class Scheduler:
             )
         if small_get and self.cache.max_entries:
             jobs[0].epoch = None
-        self.queue.push(client_id, jobs)
+        if command == p.GET:
+            jobs = self._collapse(jobs)
+        if jobs:
+            for job in jobs:
+                job.queued = True
+            self.queue.push(client_id, jobs)
         pending.queued = len(jobs)
         if dispatch:
             self.dispatch(now)
+
+    def _collapse(self, jobs: list) -> list:
+        """GET jobs identical to one still queued (same method, chunk and credentials) join
+        it as followers instead of being queued; return the jobs to queue. A queued job has
+        not been read yet, so its answer is as fresh as the followers' own would be: builders
+        of one configuration asking the same wave at once cost one query."""
+        index = self.collapsible
+        queued = []
+        for job in jobs:
+            key = (job.body[0], job.body[1])
+            leader = index.get(key)
+            if leader is not None and leader.queued and leader.credentials == job.credentials:
+                if leader.followers is None:
+                    leader.followers = []
+                leader.followers.append((job.request, job.index))
+                self.count("jobs.collapsed")
+                continue
+            index[key] = job
+            queued.append(job)
+        return queued
+
+    def _unindex(self, job: Job) -> None:
+        job.queued = False
+        if job.command == p.GET:
+            key = (job.body[0], job.body[1])
+            if self.collapsible.get(key) is job:
+                del self.collapsible[key]
 
     def _answered_from_cache(self, client_id, request_id, items, frame):
         self.count("items.get", items)
@@ -360,7 +404,8 @@ class Scheduler:
         self._reply(pending.client_id, frames)
 
     def _purge(self, pending: PendingRequest):
-        self.queue.purge(pending)
+        for job in self.queue.purge(pending, keep=_has_live_followers):
+            self._unindex(job)
         pending.queued = 0
 
     # --- workers ------------------------------------------------------------------------
@@ -469,7 +514,7 @@ class Scheduler:
             del self.jobs[job.job_id]
             job.worker_id = None
             job.attempts += 1
-            if job.request.done:
+            if job.request.done and not _has_live_followers(job):
                 continue
             if job.attempts >= self.settings.max_attempts:
                 # A poison request (one that crashes or stalls every worker it reaches)
@@ -477,8 +522,10 @@ class Scheduler:
                 self.count("jobs.abandoned")
                 log.warning("%s job lost %d workers; answering INTERNAL", job.command.decode(), job.attempts)
                 message = f"the request was lost with {job.attempts} workers; not retried further"
-                self.count(f"errors.{p.E_INTERNAL}")
-                self._finish(job.request, now, p.encode_error(job.request.request_id, p.E_INTERNAL, message))
+                for pending, _ in [(job.request, job.index), *(job.followers or ())]:
+                    if not pending.done:
+                        self.count(f"errors.{p.E_INTERNAL}")
+                        self._finish(pending, now, p.encode_error(pending.request_id, p.E_INTERNAL, message))
             else:
                 self._requeue_front(job)
         self.count("workers.dropped")
@@ -489,6 +536,9 @@ class Scheduler:
     def _requeue_front(self, job: Job):
         self.queue.push_front(job)
         job.request.queued += 1
+        job.queued = True
+        if job.command == p.GET:
+            self.collapsible.setdefault((job.body[0], job.body[1]), job)
 
     def _job_done(self, worker: Worker, job_id: bytes, status: int, body: list, now: float) -> bool:
         """Record one job's result; False if the worker did not hold that job."""
@@ -501,17 +551,23 @@ class Scheduler:
             self._admin_write_ended()
         elif job.command in INSERT_COMMANDS:
             self._insert_ended()
-        pending = job.request
-        if pending.done:
-            return True
         if isinstance(job.epoch, tuple) and status == p.OK and body:  # learnable, dispatched
             epoch, inserts = job.epoch
             self.cache.learn(epoch, inserts, job.body[0], job.body[1], body[0])
+        self._chunk_done(job.request, job.index, status, body, now)
+        for pending, index in job.followers or ():
+            self._chunk_done(pending, index, status, body, now)
+        return True
+
+    def _chunk_done(self, pending: PendingRequest, index: int, status: int, body: list, now: float):
+        """One chunk of ``pending`` answered (by its own job, or one it followed)."""
+        if pending.done:
+            return
         if status != p.OK:
             self.count(f"errors.{status}")
             self._finish(pending, now, p.encode_reply(pending.request_id, status, body))
-            return True
-        pending.results[job.index] = body
+            return
+        pending.results[index] = body
         pending.remaining -= 1
         if pending.remaining == 0:
             if len(pending.results) == 1:
@@ -520,7 +576,6 @@ class Scheduler:
                 reply_body = [frame for part in pending.results for frame in part]
             self.count("items." + pending.command.decode(), pending.items)
             self._finish(pending, now, p.encode_reply(pending.request_id, p.OK, reply_body))
-        return True
 
     # --- dispatch and time ----------------------------------------------------------------
     def dispatch(self, now: float):
@@ -575,6 +630,7 @@ class Scheduler:
             for item in batch:
                 if item.epoch != -1:  # a learnable lookup: what it may learn, as of now
                     item.epoch = learnable
+                self._unindex(item)
                 item.request.queued -= 1
                 item.worker_id = worker.worker_id
                 worker.jobs[item.job_id] = item

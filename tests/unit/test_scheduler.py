@@ -226,13 +226,14 @@ def test_no_workers_means_unavailable_after_the_request_timeout():
 
 def test_queues_are_bounded_per_client_and_in_total():
     s = make(max_client_jobs=4, max_queued_jobs=6)
-    s.on_client(get_request(b"a", b"r1", [["x"]] * 4), 0.0)
-    s.on_client(get_request(b"a", b"r2", [["x"]]), 0.0)
+    # Distinct chunks: identical ones of other requests would join a queued one (collapse).
+    s.on_client(get_request(b"a", b"r1", [["a%d" % i] for i in range(4)]), 0.0)
+    s.on_client(get_request(b"a", b"r2", [["a9"]]), 0.0)
     (busy,) = replies(s)
     assert busy.status == p.E_BUSY and busy.request_id == b"r2"
-    s.on_client(get_request(b"b", b"r1", [["x"]] * 2), 0.0)
+    s.on_client(get_request(b"b", b"r1", [["b0"], ["b1"]]), 0.0)
     assert replies(s) == []
-    s.on_client(get_request(b"c", b"r1", [["x"]]), 0.0)
+    s.on_client(get_request(b"c", b"r1", [["c0"]]), 0.0)
     assert replies(s)[0].status == p.E_BUSY
 
 
@@ -496,14 +497,15 @@ def test_a_client_coming_back_with_its_next_wave_does_not_jump_the_queue():
     s = make()
     ready(s, b"w1")
     for c in (b"a", b"b", b"c", b"d"):
-        s.on_client(get_request(c, b"w0", [["x"] * 10]), 0.0)
+        s.on_client(get_request(c, b"w0", [[c.decode()] * 10]), 0.0)
     served = []
     for step in range(16):
         (job,) = take_jobs(s)
         client = s.jobs[job[1]].request.client_id
         served.append(client)
         answer(s, b"w1", job[1], echo_reply(job[2]))
-        s.on_client(get_request(client, b"w%d" % (step + 1), [["x"] * 10]), 0.0)  # next wave
+        wave = [[f"{client.decode()}{step}"] * 10]
+        s.on_client(get_request(client, b"w%d" % (step + 1), wave), 0.0)  # next wave
     # Every client gets one wave per round; nobody waits two rounds.
     assert all(sorted(served[i : i + 4]) == [b"a", b"b", b"c", b"d"] for i in range(0, 16, 4)), served
 
@@ -560,3 +562,72 @@ def test_the_write_slot_is_freed_when_its_worker_is_lost():
     s.on_worker([writer, *p.DISCONNECT_MESSAGE], 0.1)
     ((other, command, jobs),) = take_messages(s)
     assert other != writer and command == p.REPORT  # a's report, re-dispatched
+
+
+# --- identical lookups of several clients: one job (Scheduler._collapse) -----------------------
+WAVE = ["%064x" % i for i in range(5)]
+
+
+def busy_worker(s):
+    """One worker, kept busy with a lookup of its own, so that what follows stays queued."""
+    ready(s, b"w1")
+    s.on_client(get_request(b"other", b"r", [["f" * 64]]), 0.0)
+    ((_, job_id, body),) = take_jobs(s)
+    return job_id, body
+
+
+def test_identical_queued_lookups_of_several_clients_run_once():
+    s = make()
+    held = busy_worker(s)
+    for client in (b"a", b"b", b"c"):
+        s.on_client(get_request(client, b"r", [WAVE]), 0.0)
+    answer(s, b"w1", held[0], echo_reply(held[1]))
+    replies(s)
+    jobs = take_jobs(s)
+    assert len(jobs) == 1 and s.counters["jobs.collapsed"] == 2
+    answer(s, b"w1", jobs[0][1], echo_reply(jobs[0][2]))
+    got = replies(s)
+    assert sorted(r.request_id for r in got) == [b"r"] * 3
+    assert all(r.status == p.OK and r.body == [p.pack_items(WAVE)] for r in got)
+
+
+def test_a_lookup_arriving_after_the_identical_one_was_dispatched_runs_again():
+    s = make()
+    ready(s, b"w1")
+    s.on_client(get_request(b"a", b"r", [WAVE]), 0.0)
+    (first,) = take_jobs(s)
+    s.on_client(get_request(b"b", b"r", [WAVE]), 0.0)  # the first may have read already: no
+    answer(s, b"w1", first[1], echo_reply(first[2]))
+    assert len(take_jobs(s)) == 1 and "jobs.collapsed" not in s.counters
+
+
+def test_followers_are_answered_when_the_leaders_own_request_is_gone():
+    s = make(request_timeout_s=1.0)
+    held = busy_worker(s)
+    s.on_client(get_request(b"a", b"r", [WAVE]), 0.0)
+    s.on_client(get_request(b"b", b"r", [WAVE]), 0.5)
+    s.on_worker([b"w1", *p.HEARTBEAT_MESSAGE], 1.2)
+    s.tick(1.2)  # a's request (and the held one) time out; b's has 0.3 s left
+    assert sorted(r.request_id for r in replies(s) if r.status == p.E_UNAVAILABLE) == [b"r", b"r"]
+    answer(s, b"w1", held[0], echo_reply(held[1]), now=1.2)
+    (job,) = take_jobs(s)  # a's job still runs, for b
+    answer(s, b"w1", job[1], echo_reply(job[2]), now=1.3)
+    (reply,) = replies(s)
+    assert reply.status == p.OK and reply.body == [p.pack_items(WAVE)]
+
+
+def test_followers_survive_the_loss_of_the_leaders_worker():
+    s = make(max_attempts=2)
+    held = busy_worker(s)
+    s.on_client(get_request(b"a", b"r", [WAVE]), 0.0)
+    s.on_client(get_request(b"b", b"r", [WAVE]), 0.0)
+    answer(s, b"w1", held[0], echo_reply(held[1]))
+    replies(s)
+    take_jobs(s)
+    s.on_worker([b"w1", *p.DISCONNECT_MESSAGE], 0.1)  # lost once: re-dispatched
+    ready(s, b"w2", 0.1)
+    (job,) = take_jobs(s)
+    s.on_client(get_request(b"c", b"r", [WAVE]), 0.1)  # dispatched again: c gets its own job
+    s.on_worker([b"w2", *p.DISCONNECT_MESSAGE], 0.2)  # lost twice: given up, for all of them
+    got = replies(s)
+    assert sorted(r.request_id for r in got if r.status == p.E_INTERNAL) == [b"r", b"r"]

@@ -24,6 +24,7 @@ import shutil
 import tempfile
 
 import hq
+from hq import config, options
 from hq.numbers import fmt
 from hq.progress import Progress
 
@@ -36,6 +37,7 @@ from .workloads import WORKLOADS
 
 COMPARED = ("burst", "single", "report")
 HQ, REF = "hq", "bitbake-hashserv"
+_NON_NEGATIVE_INT = config.argparse_type(options.NON_NEGATIVE_INT)
 
 #: (label, key, unit): the figures of one side of one repeat, by :func:`figures`.
 MEASURES = (
@@ -101,27 +103,17 @@ def add_parser(sub, common) -> None:
     )
     p.add_argument(
         "--keys",
-        type=_non_negative,
+        type=_NON_NEGATIVE_INT,
         default=0,
         help="single: distinct keys per client, asked in turn (default 0: every lookup a new key)",
     )
     p.add_argument(
         "--configs",
-        type=_non_negative,
+        type=_NON_NEGATIVE_INT,
         default=0,
         help="burst: clients share this many configurations (default 0: each its own)",
     )
     common(p, transport="tcp", faults=False)
-
-
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, not {text}")
-    return value
 
 
 def _workloads(text: str) -> list:

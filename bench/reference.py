@@ -16,7 +16,6 @@ import datetime
 import functools
 import os
 import re
-import signal
 import socket
 import sqlite3
 import subprocess
@@ -27,7 +26,7 @@ import psutil
 
 from .keys import METHOD
 from .populate import corrupted
-from .stack import START_TIMEOUT_S, STOP_TIMEOUT_S, StackError
+from .stack import START_TIMEOUT_S, StackError, cpu_seconds, rss_bytes, terminate
 
 NAME = "bitbake-hashserv"
 POLL_S = 0.02
@@ -127,15 +126,8 @@ class ReferenceServer:
         if self.proc is None:
             return None
         proc, self.proc = self.proc, None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-                if check:
-                    raise StackError(f"{NAME} did not stop on SIGTERM:\n{self.log_tail()}") from None
+        if not terminate(proc) and check:
+            raise StackError(f"{NAME} did not stop on SIGTERM:\n{self.log_tail()}")
         return proc.returncode
 
     def log_tail(self, lines: int = 30) -> str:
@@ -158,23 +150,10 @@ class ReferenceServer:
         return found
 
     def cpu_seconds(self) -> dict:
-        out = {}
-        for name, proc in self._tree_processes().items():
-            try:
-                t = proc.cpu_times()
-                out[name] = t.user + t.system
-            except psutil.Error:
-                out[name] = float("nan")
-        return out
+        return cpu_seconds(self._tree_processes())
 
     def rss_bytes(self) -> dict:
-        out = {}
-        for name, proc in self._tree_processes().items():
-            try:
-                out[name] = proc.memory_info().rss
-            except psutil.Error:
-                out[name] = float("nan")
-        return out
+        return rss_bytes(self._tree_processes())
 
     def restarted(self) -> list:
         return [name for name, proc in self.processes.items() if not proc.is_running()]

@@ -134,15 +134,8 @@ class Stack:
         if self.proc is None:
             return self.returncode  # stopped before (or never started: None)
         proc, self.proc = self.proc, None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-                if check:
-                    raise StackError(f"hq-server did not stop on SIGTERM:\n{self.log_tail()}") from None
+        if not terminate(proc) and check:
+            raise StackError(f"hq-server did not stop on SIGTERM:\n{self.log_tail()}")
         self.returncode = proc.returncode
         if check and proc.returncode != 0:
             raise StackError(f"hq-server exited with {proc.returncode}:\n{self.log_tail()}")
@@ -167,23 +160,10 @@ class Stack:
     # --- measurements -------------------------------------------------------------------
     def cpu_seconds(self) -> dict:
         """name -> user + system CPU seconds so far, for the broker and each worker."""
-        out = {}
-        for name, proc in self.processes.items():
-            try:
-                t = proc.cpu_times()
-                out[name] = t.user + t.system
-            except psutil.Error:
-                out[name] = float("nan")  # died (and maybe restarted): the figure is void
-        return out
+        return cpu_seconds(self.processes)
 
     def rss_bytes(self) -> dict:
-        out = {}
-        for name, proc in self.processes.items():
-            try:
-                out[name] = proc.memory_info().rss
-            except psutil.Error:
-                out[name] = float("nan")
-        return out
+        return rss_bytes(self.processes)
 
     def restarted(self) -> list:
         """Names of processes that are no longer the ones found at start (crashed)."""
@@ -202,6 +182,43 @@ class Stack:
     def database_size(self) -> dict:
         """After :meth:`stop`: see :func:`database_size`."""
         return database_size(self.db)
+
+
+def terminate(proc: subprocess.Popen) -> bool:
+    """SIGTERM a server and wait for it; False if it had to be killed after STOP_TIMEOUT_S."""
+    if proc.poll() is not None:
+        return True
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return False
+    return True
+
+
+def cpu_seconds(processes: dict) -> dict:
+    """name -> user + system CPU seconds so far of each psutil.Process (NaN once it died:
+    the figure is void)."""
+    out = {}
+    for name, proc in processes.items():
+        try:
+            t = proc.cpu_times()
+            out[name] = t.user + t.system
+        except psutil.Error:
+            out[name] = float("nan")
+    return out
+
+
+def rss_bytes(processes: dict) -> dict:
+    out = {}
+    for name, proc in processes.items():
+        try:
+            out[name] = proc.memory_info().rss
+        except psutil.Error:
+            out[name] = float("nan")
+    return out
 
 
 def database_size(db: str) -> dict:

@@ -26,7 +26,7 @@ import psutil
 
 from .keys import METHOD
 from .populate import corrupted
-from .stack import START_TIMEOUT_S, StackError, cpu_seconds, rss_bytes, terminate
+from .stack import START_TIMEOUT_S, StackError, cpu_seconds, database_size, rss_bytes, terminate
 
 NAME = "bitbake-hashserv"
 POLL_S = 0.02
@@ -162,17 +162,7 @@ class ReferenceServer:
         return {}
 
     def database_size(self) -> dict:
-        conn = sqlite3.connect(self.db)
-        try:
-            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            unihashes = conn.execute("SELECT count(*) FROM unihashes_v3").fetchone()[0]
-            outhashes = conn.execute("SELECT count(*) FROM outhashes_v2").fetchone()[0]
-        finally:
-            conn.close()
-        size = os.path.getsize(self.db)
-        if os.path.exists(self.db + "-wal"):
-            size += os.path.getsize(self.db + "-wal")
-        return {"bytes": size, "unihash_rows": unihashes, "outhash_rows": outhashes}
+        return database_size(self.db, ("unihashes_v3", "outhashes_v2"))
 
 
 def populate(path: str, rows, tree: str, method: str = METHOD, corrupt: int = 0) -> int:

@@ -221,16 +221,18 @@ def rss_bytes(processes: dict) -> dict:
     return out
 
 
-def database_size(db: str) -> dict:
-    """After the stack stopped: checkpoint the WAL into the file, then measure and count.
+def database_size(db: str, tables: tuple = ("unihashes", "outhashes")) -> dict:
+    """After the server stopped: checkpoint the WAL into the file, then measure and count.
 
-    ``bytes`` is the database file plus whatever WAL is left (none after TRUNCATE).
+    ``bytes`` is the database file plus whatever WAL is left (none after TRUNCATE);
+    ``tables`` are the mapping and outhash tables (hq's by default).
     """
+    mappings, outhash_rows = tables
     conn = sqlite3.connect(db)
     try:
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        unihashes = conn.execute("SELECT count(*) FROM unihashes").fetchone()[0]
-        outhashes = conn.execute("SELECT count(*) FROM outhashes").fetchone()[0]
+        unihashes = conn.execute(f"SELECT count(*) FROM {mappings}").fetchone()[0]
+        outhashes = conn.execute(f"SELECT count(*) FROM {outhash_rows}").fetchone()[0]
     finally:
         conn.close()
     size = os.path.getsize(db)

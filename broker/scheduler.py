@@ -367,11 +367,7 @@ class Scheduler:
     def _answered_from_cache(self, client_id, request_id, items, frame):
         self.count("items.get", items)
         self.count("cache.hits", items)
-        self.request_stats.add(0.0)
-        hist = self.latency.get(p.GET)
-        if hist is None:
-            hist = self.latency[p.GET] = Histogram()
-        hist.add(0.0)
+        self._record_latency(p.GET, 0.0)
         self._reply(client_id, p.encode_reply(request_id, p.OK, [frame]))
 
     def _admin_write_ended(self, n: int = 1):
@@ -395,13 +391,15 @@ class Scheduler:
         del (self.slow_pending if pending.slow else self.pending)[(pending.client_id, pending.request_id)]
         if pending.queued:  # failed or timed out with chunks still queued: drop them now
             self._purge(pending)
-        elapsed = now - pending.started
-        self.request_stats.add(elapsed)
-        hist = self.latency.get(pending.command)
-        if hist is None:
-            hist = self.latency[pending.command] = Histogram()
-        hist.add(elapsed)
+        self._record_latency(pending.command, now - pending.started)
         self._reply(pending.client_id, frames)
+
+    def _record_latency(self, command: bytes, elapsed: float):
+        self.request_stats.add(elapsed)
+        hist = self.latency.get(command)
+        if hist is None:
+            hist = self.latency[command] = Histogram()
+        hist.add(elapsed)
 
     def _purge(self, pending: PendingRequest):
         for job in self.queue.purge(pending, keep=_has_live_followers):
@@ -491,11 +489,10 @@ class Scheduler:
         worker answers from the same one."""
         ids = {w.db_id for w in self.workers.values()}
         self.same_db = len(ids) <= 1
-        if len(ids) > 1:
+        if len(ids) > 1 or (ids and ids != {self._db_id}):  # not the one the cache learned from
             self.cache.invalidate()
-        elif ids and ids != {self._db_id}:
-            self.cache.invalidate()  # not the database the cache learned from
-            (self._db_id,) = ids
+            if self.same_db:
+                (self._db_id,) = ids
 
     def _drop_worker(self, worker: Worker, why: str, now: float):
         del self.workers[worker.worker_id]

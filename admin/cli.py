@@ -14,12 +14,12 @@ import sys
 from hq import addresses, config, options
 from hq.client import InvokeError, ServerError, create_client
 
-from . import database, importer, output, status
+from . import database, importer, output, status, users
 
 DEFAULT_TIMEOUT_S = 10.0
 
 #: Subcommand modules, in the order ``--help`` lists them.
-MODULES = [status, database, importer]
+MODULES = [status, database, importer, users]
 
 
 def _add_common(parser: argparse.ArgumentParser, defaults: bool) -> None:
@@ -41,6 +41,30 @@ def _add_common(parser: argparse.ArgumentParser, defaults: bool) -> None:
     )
     parser.add_argument(
         "--format", choices=("table", "json"), default=default("table"), help="output format (default: table)"
+    )
+    parser.add_argument(
+        "--server-key",
+        default=default(None),
+        metavar="KEY",
+        help="CURVE: the broker's public key, a .key file or 40 Z85 characters (env HQ_SERVER_KEY)",
+    )
+    parser.add_argument(
+        "--client-key",
+        default=default(None),
+        metavar="FILE",
+        help="CURVE: this client's .key_secret file, if the broker lists allowed clients (env HQ_CLIENT_KEY)",
+    )
+    parser.add_argument(
+        "--login",
+        default=default(None),
+        metavar="USER",
+        help="log in as USER (default: $BB_HASHSERVE_USERNAME, else ~/.netrc for the host, else anonymous)",
+    )
+    parser.add_argument(
+        "--password",
+        default=default(None),
+        metavar="TOKEN",
+        help="the user's token (better: $BB_HASHSERVE_PASSWORD or ~/.netrc, which no ps shows)",
     )
 
 
@@ -86,7 +110,17 @@ def main(argv=None) -> int:
     args = top.parse_args(argv)
     _resolve_environment(args, top)
     try:
-        with create_client(args.address, timeout=args.timeout) as client:
+        if getattr(args, "needs_server", True) is False:
+            return args.func(args, None)
+        client = create_client(
+            args.address,
+            args.login,
+            args.password,
+            timeout=args.timeout,
+            server_key=args.server_key,
+            client_key=args.client_key,
+        )
+        with client:
             return args.func(args, client)
     except BrokenPipeError:  # piped into head: not an error (a ConnectionError subclass)
         sys.stdout = open(os.devnull, "w")
@@ -99,6 +133,9 @@ def main(argv=None) -> int:
             str(exc) if str(exc).startswith("cannot reach") else f"cannot reach hq at {args.address}: {exc}"
         )
         return output.UNREACHABLE
+    except ValueError as exc:  # a key file that cannot be used
+        output.error(str(exc))
+        return output.USAGE
     except KeyboardInterrupt:
         return output.INTERRUPTED
 

@@ -63,6 +63,11 @@ def add_commands(sub, common) -> None:
         default=p.MAX_CHUNK_ITEMS,
         help="rows per chunk, 1-1000 (default %(default)s)",
     )
+    cmd.add_argument(
+        "--no-users",
+        action="store_true",
+        help="leave the users table out (importing users needs a log-in with @user-admin)",
+    )
     cmd.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
     cmd.set_defaults(func=import_hashserv, default_timeout=600.0)
 
@@ -157,7 +162,7 @@ def import_hashserv(args, client) -> int:
 
 
 def _run(args, client, conn, source: str) -> int:
-    tables = _tables(conn)
+    tables = [t for t in _tables(conn) if not (args.no_users and t == "users")]
     checkpoints = dict.fromkeys(p.IMPORT_TABLES, 0) if args.restart else client.import_status(source)
     results = {}
     for table in tables:

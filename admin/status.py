@@ -138,6 +138,12 @@ def summary_rows(data: dict, usage: dict | None = None) -> list:
             f"{output.fmt(cached)}",
         ),
         ("reports new / equivalent / existing", " / ".join(output.fmt(n) for n in reports)),
+        (
+            "log-ins / failed / refused requests",
+            " / ".join(
+                output.fmt(counters.get(k, 0)) for k in ("auth.logins", "auth.failed", "auth.refused")
+            ),
+        ),
         ("errors", output.fmt(errors)),
         ("queued / in-flight jobs", f"{broker['queued_jobs']} / {broker['inflight_jobs']}"),
         ("workers (restarts)", f"{len(data['workers'])} ({counters.get('workers.restarted', 0)})"),

@@ -78,6 +78,7 @@ class Stack:
         self.returncode: int | None = None  # hq-server's, once stopped
         self.address: str | None = None
         self.processes: dict = {}  # name -> psutil.Process: "hq-broker", "hq-worker-00", ...
+        self.client_kwargs: dict = {}  # what a client needs to read the stats (log-in, key)
 
     # --- life cycle ---------------------------------------------------------------------
     def start(self, timeout: float = START_TIMEOUT_S) -> Stack:
@@ -171,12 +172,12 @@ class Stack:
 
     def counters(self) -> dict:
         """The broker's raw counters (hashserv's get-stats, hq's part), or {"error": ...}."""
-        from hq.client import create_client
+        from hq.client import InvokeError, create_client
 
-        with create_client(self.address, timeout=5.0) as client:
+        with create_client(self.address, timeout=5.0, **self.client_kwargs) as client:
             try:
                 return client.get_stats().get("broker", {}).get("counters", {})
-            except ConnectionError as exc:
+            except (ConnectionError, InvokeError) as exc:
                 return {"error": str(exc)}
 
     def database_size(self) -> dict:

@@ -16,12 +16,13 @@ import time
 
 import zmq
 
-from hq import config, logs, options, proctitle
+from hq import config, curve, logs, options, permissions, proctitle
 from hq import protocol as p
 from hq.notify import notify
 from hq.signals import StopFlag
-from hq.sockets import readable, recv_frames, send_frames
+from hq.sockets import readable, recv_frames, recv_frames_tagged, send_frames
 
+from . import zap
 from .metrics import HttpEndpoint, render
 from .scheduler import Scheduler
 
@@ -80,6 +81,7 @@ class Broker:
         self.scheduler = Scheduler(opts, now=time.monotonic())
         self.frontend = router(self.ctx, public=True)
         self.backend = router(self.ctx, public=False)
+        self.zap = self._secure(opts)
         self.endpoints = [bind(self.frontend, address, "client") for address in opts.bind]
         self.backend_endpoint = bind(self.backend, opts.backend, "worker")
         self.metrics_socket = self.metrics = None
@@ -87,6 +89,37 @@ class Broker:
             self.metrics_socket = metrics_stream(self.ctx, opts.metrics)
             self.metrics_endpoint = self.metrics_socket.last_endpoint.decode()
             self.metrics = HttpEndpoint(self.render_metrics)
+
+    def _secure(self, opts):
+        """CURVE on the frontend (and on a tcp:// backend) with the ZAP handler deciding who
+        gets in; None without ``--curve-secret-key``. Raises BindError for a bad setup."""
+        tcp_backend = opts.backend.startswith("tcp://")
+        if not opts.curve_secret_key:
+            if tcp_backend:
+                log.warning(
+                    "workers on the tcp:// backend %s are not authenticated and see every "
+                    "request: use --curve-secret-key and --curve-workers",
+                    opts.backend,
+                )
+            return None
+        if not curve.available():
+            raise BindError("this libzmq has no CURVE support (--curve-secret-key)")
+        try:
+            allowed = {zap.CLIENTS: None}
+            if opts.curve_clients:
+                allowed[zap.CLIENTS] = frozenset().union(*(curve.load_allowed(d) for d in opts.curve_clients))
+            curve.serve(self.frontend, opts.curve_secret_key)
+            if tcp_backend:
+                if not opts.curve_workers:
+                    raise curve.BadKey(
+                        "a tcp:// backend with CURVE needs --curve-workers (the workers' public keys)"
+                    )
+                allowed[zap.WORKERS] = curve.load_allowed(opts.curve_workers)
+                curve.serve(self.backend, opts.curve_secret_key)
+                self.backend.zap_domain = zap.WORKERS
+        except curve.BadKey as exc:
+            raise BindError(str(exc)) from None
+        return zap.ZapHandler(self.ctx, allowed)
 
     def render_metrics(self) -> str:
         return render(self.scheduler, time.monotonic(), self.metrics.responses)
@@ -97,6 +130,9 @@ class Broker:
         poller = zmq.Poller()
         poller.register(frontend, zmq.POLLIN)
         poller.register(backend, zmq.POLLIN)
+        zap_handler = self.zap
+        if zap_handler is not None:
+            poller.register(zap_handler.sock, zmq.POLLIN)
         log.info(
             "broker serving clients on %s, workers on %s", ", ".join(self.endpoints), self.backend_endpoint
         )
@@ -113,6 +149,9 @@ class Broker:
                 timeout_ms = min(timeout_ms, metrics.next_wakeup(time.monotonic()) * 1000)
             events = dict(poller.poll(max(1, int(timeout_ms))))
             now = time.monotonic()
+            if zap_handler is not None and zap_handler.sock in events:
+                zap_handler.serve()
+                sched.counters["curve.refused"] = zap_handler.refused
             # Drain both sides, then dispatch once (in tick): the jobs that arrived together
             # go to the workers merged, and the replies just read have freed their slots.
             if backend in events:
@@ -122,7 +161,8 @@ class Broker:
                         break
             if frontend in events:
                 for _ in range(BURST):
-                    sched.on_client(recv_frames(frontend), now, dispatch=False)
+                    frames, first = recv_frames_tagged(frontend)
+                    sched.on_client(frames, now, dispatch=False, peer=first)
                     if not readable(frontend):
                         break
             sched.tick(now)
@@ -186,6 +226,8 @@ class Broker:
         self.backend.close(linger=500)
         if self.metrics_socket is not None:
             self.metrics_socket.close(linger=0)
+        if self.zap is not None:
+            self.zap.sock.close(linger=0)
         log.info("broker stopped")
 
 
@@ -207,6 +249,17 @@ def main(argv=None) -> int:
     except BindError as exc:  # a configuration error: restarting cannot fix it
         log.error("%s", exc)
         return 2
+    if opts.admin_user:
+        if not opts.admin_password:
+            log.error("--admin-user needs a password: set HQ_ADMIN_PASSWORD (or --admin-password)")
+            return 2
+        # Only the salted hash is kept, as for every token.
+        broker.scheduler.bootstrap_admin(opts.admin_user, permissions.hash_token(opts.admin_password))
+    log.info(
+        "anonymous permissions: %s%s",
+        ", ".join(sorted(broker.scheduler.access.anon_perms)) or "@none",
+        "; read-only" if opts.read_only else "",
+    )
     if opts.endpoint_file:
         write_lines(opts.endpoint_file, broker.endpoints)
     # systemd (Type=notify): bound, so clients and workers can connect from now on.

@@ -21,6 +21,8 @@ Broker (the scheduler's counters and gauges):
   ``hq_workers`` gauges: queue depth, jobs running on workers, requests not yet answered,
   clients with queued jobs, registered workers
 * ``hq_broker_cache_entries`` gauge: answers held in the broker's cache (``broker/cache.py``)
+* ``hq_logins_total{outcome}``, ``hq_requests_refused_total{reason}`` counters and the
+  ``hq_sessions`` gauge: log-ins, refusals by permission (403) or session (440)
 * ``hq_broker_events_total{event}`` counter: the scheduler's other counters by name
   (``jobs.redispatched``, ``jobs.merged``, ``jobs.abandoned``, ``replies.dropped``,
   ``replies.stale``, ``workers.registered``, ``workers.dropped``, ``cache.hits``: lookup
@@ -164,7 +166,7 @@ def _with(labels: str, key: str, value) -> str:
 def render(sched, now: float, http_counts: dict | None = None) -> str:
     """The exposition of a :class:`~hq.broker.scheduler.Scheduler`'s cumulative values."""
     t = _Text()
-    grouped, other = _split_counters(sched.counters, ("requests", "items", "errors"))
+    grouped, other = _split_counters(sched.counters, ("requests", "items", "errors", "auth"))
     requests = grouped["requests"]
     malformed = requests.pop("malformed", 0)
     timed_out = requests.pop("timed_out", 0)
@@ -224,6 +226,28 @@ def render(sched, now: float, http_counts: dict | None = None) -> str:
         "gauge",
         "Answers held in the broker's cache of small lookups.",
         [("", len(sched.cache.entries))],
+    )
+    auth = grouped["auth"]
+    t.family(
+        "hq_logins_total",
+        "counter",
+        "Log-ins (auth), by outcome: ok, failed (wrong user or token).",
+        [
+            (_with("", "outcome", "ok"), auth.get("logins", 0)),
+            (_with("", "outcome", "failed"), auth.get("failed", 0)),
+        ],
+    )
+    t.family(
+        "hq_requests_refused_total",
+        "counter",
+        "Requests refused by permissions (403) or for a session unknown here (440), by reason.",
+        [
+            (_with("", "reason", "forbidden"), auth.get("refused", 0)),
+            (_with("", "reason", "no_session"), auth.get("no_session", 0)),
+        ],
+    )
+    t.family(
+        "hq_sessions", "gauge", "Log-in sessions open on the broker.", [("", len(sched.access.sessions))]
     )
     t.family(
         "hq_broker_events_total",

@@ -23,6 +23,7 @@ Scheduling rules (PROTOCOL.md, "Broker behaviour"):
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections import deque
@@ -30,6 +31,7 @@ from collections import deque
 from hq import options
 from hq import protocol as p
 
+from .access import Access
 from .cache import MAX_ITEMS as CACHE_MAX_ITEMS
 from .cache import MappingCache
 from .fairqueue import FairQueue
@@ -42,7 +44,9 @@ MERGE_COMMANDS = frozenset({p.GET, p.EXISTS, p.REPORT, p.REPORT_EQUIV})
 #: The writes that may insert a mapping of the (method, taskhash) in their first two frames.
 INSERT_COMMANDS = frozenset({p.REPORT, p.REPORT_EQUIV})
 #: Commands that write: at most one REQUEST of them is in flight at a time (see dispatch).
-WRITE_COMMANDS = frozenset({p.REPORT, p.REPORT_EQUIV}) | p.ADMIN_WRITE_COMMANDS
+WRITE_COMMANDS = frozenset({p.REPORT, p.REPORT_EQUIV}) | p.ADMIN_WRITE_COMMANDS | p.USER_WRITE_COMMANDS
+#: User commands whose answer changes live sessions (see hq.broker.access).
+SESSION_COMMANDS = frozenset({p.SET_USER_PERMS, p.DELETE_USER})
 
 
 def _mergeable(first: Job, other: Job) -> bool:
@@ -51,6 +55,14 @@ def _mergeable(first: Job, other: Job) -> bool:
         and other.command == first.command
         and other.credentials == first.credentials
     )
+
+
+def _peer_address(frame) -> str:
+    """The peer address libzmq gives a received frame (``?`` when it has none)."""
+    try:
+        return frame.get("Peer-Address") if frame is not None else "?"
+    except (AttributeError, ValueError, OSError):
+        return "?"
 
 
 def _has_live_followers(job) -> bool:
@@ -86,6 +98,7 @@ class PendingRequest:
         "done",
         "items",
         "slow",
+        "hook",
     )
 
     def __init__(self, client_id, request_id, command, n_jobs, items, now, timeout_s):
@@ -100,6 +113,9 @@ class PendingRequest:
         self.deadline = now + timeout_s
         self.done = False
         self.slow = False  # in Scheduler.slow_pending (admin writes: a longer timeout)
+        # For the requests whose answer the broker acts on (log-in, user changes, its own
+        # admin bootstrap): hook(pending, frames, now) -> the frames to send, or None.
+        self.hook = None
 
 
 class Job:
@@ -221,7 +237,11 @@ class Scheduler:
         self.free_slots: deque = deque()  # worker ids, one entry per free credit
         self.queue = FairQueue()
         self.writer = None  # worker id holding the one write REQUEST allowed in flight
-        self.cache = MappingCache(settings.cache_entries)
+        # A read-only broker is a mirror: others write its database, unseen, so no cache.
+        self.cache = MappingCache(0 if settings.read_only else settings.cache_entries)
+        self.access = Access.from_settings(settings)
+        self.admin_bootstrap = None  # (username, token hash) until a worker has stored it
+        self._bootstrapping = False
         self.admin_writes = 0  # admin write jobs in flight: the cache learns nothing meanwhile
         self.insert_writes = 0  # report and report-equiv jobs in flight: it learns no miss
         # (method, chunk) -> the queued GET job identical lookups of other requests join.
@@ -265,11 +285,12 @@ class Scheduler:
         return expiry if expiry > worker.long_until else worker.long_until
 
     # --- clients ------------------------------------------------------------------------
-    def on_client(self, frames: list, now: float, dispatch: bool = True):
+    def on_client(self, frames: list, now: float, dispatch: bool = True, peer=None):
         """A message from the frontend: [client_id, protocol, request_id, command, ...].
 
         ``dispatch=False`` only queues the jobs: the socket loop drains everything waiting
-        and then dispatches once (in :meth:`tick`), so what arrived together is merged."""
+        and then dispatches once (in :meth:`tick`), so what arrived together is merged.
+        ``peer``: a received frame of the message, for the peer address a failed log-in logs."""
         client_id = frames[0]
         try:
             request = p.decode_request(frames[1:])
@@ -281,22 +302,138 @@ class Scheduler:
             return
         command = request.command
         self.count("requests." + command.decode())
+        # Who asks, and may they? One dict lookup and one set lookup (hq.broker.access).
+        access = self.access
+        credentials = request.credentials
+        if credentials:  # a session key: of this connection? (access.principal, inlined)
+            who = access.sessions.get(credentials)
+            if who is not None and who.client_id != client_id:
+                who = None
+        else:
+            who = access.anonymous
+        if who is None:
+            self.count("auth.no_session")
+            text = "no session for these credentials here: log in again"
+            self._error(client_id, request.request_id, p.E_SESSION, text)
+            return
+        body = request.body
+        if command in who.allowed:
+            actor = who.report_actor if command == p.REPORT else b""
+            refusal = access.import_refusal(who, body) if command == p.IMPORT else None
+        elif command == p.AUTH:
+            self._login(client_id, request, now, peer)
+            if dispatch:
+                self.dispatch(now)
+            return
+        else:
+            actor, refusal = b"", access.refusal(who, command, body)
+        if refusal is not None:
+            self.count("auth.refused")
+            log.info("%s refused %s", who.who, command.decode())
+            self._error(client_id, request.request_id, *refusal)
+            return
+        if command in p.USER_COMMANDS:
+            body = access.self_service_body(who, command, body)
         if command in p.BROKER_COMMANDS:
             self._broker_command(client_id, request, now)
             return
+        self._submit(client_id, request, body, actor, now, dispatch)
+
+    def _login(self, client_id, request, now, peer):
+        """``auth``: a worker checks the token (the broker never stores one); the answer opens
+        a session or, after FAILED_LOGIN_DELAY_S, refuses. One log-in per connection at a time."""
+        access = self.access
+        try:
+            username = p.decode_text(request.body[0], "username", p.MAX_USERNAME_BYTES)
+        except p.ProtocolError as exc:
+            self._error(client_id, request.request_id, exc.code, exc.message)
+            return
+        if self.admin_bootstrap is not None and username == self.admin_bootstrap[0]:
+            # Not stored yet (no worker, or just starting): the client retries shortly.
+            self._error(client_id, request.request_id, p.E_UNAVAILABLE, "the admin user is being set up")
+            return
+        address = _peer_address(peer)
+        busy = access.login_refusal(client_id, address)
+        if busy is not None:
+            self.count("auth.throttled")
+            self._error(client_id, request.request_id, p.E_BUSY, busy)
+            return
+
+        def hook(pending, frames, now):
+            status = int(frames[2])
+            if status == p.E_UNAUTHORIZED:
+                self.count("auth.failed")
+            out = access.login_done(client_id, status, frames, username, address, now)
+            if out is not None and status == p.OK:
+                self.count("auth.logins")
+            return out
+
+        pending = self._submit(client_id, request, request.body, b"", now, False)
+        if pending is None:
+            access.login_ended(client_id)
+        else:
+            pending.hook = hook
+
+    def _user_hook(self, credentials):
+        """The answer to become-user, set-user-perms or delete-user changes live sessions."""
+        access = self.access
+
+        def hook(pending, frames, now):
+            if int(frames[2]) == p.OK:
+                if pending.command == p.BECOME_USER:
+                    return access.become(pending.client_id, credentials, frames)
+                access.user_changed(pending.command, frames)
+            return frames
+
+        return hook
+
+    def bootstrap_admin(self, username: str, token_hash: str) -> None:
+        """``--admin-user``: a worker stores that user with ``@all`` and the password's hash
+        as soon as one registers (again after a failure)."""
+        self.admin_bootstrap = (username, token_hash)
+
+    def _run_bootstrap(self, now: float) -> None:
+        if self.admin_bootstrap is None or self._bootstrapping:
+            return
+        username, token_hash = self.admin_bootstrap
+        request = p.Request(b"admin-bootstrap", p.ADMIN_BOOTSTRAP, b"", [], [1])
+        body = [username.encode("utf-8"), token_hash.encode("ascii")]
+
+        def hook(pending, frames, now):
+            self._bootstrapping = False
+            status = int(frames[2])
+            if status == p.OK:
+                self.admin_bootstrap = None
+                created = json.loads(bytes(frames[3])).get("created")
+                log.info("admin user '%s' %s", username, "created" if created else "updated")
+            else:
+                log.warning(
+                    "admin user '%s' not stored yet (%s); retrying when a worker registers",
+                    username,
+                    p.error_text(frames[3:]),
+                )
+            return None
+
+        pending = self._submit(None, request, body, b"", now, False)
+        if pending is not None:
+            self._bootstrapping = True
+            pending.hook = hook
+
+    def _submit(self, client_id, request, body, actor, now, dispatch):
+        """Queue a permitted request's jobs; return its PendingRequest (None if refused)."""
+        command = request.command
         key = (client_id, request.request_id)
         if key in self.pending or key in self.slow_pending:
             self._error(client_id, request.request_id, p.E_BAD_REQUEST, "request id already in use")
-            return
+            return None
         group = p.BATCH_GROUP_FRAMES.get(command)
-        body = request.body
         counts = request.counts  # counted once, while decoding
         small_get = command == p.GET and len(body) == 2 and counts[0] <= CACHE_MAX_ITEMS
         if small_get and self.cache.entries:
             frame = self.cache.answer(body[0], body[1])
             if frame is not None:
                 self._answered_from_cache(client_id, request.request_id, counts[0], frame)
-                return
+                return None
         bodies = [body] if group is None else [body[i : i + group] for i in range(0, len(body), group)]
         items = sum(counts)
         if (
@@ -304,7 +441,7 @@ class Scheduler:
             or len(self.queue) + len(bodies) > self.settings.max_queued_jobs
         ):
             self._error(client_id, request.request_id, p.E_BUSY, "broker queue full, retry later")
-            return
+            return None
         slow = command in p.LONG_COMMANDS
         pending = PendingRequest(
             client_id,
@@ -320,11 +457,7 @@ class Scheduler:
         jobs = []
         for index, chunk in enumerate(bodies):
             self._next_job += 1
-            jobs.append(
-                Job(
-                    b"%x" % self._next_job, pending, index, command, request.credentials, chunk, counts[index]
-                )
-            )
+            jobs.append(Job(b"%x" % self._next_job, pending, index, command, actor, chunk, counts[index]))
         if small_get and self.cache.max_entries:
             jobs[0].epoch = None
         if command == p.GET:
@@ -334,8 +467,11 @@ class Scheduler:
                 job.queued = True
             self.queue.push(client_id, jobs)
         pending.queued = len(jobs)
+        if command in SESSION_COMMANDS or command == p.BECOME_USER:
+            pending.hook = self._user_hook(request.credentials)
         if dispatch:
             self.dispatch(now)
+        return pending
 
     def _collapse(self, jobs: list) -> list:
         """GET jobs identical to one still queued (same method, chunk and credentials) join
@@ -392,6 +528,10 @@ class Scheduler:
         if pending.queued:  # failed or timed out with chunks still queued: drop them now
             self._purge(pending)
         self._record_latency(pending.command, now - pending.started)
+        if pending.hook is not None:
+            frames = pending.hook(pending, frames, now)
+            if frames is None:  # held (a failed log-in) or the broker's own request
+                return
         self._reply(pending.client_id, frames)
 
     def _record_latency(self, command: bytes, elapsed: float):
@@ -470,6 +610,7 @@ class Scheduler:
         self._databases_changed()
         self.free_slots.extend([worker_id] * credit)
         self.count("workers.registered")
+        self._run_bootstrap(now)
         pid = info.get("pid")
         last = self.registrations.get(worker.name)
         if last is None:
@@ -646,6 +787,8 @@ class Scheduler:
 
     def tick(self, now: float):
         """Heartbeats, worker expiry and request timeouts. Call at least every interval."""
+        if self.access.delayed:
+            self.to_clients.extend(self.access.due(now))
         for worker in list(self.workers.values()):
             if now >= worker.expiry:
                 self._drop_worker(worker, "expired (no heartbeat)", now)
@@ -674,6 +817,8 @@ class Scheduler:
         for table in (self.pending, self.slow_pending):
             if table:
                 wake = min(wake, next(iter(table.values())).deadline)
+        if self.access.delayed:
+            wake = min(wake, self.access.next_due())
         return max(0.0, wake - now)
 
     def drop_client_replies(self, n: int = 1):
@@ -702,6 +847,7 @@ class Scheduler:
                 "inflight_jobs": len(self.jobs),
                 "pending_requests": len(self.pending) + len(self.slow_pending),
                 "clients_queued": len(self.queue.queues),
+                "access": self.access.stats(),
                 "cache": {
                     "entries": len(self.cache.entries),
                     "max_entries": self.cache.max_entries,

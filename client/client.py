@@ -10,7 +10,8 @@ import time
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from hq import addresses
+from hq import addresses, curve
+from hq import permissions as perms
 from hq import protocol as p
 from hq.sockets import readable, recv_frames, send_frames
 
@@ -37,6 +38,8 @@ class Client:
         chunk_items: int = p.DEFAULT_CHUNK_ITEMS,
         request_items: int = DEFAULT_REQUEST_ITEMS,
         window: int = DEFAULT_WINDOW,
+        server_key: str | None = None,
+        client_key: str | None = None,
     ):
         try:
             addresses.check(address)
@@ -45,12 +48,21 @@ class Client:
         if not 1 <= chunk_items <= p.MAX_CHUNK_ITEMS:
             raise ValueError(f"chunk_items must be 1-{p.MAX_CHUNK_ITEMS}")
         self.address = address
-        self.username = username
-        self.password = password
+        # As BitBake: the arguments, else BB_HASHSERVE_USERNAME/_PASSWORD, else ~/.netrc.
+        self.username, self.password = perms.find_credentials(address, username, password)
         self.timeout = float(timeout)
         self.chunk_items = chunk_items
         self.request_items = max(chunk_items, min(request_items, p.MAX_BATCH_ITEMS))
         self.window = window
+        # CURVE: the broker's public key (40 Z85 characters or a .key file) and this client's
+        # .key_secret file; by default from HQ_SERVER_KEY and HQ_CLIENT_KEY.
+        server_key = server_key if server_key is not None else os.environ.get(curve.SERVER_KEY_ENV, "")
+        client_key = client_key if client_key is not None else os.environ.get(curve.CLIENT_KEY_ENV, "")
+        self._curve = None
+        if server_key:
+            self._curve = (curve.load_public(server_key), client_key or None)
+            if client_key:
+                curve.load_secret(client_key)  # a bad file is a ValueError now, not at first use
         self._pid = None
         self._ctx = None
         self._socket = None
@@ -58,6 +70,10 @@ class Client:
         self._monitor = None
         self._link = Link()
         self._policy = RetryPolicy()  # deadlines, resends, error mapping; its id counter
+        self._session = b""  # the broker's session key once logged in (the credentials frame)
+        self._become = None  # the user become-user made this connection act as
+        self.user = None  # what the last log-in answered: {"result", "username", "permissions"}
+        self._logins = 0
 
     @property
     def stale_replies(self) -> int:
@@ -84,6 +100,8 @@ class Client:
             sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_FRAME_BYTES)
             sock.setsockopt(zmq.RECONNECT_IVL, 100)
             sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+            if self._curve is not None:
+                curve.connect_as(sock, *self._curve)
             try:
                 sock.connect(self.address)
             except zmq.ZMQError as exc:
@@ -103,7 +121,9 @@ class Client:
         return self._socket
 
     def _reset_socket(self) -> None:
-        """Drop the socket and everything queued on it (Lazy Pirate): stale replies go too."""
+        """Drop the socket and everything queued on it (Lazy Pirate): stale replies go too.
+        A session belongs to a connection: a new socket logs in again."""
+        self._session = b""
         if self._socket is not None and self._pid == os.getpid():
             self._socket.disable_monitor()
             self._monitor.close(linger=0)
@@ -140,7 +160,7 @@ class Client:
     # --- the exchange engine: a thin shell around RetryPolicy ------------------------------
     def _send(self, request_id: bytes, command: bytes, body: list) -> None:
         try:
-            send_frames(self._sock(), p.encode_request(request_id, command, body))
+            send_frames(self._sock(), p.encode_request(request_id, command, body, self._session))
         except zmq.Again:
             pass  # pipe full: the attempt deadline will resend
         except zmq.ZMQError as exc:
@@ -159,6 +179,8 @@ class Client:
         """
         policy = self._policy
         policy.start(self.timeout)
+        if self.username is not None and not self._session:
+            self._login(time.monotonic() + self.timeout)
         results: list = []
         source = iter(requests)
         exhausted = False
@@ -182,7 +204,18 @@ class Client:
             if ready:
                 self._receive(sock, policy, results)
                 if self._connection_events() == Link.BACK:
-                    self._resend(policy.on_reconnect(time.monotonic()))
+                    resends = policy.on_reconnect(time.monotonic())
+                    if self.username is not None:  # a new connection: the session is gone
+                        self._reset_socket()
+                        self._login(policy.earliest_deadline())
+                    self._resend(resends)
+                if policy.login_needed:  # the broker restarted or the session was dropped
+                    policy.login_needed = False
+                    self._reset_socket()
+                    if self.username is None:
+                        raise ConnectionError("hq asked this anonymous client to log in")
+                    self._login(policy.earliest_deadline())
+                    self._resend(policy.resend_all(time.monotonic()))
                 if not policy.outstanding:
                     # All answered (the common case of one lookup): no timer to check. Skipping
                     # the checks saves ~1 us of the ~10 us of Python in a get_unihash (measured
@@ -197,6 +230,55 @@ class Client:
                 self._reset_socket()  # Lazy Pirate: late replies to the old attempts go with it
                 self._resend(policy.resend_all(now))
 
+    def _login(self, deadline: float) -> None:
+        """Log in on the current socket (and become the user become_user chose): one request
+        at a time, retried while the broker is busy or restarting, until ``deadline``.
+        Raises InvokeError for a wrong token, ConnectionError when the broker cannot be had."""
+        self._logins += 1
+        reply = self._login_call(p.AUTH, [_enc(self.username), _enc(self.password)], deadline)
+        if len(reply) < 2:
+            raise ConnectionError("malformed log-in answer from hq")
+        self._session = bytes(reply[1])
+        self.user = json.loads(bytes(reply[0]))
+        if self._become is not None:
+            self._login_call(p.BECOME_USER, [_enc(self._become)], deadline)
+
+    def _login_call(self, command: bytes, body: list, deadline: float) -> list:
+        backoff = 0.05
+        while True:
+            request_id = b"login-%d" % self._logins
+            self._send(request_id, command, body)
+            while True:
+                now = time.monotonic()
+                if now >= deadline:
+                    self._reset_socket()
+                    raise ConnectionError(f"no answer from hq at {self.address} to the log-in in time")
+                if not self._poller.poll(max(1, int((deadline - now) * 1000))):
+                    continue
+                self._connection_events()
+                sock = self._sock()
+                reply = None
+                while readable(sock):
+                    try:
+                        got = p.decode_reply(recv_frames(sock))
+                    except (p.ProtocolError, zmq.ZMQError):
+                        continue
+                    if got.request_id == request_id:
+                        reply = got
+                        break
+                if reply is not None:
+                    break
+            if reply.status == p.OK:
+                return reply.body
+            if reply.status in p.RETRYABLE_STATUSES and time.monotonic() + backoff < deadline:
+                time.sleep(backoff)  # the broker is busy or restarting: its answer will come
+                backoff = min(backoff * 2, 1.0)
+                self._logins += 1
+                continue
+            if reply.status in (p.E_UNAUTHORIZED, p.E_FORBIDDEN, p.E_INVALID):
+                raise InvokeError(p.error_text(reply.body), reply.status)
+            raise ServerError(f"hq refused the log-in: {p.error_text(reply.body)}", reply.status)
+
     def _connection_events(self):
         """Read the socket's connection events: ``Link.BACK`` when the connection is back
         after it dropped. Raises ConnectionError once a server that was never reached has
@@ -207,7 +289,9 @@ class Client:
             result = self._link.on_event(recv_monitor_message(self._monitor)["event"]) or result
         if self._link.unreachable():
             self._reset_socket()
-            raise ConnectionError(f"cannot reach hq at {self.address}: {self._link.why(self.address)}")
+            raise ConnectionError(
+                f"cannot reach hq at {self.address}: {self._link.why(self.address, self._curve is not None)}"
+            )
         return result
 
     def _receive(self, sock, policy: RetryPolicy, results: list) -> None:
@@ -383,6 +467,42 @@ class Client:
         """``{table: last source id imported}`` for ``source`` (0: nothing yet)."""
         return self._call(p.IMPORT_STATUS, [_enc(source)], _json_body)
 
+    # --- users (the reference client's API) ------------------------------------------------
+    def auth(self, username: str, token: str) -> dict:
+        """Log in as ``username`` from now on (and after every reconnect)."""
+        self.username, self.password, self._become = str(username), str(token), None
+        self._session = b""
+        self._sock()
+        self._login(time.monotonic() + self.timeout)
+        return self.user
+
+    def become_user(self, username: str) -> dict:
+        """Act as ``username`` (needs ``@user-admin``); kept across reconnects."""
+        result = self._call(p.BECOME_USER, [_enc(username)], _json_body)
+        self._become = str(username)
+        return result
+
+    def new_user(self, username: str, permissions) -> dict:
+        return self._call(p.NEW_USER, [_enc(username), p.encode_json(list(permissions))], _json_body)
+
+    def delete_user(self, username: str | None = None) -> dict:
+        return self._call(p.DELETE_USER, [_enc(username)], _json_body)
+
+    def get_user(self, username: str | None = None):
+        return self._call(p.GET_USER, [_enc(username)], _json_body)
+
+    def get_all_users(self) -> list:
+        return self._call(p.GET_ALL_USERS, (), _json_body)["users"]
+
+    def set_user_perms(self, username: str, permissions) -> dict:
+        return self._call(p.SET_USER_PERMS, [_enc(username), p.encode_json(list(permissions))], _json_body)
+
+    def refresh_token(self, username: str | None = None) -> dict:
+        result = self._call(p.REFRESH_TOKEN, [_enc(username)], _json_body)
+        if username is None or username == self.username:
+            self.password = result["token"]  # our own: the next log-in uses the new one
+        return result
+
 
 class Link:
     """What the socket monitor has told of the connection to the broker. Events only, no
@@ -409,6 +529,8 @@ class Link:
         self.lost = False  # the connection dropped since the last handshake
         self.failures = 0  # connects that failed while never established
         self.not_zmtp = False  # something answered, but not a ZeroMQ peer
+        self.refused = False  # the server's ZAP handler refused this client's CURVE key
+        self.protocol_failed = False  # a handshake failed in a way libzmq does not retry
 
     def new_socket(self) -> None:
         self.lost = False
@@ -422,20 +544,37 @@ class Link:
                 return self.BACK
         elif event == zmq.EVENT_DISCONNECTED:
             self.lost = True
-        elif event & self._FAILED_HANDSHAKES:
+        elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            self.refused = True  # the broker's ZAP handler said no: retrying cannot help
+        elif event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+            # Not ZMTP, or NULL against a CURVE server: libzmq does not even retry.
+            self.not_zmtp = self.protocol_failed = True
+        elif event & self._FAILED_HANDSHAKES:  # e.g. CURVE with the wrong server key
             self.not_zmtp = True
+            if not self.established:
+                self.failures += 1
         elif event == zmq.EVENT_CONNECT_RETRIED and not self.established:
             self.failures += 1
         return None
 
     def unreachable(self) -> bool:
-        """True when a server that was never reached keeps failing: a connection that
+        """True when waiting cannot help: the broker refused our CURVE key, the peer failed
+        a handshake, or a server that was never reached keeps failing. A connection that
         worked and then dropped (a broker restart) is waited for within the deadline."""
-        return not self.established and self.failures >= self.ATTEMPTS
+        if self.refused:
+            return True
+        return not self.established and (self.protocol_failed or self.failures >= self.ATTEMPTS)
 
-    def why(self, address: str) -> str:
+    def why(self, address: str, curve_used: bool = False) -> str:
+        if self.refused:
+            return "the broker refused this client's CURVE key (it is not in the broker's --curve-clients)"
+        if self.not_zmtp and curve_used:
+            return "the CURVE handshake failed (is the server key this broker's public key?)"
         if self.not_zmtp:
-            return "something listens there, but it does not speak ZeroMQ (is it an hq broker?)"
+            return (
+                "something listens there, but the handshake failed: it does not speak ZeroMQ, or it is "
+                "a broker that wants CURVE (give its public key: HQ_SERVER_KEY)"
+            )
         return _connect_error(address)
 
 

@@ -113,6 +113,7 @@ class RetryPolicy:
         self.outstanding: dict = {}
         self._added = 0
         self.stale_replies = 0  # replies discarded because no call was waiting for them
+        self.login_needed = False  # a 440 came: log in again, then resend everything
         self.timeout_s = None
         self.attempt_s = None
 
@@ -148,6 +149,9 @@ class RetryPolicy:
         if status == p.OK:
             del self.outstanding[request_id]
             return request
+        if status == p.E_SESSION:  # not run: the shell logs in again and resends it
+            self.login_needed = True
+            return None
         if status in p.RETRYABLE_STATUSES:
             if status != p.E_BUSY:  # BUSY: refused before it ran; the rest may have run
                 _no_second_run(request, f"hq answered {p.STATUS_NAMES.get(status)}: {p.error_text(body)}")
@@ -192,6 +196,10 @@ class RetryPolicy:
             if due < wake:
                 wake = due
         return wake
+
+    def earliest_deadline(self) -> float:
+        """The first deadline among the outstanding requests (a log-in must end by then)."""
+        return min((r.deadline for r in self.outstanding.values()), default=float("inf"))
 
     def deadline_passed(self, now: float) -> bool:
         """True once a request has gone ``timeout_s`` without its answer: the call fails."""

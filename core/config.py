@@ -21,7 +21,7 @@ import os
 from typing import Callable
 
 import hq
-from hq.options import PROGRAMS, Option
+from hq.options import BOOL, PROGRAMS, Option
 
 CONFIG_OPTION = Option(
     "config", None, "INI file: option = value lines in a shared [hq] section and per-program sections"
@@ -79,6 +79,9 @@ def build_parser(prog: str, description: str, options: list) -> argparse.Argumen
             kwargs["action"] = "append"
         if opt.choices:
             kwargs["choices"] = opt.choices
+        if opt.type is BOOL:  # --read-only alone means yes
+            kwargs["nargs"] = "?"
+            kwargs["const"] = "yes"
         parser.add_argument("--" + opt.name, **kwargs)
     return parser
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from hq import addresses
+from hq import permissions as perms
 from hq.logs import LEVELS
 
 
@@ -158,6 +159,56 @@ CACHE_ENTRIES = Option(
     NON_NEGATIVE_INT,
 )
 
+
+def anon_perms(text: str) -> str:
+    """Anonymous permissions: ``@none``, ``@read``, ``@report``, ``@db-admin`` (comma- or
+    space-separated), as bitbake-hashserv's ``--anon-perms``."""
+    return ",".join(sorted(perms.parse_anon(text))) or perms.NONE
+
+
+#: Who may do what (hq.broker.access).
+ANON_PERMS = Option(
+    "anon-perms",
+    ",".join(perms.DEFAULT_ANON_PERMS),
+    "permissions of clients that do not log in (@none, @read, @report, @db-admin)",
+    anon_perms,
+)
+READ_ONLY = Option(
+    "read-only", False, "refuse every write: reports are answered as lookups and store nothing", BOOL
+)
+ADMIN_USER = Option("admin-user", "", "create this user with @all at start (or reset it to @all)")
+ADMIN_PASSWORD = Option(
+    "admin-password", "", "the admin user's password (token); give it as HQ_ADMIN_PASSWORD, not a flag"
+)
+
+#: CURVE (hq.curve): the broker's key pair, and who may connect.
+CURVE_SECRET_KEY = Option(
+    "curve-secret-key",
+    "",
+    "CURVE: this broker's .key_secret file (hq-admin keygen); encrypts the frontend and a "
+    "tcp:// backend (empty: no encryption)",
+)
+CURVE_CLIENTS = Option(
+    "curve-clients",
+    (),
+    "CURVE: directories of the .key files of the clients allowed (none: any client)",
+    multiple=True,
+)
+CURVE_WORKERS = Option(
+    "curve-workers",
+    "",
+    "CURVE: directory of the .key files of the workers allowed on a tcp:// backend (required there)",
+)
+CURVE_SERVER_KEY = Option(
+    "curve-server-key", "", "CURVE: the broker's public key, a .key file or 40 Z85 characters"
+)
+CURVE_WORKER_KEY = Option(
+    "curve-worker-key",
+    "",
+    "CURVE: this worker's .key_secret file, whose .key is in the broker's --curve-workers",
+)
+CURVE_BROKER = (CURVE_SECRET_KEY, CURVE_CLIENTS, CURVE_WORKERS)
+
 SCHEDULER = (
     HEARTBEAT_INTERVAL,
     HEARTBEAT_LIVENESS,
@@ -192,12 +243,26 @@ SCHEDULER = (
         POSITIVE_INT,
     ),
     CACHE_ENTRIES,
+    ANON_PERMS,
+    READ_ONLY,
 )
 
-BROKER = (BIND, BACKEND_BIND, *SCHEDULER, ENDPOINT_FILE, METRICS, LOG_LEVEL)
+BROKER = (
+    BIND,
+    BACKEND_BIND,
+    *SCHEDULER,
+    ADMIN_USER,
+    ADMIN_PASSWORD,
+    *CURVE_BROKER,
+    ENDPOINT_FILE,
+    METRICS,
+    LOG_LEVEL,
+)
 
 WORKER = (
     BACKEND_CONNECT,
+    CURVE_SERVER_KEY,
+    CURVE_WORKER_KEY,
     DB,
     SYNCHRONOUS,
     Option(
@@ -240,6 +305,12 @@ SERVER = (
     SYNCHRONOUS,
     HEARTBEAT_INTERVAL,
     CACHE_ENTRIES,
+    ANON_PERMS,
+    READ_ONLY,
+    ADMIN_USER,
+    ADMIN_PASSWORD,
+    CURVE_SECRET_KEY,
+    CURVE_CLIENTS,
     METRICS,
     ENDPOINT_FILE,
     LOG_LEVEL,

@@ -31,7 +31,7 @@ from typing import NamedTuple
 # --- protocol identifiers (frame 0) ------------------------------------------------------
 CLIENT_PROTOCOL = b"HQC01"
 WORKER_PROTOCOL = b"HQW01"
-SPEC_VERSION = "1.1"  # version of PROTOCOL.md; bumps with any wire change
+SPEC_VERSION = "1.2"  # version of PROTOCOL.md; bumps with any wire change
 
 # --- client commands (frame 2 of a request) ----------------------------------------------
 PING = b"ping"
@@ -54,6 +54,23 @@ DB_USAGE = b"db-usage"  # -> {"usage": {table: {"rows"}}}
 QUERY_COLUMNS = b"query-columns"  # -> {"columns": [...]}
 IMPORT = b"import"  # source, table, last_id, row-JSON chunk -> {"imported", "skipped", "invalid"}
 IMPORT_STATUS = b"import-status"  # source -> {table: last_id}
+# Users and sessions (1.2; ref. §6). auth and become-user are joined by the broker, which
+# keeps the session; the others are run by a worker on the users table.
+AUTH = b"auth"  # username, token -> JSON {"result","username","permissions"}, session key
+BECOME_USER = b"become-user"  # username -> user JSON (the session acts as that user)
+NEW_USER = b"new-user"  # username, permissions JSON -> {"username","permissions","token"}
+DELETE_USER = b"delete-user"  # username ("" = self) -> {"username"}
+GET_USER = b"get-user"  # username ("" = self) -> user JSON or null
+GET_ALL_USERS = b"get-all-users"  # -> {"users": [...]}
+SET_USER_PERMS = b"set-user-perms"  # username, permissions JSON -> user JSON
+REFRESH_TOKEN = b"refresh-token"  # username ("" = self) -> {"username","token"}
+#: Worker-only: the broker's admin bootstrap (--admin-user): username, token hash.
+ADMIN_BOOTSTRAP = b"admin-bootstrap"
+USER_COMMANDS = frozenset(
+    {AUTH, BECOME_USER, NEW_USER, DELETE_USER, GET_USER, GET_ALL_USERS, SET_USER_PERMS, REFRESH_TOKEN}
+)
+#: User commands that write the users table.
+USER_WRITE_COMMANDS = frozenset({NEW_USER, DELETE_USER, SET_USER_PERMS, REFRESH_TOKEN, ADMIN_BOOTSTRAP})
 
 #: Commands that change the database other than by reporting.
 ADMIN_WRITE_COMMANDS = frozenset({REMOVE, CLEAN_UNUSED, GC_MARK, GC_MARK_STREAM, GC_SWEEP, IMPORT})
@@ -79,6 +96,7 @@ WORKER_COMMANDS = (
         }
     )
     | ADMIN_WRITE_COMMANDS
+    | USER_COMMANDS
 )
 #: Commands the broker answers itself.
 BROKER_COMMANDS = frozenset({STATS, RESET_STATS})
@@ -107,6 +125,14 @@ BODY_FRAMES = {
     QUERY_COLUMNS: (0, 0),
     IMPORT: (4, 4),
     IMPORT_STATUS: (1, 1),
+    AUTH: (2, 2),
+    BECOME_USER: (1, 1),
+    NEW_USER: (2, 2),
+    DELETE_USER: (1, 1),
+    GET_USER: (1, 1),
+    GET_ALL_USERS: (0, 0),
+    SET_USER_PERMS: (2, 2),
+    REFRESH_TOKEN: (1, 1),
 }
 
 # --- worker message types (frame 1 of a worker message) -----------------------------------
@@ -119,8 +145,8 @@ DISCONNECT = b"DISCONNECT"
 # --- status codes (frame 2 of a reply, ASCII decimal) -------------------------------------
 OK = 0
 E_BAD_REQUEST = 400  # malformed message: frames missing, extra, or undecodable
-E_UNAUTHORIZED = 401  # reserved: credentials not accepted
-E_FORBIDDEN = 403  # reserved: caller lacks the permission
+E_UNAUTHORIZED = 401  # credentials not accepted
+E_FORBIDDEN = 403  # the caller lacks the permission
 E_UNKNOWN_COMMAND = 404
 E_TOO_LARGE = 413  # a limit below was exceeded
 E_INVALID = 422  # a field has an invalid value (e.g. "Invalid unihash")
@@ -129,6 +155,7 @@ E_INTERNAL = 500  # unexpected failure while handling the request
 E_UNAVAILABLE = 503  # no worker took the request in time
 E_VERSION = 505  # protocol version not supported
 E_STORAGE = 507  # the database cannot take writes now (disk full, read-only, file gone)
+E_SESSION = 440  # the credentials frame names no session of this connection: log in again
 
 STATUS_NAMES = {
     OK: "OK",
@@ -143,6 +170,7 @@ STATUS_NAMES = {
     E_UNAVAILABLE: "UNAVAILABLE",
     E_VERSION: "VERSION",
     E_STORAGE: "STORAGE",
+    E_SESSION: "LOGIN_AGAIN",
 }
 #: Codes that mean "the service could not do it now, try again": a client retries them
 #: within its deadline, then raises ConnectionError. STORAGE is not among them: a full disk
@@ -163,6 +191,8 @@ MAX_BATCH_ITEMS = 65536  # items in one request
 MAX_EXTRA_BYTES = 4 * 1024 * 1024  # report extra JSON (outhash_siginfo can be large)
 MAX_ERROR_BYTES = 1024  # error message text in a reply
 MAX_IMPORT_SOURCE_BYTES = 256  # the source name of an import
+MAX_USERNAME_BYTES = 256  # user names (UTF-8 text, checked as a hash is)
+MAX_TOKEN_BYTES = 512  # a token in auth
 
 #: What a client packs into one chunk: measured in PROTOCOL.md ("Packing").
 DEFAULT_CHUNK_ITEMS = 1000
@@ -583,3 +613,29 @@ def _request_id_or_none(frames: list):
 
 def _show(value: bytes) -> str:
     return repr(bytes(value[:40]))[1:]
+
+
+# --- who a worker acts for (REQUEST frame 3, 1.2) -----------------------------------------
+
+
+def encode_actor(username: str | None, write: bool = True) -> bytes:
+    """The broker's word to a worker on whom a job runs for: ``w:`` (may write reports) or
+    ``r:`` (a report is answered as a lookup), then the user name (empty: anonymous).
+    Empty means ``w:`` (anonymous): lookups carry it, so every client's lookups merge."""
+    if username is None and write:
+        return b""
+    return (b"w:" if write else b"r:") + (username or "").encode("utf-8")
+
+
+def decode_actor(frame) -> tuple:
+    """``(username or None, write)`` from an actor frame; raises ProtocolError."""
+    data = bytes(frame)
+    if not data:
+        return None, True
+    if data[:2] not in (b"w:", b"r:"):
+        raise ProtocolError(E_BAD_REQUEST, "malformed actor frame")
+    try:
+        name = data[2:].decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError(E_BAD_REQUEST, "actor is not valid UTF-8") from None
+    return name or None, data[:2] == b"w:"

@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 
-from hq import config, logs, options, proctitle
+from hq import config, curve, logs, options, proctitle
 from hq.notify import environ_for_children, notify
 from hq.signals import StopFlag
 from hq.workers.schema import open_database
@@ -39,9 +39,10 @@ STOP_WAIT_S = 10.0
 class Child:
     """One supervised process: its command, its process, and its restart backoff."""
 
-    def __init__(self, name: str, argv: list):
+    def __init__(self, name: str, argv: list, env: dict | None = None):
         self.name = name
         self.argv = argv
+        self.env = env or {}
         self.proc: subprocess.Popen | None = None
         self.started = 0.0
         self.backoff = RESTART_BACKOFF_MIN_S
@@ -54,7 +55,10 @@ class Child:
         # the child SIGTERM (PR_SET_PDEATHSIG), so no orphan keeps the port or the database.
         # hq-server alone tells systemd (Type=notify) when the stack is ready: not its children.
         self.proc = subprocess.Popen(
-            self.argv, start_new_session=True, preexec_fn=_die_with_parent, env=environ_for_children()
+            self.argv,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+            env={**environ_for_children(), **self.env},
         )
         self.pid = self.proc.pid
         self.started = now
@@ -113,15 +117,19 @@ def _module_argv(module: str, args: list) -> list:
     return [sys.executable, "-m", module, *args]
 
 
-def wait_ready(address: str, workers: int, deadline_s: float, stop) -> bool:
+def wait_ready(address: str, workers: int, deadline_s: float, stop, **keys) -> bool:
     """Until the deadline: has every worker registered, and does a request go through?"""
-    from hq.client import create_client
+    from hq.client import InvokeError, create_client
 
     end = time.monotonic() + deadline_s
-    with create_client(address, timeout=0.5) as client:
+    with create_client(address, username="", timeout=0.5, **keys) as client:
         while not stop and time.monotonic() < end:
             try:
-                if len(client.get_stats()["workers"]) >= workers:
+                try:
+                    registered = len(client.get_stats()["workers"])
+                except InvokeError:  # anonymous users may not read stats: a ping must do
+                    registered = workers
+                if registered >= workers:
                     client.ping()
                     return True
             except ConnectionError:
@@ -154,6 +162,17 @@ def main(argv=None) -> int:
     stop = StopFlag().install()
     if not prepare_database(opts):
         return 2
+    if opts.admin_user and not opts.admin_password:
+        log.error("--admin-user needs a password: set HQ_ADMIN_PASSWORD (or --admin-password)")
+        return 2
+    if opts.curve_secret_key:
+        try:
+            curve.load_secret(opts.curve_secret_key)
+            for directory in opts.curve_clients:
+                curve.load_allowed(directory)
+        except curve.BadKey as exc:
+            log.error("%s", exc)
+            return 2
     rundir = tempfile.mkdtemp(prefix="hq-server-")
     backend = opts.backend or f"ipc://{rundir}/backend.ipc"
     broker_endpoints = os.path.join(rundir, "endpoints")
@@ -166,11 +185,37 @@ def main(argv=None) -> int:
         broker_args.append(f"--metrics={opts.metrics}")
     if opts.cache_entries != options.CACHE_ENTRIES.default:
         broker_args.append(f"--cache-entries={opts.cache_entries}")
+    broker_args.append(f"--anon-perms={opts.anon_perms}")
+    if opts.read_only:
+        broker_args.append("--read-only")
+    broker_env = {}
+    ready_keys: dict = {}
+    worker_curve: list = []
+    if opts.curve_secret_key:
+        # hq-server's own readiness client needs a key the broker lets in: one made here.
+        keys = os.path.join(rundir, "client-keys")
+        _, own_key = curve.create(keys, "hq-server")
+        broker_args.append(f"--curve-secret-key={os.path.abspath(opts.curve_secret_key)}")
+        for directory in [*opts.curve_clients, keys] if opts.curve_clients else []:
+            broker_args.append(f"--curve-clients={os.path.abspath(directory)}")
+        ready_keys = {"server_key": opts.curve_secret_key, "client_key": own_key}
+        if backend.startswith("tcp://"):  # workers prove themselves with a key made here
+            worker_keys = os.path.join(rundir, "worker-keys")
+            _, worker_secret = curve.create(worker_keys, "hq-worker")
+            broker_args.append(f"--curve-workers={worker_keys}")
+            worker_curve = [
+                f"--curve-server-key={os.path.abspath(opts.curve_secret_key)}",
+                f"--curve-worker-key={worker_secret}",
+            ]
+    if opts.admin_user:
+        # The password reaches the broker in its environment, never in a command line.
+        broker_args.append(f"--admin-user={opts.admin_user}")
+        broker_env[options.ADMIN_PASSWORD.env] = opts.admin_password
 
     def broker_argv(binds: list) -> list:
         return _module_argv("hq.broker", [*broker_args, *(f"--bind={b}" for b in binds)])
 
-    children = [Child("hq-broker", broker_argv(opts.bind))]
+    children = [Child("hq-broker", broker_argv(opts.bind), broker_env)]
     for n in range(opts.workers):
         name = f"hq-worker-{n:02d}"
         worker_args = [
@@ -182,6 +227,7 @@ def main(argv=None) -> int:
             opts.synchronous,
             "--name",
             name,
+            *worker_curve,
             *common,
         ]
         children.append(Child(name, _module_argv("hq.workers", worker_args)))
@@ -216,7 +262,7 @@ def main(argv=None) -> int:
             if not ready and os.path.exists(broker_endpoints):
                 with open(broker_endpoints, encoding="utf-8") as fh:
                     endpoints = fh.read().split()
-                if wait_ready(endpoints[0], opts.workers, 0.5, stop):
+                if wait_ready(endpoints[0], opts.workers, 0.5, stop, **ready_keys):
                     ready = True
                     # A restarted broker binds the same endpoints, even where the first bind
                     # said tcp://...:* : connected clients and workers find it again.

@@ -17,6 +17,7 @@ from hq import protocol as p
 from . import errors
 from . import importer as imp
 from . import maintenance as mt
+from . import users as us
 from .store import StorageUnavailable, Store, is_busy
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,21 @@ class Handlers:
                 p.IMPORT_STATUS: (imp.parse_import_status, self.run_each(_json(importer.status))),
             }
         )
+        # Users (ref. §6): the broker has checked the caller's permissions.
+        users = self.users = us.Users(store)
+        self.table.update(
+            {
+                p.AUTH: (us.parse_auth, self.run_each(_json(users.auth))),
+                p.BECOME_USER: (us.parse_name, self.run_each(_json(users.become))),
+                p.GET_USER: (us.parse_name, self.run_each(_json(users.get))),
+                p.GET_ALL_USERS: (mt.parse_nothing, self.run_each(_json(users.get_all))),
+                p.NEW_USER: (us.parse_name_perms, self.run_each(_json(users.new))),
+                p.SET_USER_PERMS: (us.parse_name_perms, self.run_each(_json(users.set_perms))),
+                p.REFRESH_TOKEN: (us.parse_name, self.run_each(_json(users.refresh_token))),
+                p.DELETE_USER: (us.parse_name, self.run_each(_json(users.delete))),
+                p.ADMIN_BOOTSTRAP: (us.parse_bootstrap, self.run_each(_json(users.bootstrap))),
+            }
+        )
 
     def handle(self, command: bytes, credentials: bytes, body: list) -> tuple:
         """Return (status, reply body frames) for one job."""
@@ -100,9 +116,15 @@ class Handlers:
         parse, run = entry
         results: dict = {}
         parsed: list = []
+        if command == p.REPORT:
+            try:
+                run = self._reporter(*p.decode_actor(credentials))
+            except p.ProtocolError as exc:
+                return [(job_id, *self._error(command, exc)) for job_id, _ in jobs]
         for job_id, body in jobs:
             try:
-                p.check_body_shape(command, body)
+                if command != p.ADMIN_BOOTSTRAP:  # the broker's own: no client shape
+                    p.check_body_shape(command, body)
                 parsed.append((job_id, parse(body)))
             except Exception as exc:  # ProtocolError: its code; a parser bug: INTERNAL, logged
                 results[job_id] = self._error(command, exc)
@@ -195,6 +217,23 @@ class Handlers:
 
     def run_reports(self, many: list) -> list:
         return [[u.encode()] for u in self.store.report_many(many)]
+
+    def _reporter(self, username, write: bool):
+        """How this REQUEST's reports run: written, with the logged-in user as their owner
+        (as the reference records it), or (read-only server, or no ``@report``) answered
+        with the unihash of the outhash's oldest report, or the submitted one, storing nothing."""
+        if not write:
+            return self.run_lookup_reports
+        if username is None:
+            return self.run_reports
+        return lambda many: self.run_reports([(*r[:4], {**r[4], "owner": username}) for r in many])
+
+    def run_lookup_reports(self, many: list) -> list:
+        out = []
+        for method, _taskhash, outhash, unihash, _extra in many:
+            row = self.store.get_outhash(method, outhash, True)
+            out.append([((row or {}).get("unihash") or unihash).encode()])
+        return out
 
     @staticmethod
     def parse_report_equiv(body: list) -> tuple:

@@ -14,7 +14,7 @@ import time
 
 import zmq
 
-from hq import config, failpoints, logs, options, proctitle
+from hq import config, curve, failpoints, logs, options, proctitle
 from hq import protocol as p
 from hq.notify import notify
 from hq.signals import StopFlag
@@ -57,6 +57,7 @@ class WorkerLoop:
         self.broker_expiry = 0.0
         self.last_sent = 0.0
         self.last_beat = 0.0
+        self.curve = None  # (server public key, own secret key file) for a CURVE backend
 
     def _liveness_s(self) -> float:
         return self.opts.heartbeat_interval_s * self.opts.heartbeat_liveness
@@ -67,6 +68,8 @@ class WorkerLoop:
         sock = self.ctx.socket(zmq.DEALER)
         sock.linger = 0
         sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_FRAME_BYTES)
+        if self.curve is not None:
+            curve.connect_as(sock, *self.curve)
         sock.connect(self.opts.backend)
         self.socket = sock
         self.poller = zmq.Poller()
@@ -172,6 +175,15 @@ def main(argv=None) -> int:
             mmap_size=opts.mmap_size,
         )
 
+    keys = None
+    if opts.curve_server_key:
+        try:
+            keys = (curve.load_public(opts.curve_server_key), opts.curve_worker_key or None)
+            if keys[1]:
+                curve.load_secret(keys[1])
+        except curve.BadKey as exc:
+            log.error("%s", exc)
+            return 2
     try:
         db = open_db()
     except Exception as exc:  # bad path, not a database, permissions: a configuration error
@@ -184,6 +196,7 @@ def main(argv=None) -> int:
     loop = WorkerLoop(
         opts, Handlers(store), info, stats=stats, maintenance=store.check_file, identity=store.identity
     )
+    loop.curve = keys
     store.on_wait = loop.heartbeat_if_due
     loop.serve(stop)
     db.close()

@@ -11,11 +11,35 @@ import subprocess
 
 import pytest
 
-from hashserv_db import expected_hq_state, hq_state, iso_utc, populate, source_mappings, source_outhash_rows
-from helpers import script, wait_for
+from hashserv_db import (
+    IMPORTER,
+    IMPORTER_PASSWORD,
+    expected_hq_state,
+    hq_state,
+    iso_utc,
+    populate,
+    source_mappings,
+    source_outhash_rows,
+)
+from helpers import Stack, script, wait_for
 from hq.client import create_client
 
 U_NEW = "0123456789abcdef" * 4
+
+
+@pytest.fixture
+def stack(tmp_path):
+    """hq-server with an admin: importing users needs @user-admin. hq-admin and the tests'
+    clients log in as it through BitBake's variables."""
+    s = Stack(tmp_path, args=["--admin-user", IMPORTER], env={"HQ_ADMIN_PASSWORD": IMPORTER_PASSWORD}).start()
+    yield s
+    assert s.stop() == 0, s.log()
+
+
+@pytest.fixture(autouse=True)
+def logged_in(monkeypatch):
+    monkeypatch.setenv("BB_HASHSERVE_USERNAME", IMPORTER)
+    monkeypatch.setenv("BB_HASHSERVE_PASSWORD", IMPORTER_PASSWORD)
 
 
 def hq_admin(stack, *args, timeout=120):
@@ -227,3 +251,18 @@ def test_the_source_file_is_not_modified(stack, source):
     before = (os.stat(path).st_mtime_ns, path.read_bytes())
     import_json(stack, path)
     assert (os.stat(path).st_mtime_ns, path.read_bytes()) == before
+
+
+def test_importing_users_needs_user_admin_and_no_users_leaves_them_out(tmp_path, source, monkeypatch):
+    path, _ = source
+    monkeypatch.delenv("BB_HASHSERVE_USERNAME")
+    with Stack(tmp_path) as anonymous:  # the reference's default anonymous permissions
+        refused = hq_admin(anonymous, str(path), "--quiet")
+        assert refused.returncode == 1
+        assert refused.stderr == (
+            "hq-admin: refused: Anonymous user is not allowed to access permissions(s) "
+            "@db-admin, @user-admin\n"
+        )
+        done = import_json(anonymous, path, "--no-users", "--quiet")
+        assert "users" not in done["tables"] and done["tables"]["unihashes_v3"]["imported"] > 0
+        assert hq_state(anonymous.db)["users"] == []

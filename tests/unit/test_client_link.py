@@ -37,3 +37,25 @@ def test_the_first_handshake_is_not_a_reconnect():
     assert feed(link, RETRIED, UP) == [None, None]
     link.new_socket()  # a Lazy Pirate rebuild: its first handshake is not a reconnect either
     assert feed(link, UP) == [None]
+
+
+def test_a_refused_curve_key_is_unreachable_at_once():
+    link = Link()
+    feed(link, zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+    assert link.unreachable() and "refused this client's CURVE key" in link.why("tcp://127.0.0.1:1")
+
+
+def test_a_protocol_failure_is_not_retried_by_libzmq_so_not_waited_for():
+    link = Link()
+    feed(link, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, DOWN)  # no CONNECT_RETRIED follows
+    assert link.unreachable()
+    assert "wants CURVE" in link.why("tcp://127.0.0.1:1")
+    assert "server key" in link.why("tcp://127.0.0.1:1", curve_used=True)
+
+
+def test_a_wrong_server_key_fails_after_the_attempts():
+    link = Link()
+    feed(link, *[zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, DOWN] * (Link.ATTEMPTS - 1))
+    assert not link.unreachable()
+    feed(link, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+    assert link.unreachable()

@@ -1,7 +1,8 @@
 """Layout rules: one import namespace, layers that import downward only, a small client.
 
 core (hq)                      the foundation: imports nothing of the rest
-broker, workers, client        import only core (the client only its leaf modules)
+broker, workers, client        import only core (the client only protocol, permissions, sockets,
+                               addresses: permissions imports only protocol)
 admin, bench, server           on top: may import the layers below, never each other's
                                internals (bench runs hq-server as a program)
 """
@@ -32,13 +33,23 @@ ALLOWED = {
     "core": {"core"},
     "broker": {"core", "broker"},
     "workers": {"core", "workers"},
-    "client": {"client", "hq.protocol", "hq.sockets", "hq.addresses"},
+    "client": {"client", "hq.protocol", "hq.sockets", "hq.addresses", "hq.permissions", "hq.curve"},
     "admin": {"core", "client", "admin"},
     "bench": {"core", "client", "workers", "bench"},
     "server": {"core", "client", "broker", "workers", "server"},
 }
 #: Modules of core that import nothing of hq at all.
-LEAVES = ("protocol", "addresses", "sockets", "logs", "signals", "notify", "numbers", "progress", "extras")
+LEAVES = (
+    "protocol",
+    "addresses",
+    "sockets",
+    "logs",
+    "signals",
+    "notify",
+    "numbers",
+    "progress",
+    "extras",
+)
 
 
 def layer_of(module: str) -> str:
@@ -114,7 +125,7 @@ def loaded_modules(statement: str) -> list:
 def test_client_loads_only_stdlib_and_pyzmq():
     loaded = loaded_modules("import hq.client")
     assert [m for m in loaded if m.split(".")[0] in ("peewee", "tabulate", "sqlite3", "psutil")] == []
-    core = ("hq.protocol", "hq.sockets", "hq.addresses")
+    core = ("hq.protocol", "hq.permissions", "hq.curve", "hq.sockets", "hq.addresses")
     assert [
         m for m in loaded if m.startswith("hq.") and not m.startswith("hq.client") and m not in core
     ] == []

@@ -31,7 +31,9 @@ U2 = "bf6e81926066f770e960f9f777cd088c62bea9addb7745f3e77deaa81a645747"
 RID = b"r-1"
 
 #: The error codes a malformed request may get: the caller's fault, never the server's.
-REFUSALS = frozenset({p.E_BAD_REQUEST, p.E_UNKNOWN_COMMAND, p.E_TOO_LARGE, p.E_INVALID, p.E_VERSION})
+REFUSALS = frozenset(
+    {p.E_BAD_REQUEST, p.E_UNAUTHORIZED, p.E_UNKNOWN_COMMAND, p.E_TOO_LARGE, p.E_INVALID, p.E_VERSION}
+)
 
 #: The reference tests' invalid unihashes (bitbake lib/hashserv/tests.py).
 INVALID_UNIHASHES = ["${@os.system('true')}", "a" * 63, "a" * 65, "A" * 64, ""]
@@ -63,6 +65,14 @@ def valid_body(command: bytes) -> list:
         p.QUERY_COLUMNS: [],
         p.IMPORT: [b"/srv/hashserv.db", b"unihashes_v3", b"7", b'{"id":7}'],
         p.IMPORT_STATUS: [b"/srv/hashserv.db"],
+        p.AUTH: [b"admin", b"password"],
+        p.BECOME_USER: [b"bob"],
+        p.NEW_USER: [b"bob", b'["@read"]'],
+        p.DELETE_USER: [b""],
+        p.GET_USER: [b"bob"],
+        p.GET_ALL_USERS: [],
+        p.SET_USER_PERMS: [b"bob", b'["@read", "@report"]'],
+        p.REFRESH_TOKEN: [b""],
     }[command]
 
 
@@ -693,7 +703,7 @@ def check_message(handlers, frames: list) -> None:
         assert status in REFUSALS, (status, reply)
         assert len(reply) == 1 and len(reply[0]) <= p.MAX_ERROR_BYTES
         return
-    assert shape_ok and command in p.WORKER_COMMANDS
+    assert (shape_ok and command in p.WORKER_COMMANDS) or command == p.ADMIN_BOOTSTRAP
     if decoded is not None:
         assert decoded.command == command
     if command == p.GET:

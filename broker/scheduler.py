@@ -305,7 +305,7 @@ class Scheduler:
         # Who asks, and may they? One dict lookup and one set lookup (hq.broker.access).
         access = self.access
         credentials = request.credentials
-        if credentials:  # a session key: of this connection? (access.principal, inlined)
+        if credentials:  # a session key: one of this connection? (see hq.broker.access)
             who = access.sessions.get(credentials)
             if who is not None and who.client_id != client_id:
                 who = None

@@ -167,6 +167,9 @@ class Client:
             raise ConnectionError(f"send to {self.address} failed: {exc}") from None
 
     def _resend(self, resends: list) -> None:
+        if resends and self.username is not None and not self._session:
+            # A new socket (reconnect, Lazy Pirate rebuild, 440): a session is per connection.
+            self._login(self._policy.earliest_deadline())
         for request_id, request in resends:
             self._send(request_id, request.command, request.body)
 
@@ -205,16 +208,15 @@ class Client:
                 self._receive(sock, policy, results)
                 if self._connection_events() == Link.BACK:
                     resends = policy.on_reconnect(time.monotonic())
-                    if self.username is not None:  # a new connection: the session is gone
+                    if self.username is not None:  # a new connection: its session is gone
                         self._reset_socket()
-                        self._login(policy.earliest_deadline())
                     self._resend(resends)
-                if policy.login_needed:  # the broker restarted or the session was dropped
+                if policy.login_needed:  # 440: the broker restarted or dropped the session
                     policy.login_needed = False
-                    self._reset_socket()
                     if self.username is None:
+                        self._reset_socket()
                         raise ConnectionError("hq asked this anonymous client to log in")
-                    self._login(policy.earliest_deadline())
+                    self._reset_socket()
                     self._resend(policy.resend_all(time.monotonic()))
                 if not policy.outstanding:
                     # All answered (the common case of one lookup): no timer to check. Skipping

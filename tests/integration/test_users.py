@@ -138,11 +138,8 @@ def matrix_rows(address: str, anon: set, principals: dict) -> list:
 def auth_stack(tmp_path_factory):
     """Anonymous users get nothing; admin / ADMIN_PASSWORD has @all. One for the module:
     each test makes users of its own names."""
-    s = Stack(
-        tmp_path_factory.mktemp("auth"),
-        args=["--anon-perms", "@none", "--admin-user", "admin"],
-        env=ADMIN_ENV,
-    ).start()
+    args = ["--anon-perms", "@none", "--admin-user", "admin", "--metrics", "tcp://127.0.0.1:*"]
+    s = Stack(tmp_path_factory.mktemp("auth"), args=args, env=ADMIN_ENV).start()
     yield s
     assert s.stop() == 0, s.log()
 
@@ -348,27 +345,34 @@ def test_read_only_mirror_of_a_live_database(tmp_path):
                     root.new_user("x", [])
 
 
-def test_failed_logins_in_metrics(tmp_path):
-    with Stack(tmp_path, args=["--metrics", "tcp://127.0.0.1:*", "--anon-perms", "@read"]) as s:
-        with create_client(
-            s.address, username="nobody", password="pw-that-must-not-show", timeout=10
-        ) as client:
-            with pytest.raises(InvokeError):
-                client.ping()
-        with create_client(s.address, timeout=10) as anon:
-            with pytest.raises(InvokeError):
-                anon.gc_status()
-            metrics = anon.get_stats()["broker"]
-        port = next(
-            line.rsplit(":", 1)[1].split("/")[0]
-            for line in s.log().splitlines()
-            if "metrics (Prometheus text format) on http://" in line
-        )
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-        assert 'hq_logins_total{outcome="failed"} 1' in text
-        assert 'hq_requests_refused_total{reason="forbidden"} 1' in text
-        assert "pw-that-must-not-show" not in text
-        assert json.dumps(metrics["access"]).count("failed_logins") == 1
+def scrape(stack) -> str:
+    port = next(
+        line.rsplit(":", 1)[1].split("/")[0]
+        for line in stack.log().splitlines()
+        if "metrics (Prometheus text format) on http://" in line
+    )
+    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+
+
+def metric(text: str, name: str) -> int:
+    return int(float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " "))))
+
+
+def test_failed_logins_and_refusals_in_metrics(auth_stack):
+    before = scrape(auth_stack)
+    with create_client(
+        auth_stack.address, username="nobody", password="pw-that-must-not-show", timeout=10
+    ) as c:
+        with pytest.raises(InvokeError):
+            c.ping()
+    with create_client(auth_stack.address, username="", timeout=10) as anon:
+        with pytest.raises(InvokeError):
+            anon.gc_status()
+    after = scrape(auth_stack)
+    for name in ('hq_logins_total{outcome="failed"}', 'hq_requests_refused_total{reason="forbidden"}'):
+        assert metric(after, name) == metric(before, name) + 1, name
+    assert metric(after, "hq_sessions") >= 0
+    assert "pw-that-must-not-show" not in after
 
 
 def test_users_made_by_bitbake_log_in_after_import(tmp_path, bitbake):
@@ -565,3 +569,28 @@ def test_a_client_hammering_wrong_tokens_is_slowed_and_others_are_not(auth_stack
 def root_stats(stack) -> dict:
     with admin(stack) as root:
         return root.get_stats()["broker"]["access"]
+
+
+def test_a_resend_on_a_new_socket_logs_in_again_first(auth_stack):
+    """The Lazy Pirate rebuild (no answer for a third of the deadline) makes a new connection;
+    the resend must go with a new session, not anonymously (here anonymous may do nothing)."""
+    import signal
+    import threading
+
+    s = auth_stack
+    with create_client(s.address, username="admin", password=ADMIN_PASSWORD, timeout=4) as client:
+        client.report_unihash_equiv("c" * 40, M, U1)
+        logins = client._logins
+        workers = [proc for name, proc in s.children().items() if name != "hq-broker"]
+        for proc in workers:
+            proc.send_signal(signal.SIGSTOP)
+        result = {}
+        try:
+            call = threading.Thread(target=lambda: result.update(answer=client.get_unihash(M, "c" * 40)))
+            call.start()
+            wait_for(lambda: client._logins > logins, timeout=10, what="a log-in on the new socket")
+        finally:
+            for proc in workers:
+                proc.send_signal(signal.SIGCONT)
+        call.join(10)
+        assert result == {"answer": U1}

@@ -297,6 +297,21 @@ WORKER = (
     LOG_LEVEL,
 )
 
+
+def oehashequiv_address(text: str) -> str:
+    """Where a gateway listens: ``unix://PATH`` or ``HOST:PORT`` (BitBake's forms)."""
+    if text.startswith("unix://"):
+        if not text[len("unix://") :]:
+            raise ValueError("unix:// needs a path")
+        return text
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or "://" in text:
+        raise ValueError("use unix://PATH or HOST:PORT, as in BitBake's BB_HASHSERVE")
+    if not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"port {port!r} is not 0-65535")
+    return text
+
+
 SERVER = (
     BIND,
     DB,
@@ -311,14 +326,54 @@ SERVER = (
     ADMIN_PASSWORD,
     CURVE_SECRET_KEY,
     CURVE_CLIENTS,
+    Option(
+        "oehashequiv",
+        (),
+        "also run hq-gateway on these addresses (unix://PATH or HOST:PORT): BitBake's own "
+        "client and bitbake-hashclient can use hq there",
+        oehashequiv_address,
+        multiple=True,
+    ),
     METRICS,
+    ENDPOINT_FILE,
+    LOG_LEVEL,
+)
+
+OEHASHEQUIV_LISTEN = Option(
+    "listen",
+    ("127.0.0.1:8687",),
+    "OEHASHEQUIV address(es) to listen on: unix://PATH or HOST:PORT (port 0: any)",
+    oehashequiv_address,
+    multiple=True,
+)
+GATEWAY = (
+    OEHASHEQUIV_LISTEN,
+    Option(
+        "broker", addresses.DEFAULT_ADDRESS, "the hq broker to send requests to", addresses.connect_address
+    ),
+    Option(
+        "timeout",
+        10.0,
+        "seconds a request may wait for the broker before the connection is closed",
+        POSITIVE_FLOAT,
+        attr="timeout_s",
+    ),
+    Option(
+        "idle-timeout",
+        600.0,
+        "seconds a connection may stay silent before it is closed",
+        POSITIVE_FLOAT,
+        attr="idle_timeout_s",
+    ),
+    CURVE_SERVER_KEY,
+    Option("curve-client-key", "", "CURVE: this gateway's .key_secret file, if the broker lists clients"),
     ENDPOINT_FILE,
     LOG_LEVEL,
 )
 
 #: Program name -> its options. Each program may have a section of its own in a
 #: configuration file; the shared ``[hq]`` section may hold any program's keys.
-PROGRAMS = {"hq-broker": BROKER, "hq-worker": WORKER, "hq-server": SERVER}
+PROGRAMS = {"hq-broker": BROKER, "hq-worker": WORKER, "hq-server": SERVER, "hq-gateway": GATEWAY}
 
 
 def namespace(options, **values) -> argparse.Namespace:

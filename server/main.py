@@ -216,6 +216,21 @@ def main(argv=None) -> int:
         return _module_argv("hq.broker", [*broker_args, *(f"--bind={b}" for b in binds)])
 
     children = [Child("hq-broker", broker_argv(opts.bind), broker_env)]
+    gateway_endpoints = os.path.join(rundir, "gateway.endpoints")
+
+    def gateway_argv(broker_address: str) -> list:
+        args = [f"--listen={a}" for a in opts.oehashequiv]
+        args += [f"--broker={broker_address}", f"--endpoint-file={gateway_endpoints}"]
+        args += [
+            "--log-level",
+            opts.log_level,
+            *(["--config", os.path.abspath(opts.config)] if opts.config else []),
+        ]
+        if opts.curve_secret_key:
+            args += [f"--curve-server-key={os.path.abspath(opts.curve_secret_key)}"]
+            args += [f"--curve-client-key={ready_keys['client_key']}"]
+        return _module_argv("hq.gateway", args)
+
     for n in range(opts.workers):
         name = f"hq-worker-{n:02d}"
         worker_args = [
@@ -263,15 +278,28 @@ def main(argv=None) -> int:
                 with open(broker_endpoints, encoding="utf-8") as fh:
                     endpoints = fh.read().split()
                 if wait_ready(endpoints[0], opts.workers, 0.5, stop, **ready_keys):
+                    gateway_text = ""
+                    if opts.oehashequiv:
+                        if not _gateway_started(children, gateway_argv(endpoints[0]), now):
+                            time.sleep(0.05)
+                            continue
+                        with open(gateway_endpoints, encoding="utf-8") as fh:
+                            listening = fh.read().split()
+                        # A restarted gateway listens where the first one did (port 0 too).
+                        children[-1].argv = [
+                            a for a in children[-1].argv if not a.startswith("--listen=")
+                        ] + [f"--listen={a}" for a in listening]
+                        gateway_text = f"; OEHASHEQUIV on {', '.join(listening)}"
                     ready = True
                     # A restarted broker binds the same endpoints, even where the first bind
                     # said tcp://...:* : connected clients and workers find it again.
                     children[0].argv = broker_argv(endpoints)
                     log.info(
-                        "hq ready on %s (%d workers, database %s)",
+                        "hq ready on %s (%d workers, database %s)%s",
                         ", ".join(endpoints),
                         opts.workers,
                         opts.db,
+                        gateway_text,
                     )
                     if opts.endpoint_file:
                         from hq.broker.main import write_lines
@@ -290,8 +318,19 @@ def main(argv=None) -> int:
     return 0
 
 
+def _gateway_started(children: list, argv: list, now: float) -> bool:
+    """Once the broker answers: start hq-gateway (once), and say whether it is listening."""
+    gateway = next((c for c in children if c.name == "hq-gateway"), None)
+    if gateway is None:
+        gateway = Child("hq-gateway", argv)
+        children.append(gateway)
+        gateway.start(now)
+    endpoint_file = next(a.split("=", 1)[1] for a in argv if a.startswith("--endpoint-file="))
+    return os.path.exists(endpoint_file)
+
+
 def _stop_all(children: list) -> None:
-    """Workers first, then the broker, so no worker sees its broker vanish under it."""
+    """The gateway and the workers first, then the broker, so none sees its broker vanish."""
     workers = [c for c in children[1:] if c.proc is not None]
     broker = [c for c in children[:1] if c.proc is not None]
     for group in (workers, broker):

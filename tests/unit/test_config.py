@@ -18,6 +18,7 @@ DAEMONS = [
     ("hq-broker", options.BROKER),
     ("hq-worker", options.WORKER),
     ("hq-server", options.SERVER),
+    ("hq-gateway", options.GATEWAY),
 ]
 
 

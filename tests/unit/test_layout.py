@@ -1,8 +1,9 @@
 """Layout rules: one import namespace, layers that import downward only, a small client.
 
 core (hq)                      the foundation: imports nothing of the rest
-broker, workers, client        import only core (the client only protocol, permissions, sockets,
-                               addresses: permissions imports only protocol)
+broker, workers, client        import only core (the client only protocol, permissions, curve,
+                               sockets, addresses: permissions imports only protocol)
+gateway                        only core: it speaks the client protocol itself, over asyncio
 admin, bench, server           on top: may import the layers below, never each other's
                                internals (bench runs hq-server as a program)
 """
@@ -26,6 +27,7 @@ PACKAGES = {
     "admin": "hq.admin",
     "bench": "hq.bench",
     "server": "hq.server",
+    "gateway": "hq.gateway",
 }
 #: Layer -> the layers it may import. hq-admin is a client: it must not load the
 #: workers' database code (peewee) or the broker.
@@ -37,6 +39,7 @@ ALLOWED = {
     "admin": {"core", "client", "admin"},
     "bench": {"core", "client", "workers", "bench"},
     "server": {"core", "client", "broker", "workers", "server"},
+    "gateway": {"core", "gateway"},
 }
 #: Modules of core that import nothing of hq at all.
 LEAVES = (

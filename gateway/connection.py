@@ -1,0 +1,231 @@
+"""One OEHASHEQUIV connection: handshake, normal mode, stream modes (reference §2-§5).
+
+Stream lines that arrive together become one hq request: every ``get-stream`` line of one
+read is one batched ``get`` (chunks of up to 1000 items per method), every ``exists-stream``
+line one batched ``exists``. So an unmodified BitBake client, which pipelines a runqueue
+wave's lookups on one connection, gets hq's batching. Answers go back in order, one line
+each, as the reference's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from hq import protocol as p
+
+from . import commands
+from .framing import Drop, LineBuffer, check_protocol_line, decode, encode, header, is_chunk_start
+from .link import BrokerDown, Link
+
+log = logging.getLogger(__name__)
+
+READ_BYTES = 256 * 1024
+#: A client that does not read its answers for this long is closed (no stuck task).
+DRAIN_TIMEOUT_S = 30.0
+STREAM_MODES = ("get-stream", "exists-stream")
+
+
+class Connection:
+    def __init__(self, gateway, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.gateway = gateway
+        self.reader = reader
+        self.writer = writer
+        self.lines = LineBuffer()
+        self.queue: list = []  # lines read and not yet handled
+        self.link: Link = gateway.anonymous
+        self.own_link = False
+
+    async def _line(self):
+        """The next line, or None at EOF."""
+        while not self.queue:
+            data = await asyncio.wait_for(self.reader.read(READ_BYTES), self.gateway.idle_timeout_s)
+            if not data:
+                if self.lines.pending():
+                    raise Drop("a line cut off by EOF")
+                return None
+            self.queue.extend(self.lines.feed(data))
+        return self.queue.pop(0)
+
+    async def _more_lines(self) -> list:
+        """Every complete line already read: the rest of what arrived with the last line
+        taken (a pipelined batch is read up to READ_BYTES at a time)."""
+        lines, self.queue = self.queue, []
+        return lines
+
+    def _write(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    async def _drain(self) -> None:
+        await asyncio.wait_for(self.writer.drain(), DRAIN_TIMEOUT_S)
+
+    async def run(self) -> None:
+        try:
+            await self._handshake()
+            while True:
+                line = await self._line()
+                if line is None:
+                    return
+                message = await self._message(line)
+                if message is None:  # the reference's goodbye: close without a reply
+                    return
+                await self._request(message)
+                await self._drain()
+        except (Drop, commands.Invoke, BrokerDown, asyncio.TimeoutError, ConnectionError) as exc:
+            if isinstance(exc, commands.Invoke):
+                self._write(encode({"invoke-error": {"message": str(exc)}}))
+            log.debug("closing a connection: %s", exc)
+        except Exception:  # a bug must cost one connection, never the gateway
+            log.exception("closing a connection after an unexpected error")
+        finally:
+            await self._close()
+
+    async def _close(self) -> None:
+        if self.own_link:
+            self.link.close()
+        try:
+            await asyncio.wait_for(self.writer.drain(), 5)
+        except (ConnectionError, asyncio.TimeoutError, RuntimeError):
+            pass
+        self.writer.close()
+
+    async def _handshake(self) -> None:
+        line = await self._line()
+        if line is None or not line.strip():
+            raise Drop("no protocol line")
+        check_protocol_line(line)
+        needs_headers = False
+        while True:
+            line = await self._line()
+            if line is None:
+                raise Drop("EOF in the headers")
+            if not line.strip():
+                break
+            tag, value = header(line)
+            if tag == "needs-headers":
+                needs_headers = value == "true"
+        if needs_headers:
+            self._write(b"\n")
+
+    async def _message(self, line: str):
+        value = decode(line.rstrip())
+        if not value or not is_chunk_start(value):
+            return value
+        parts = []
+        while True:
+            part = await self._line()
+            if part is None:
+                raise Drop("EOF in a chunk stream")
+            if not part:
+                break
+            parts.append(part)
+        return decode("".join(parts))
+
+    async def _request(self, message) -> None:
+        name = commands.command_of(message)
+        args = message[name]
+        if name == "auth":
+            self._write(encode(await self._auth(args)))
+        elif name == "become-user":
+            self._write(encode(await self._become(args)))
+        elif name in STREAM_MODES:
+            # Permissions are checked before "ok" (reference §5.1): stats needs @read too,
+            # and the broker answers it itself.
+            await commands.ask(self.link, p.STATS)
+            self._write(encode("ok"))
+            await self._drain()
+            await self._stream(name)
+        elif name in commands.HANDLERS:
+            self._write(encode(await commands.HANDLERS[name](self.link, args)))
+        else:  # backfill-wait (no upstream), gc-mark-stream: the client falls back
+            raise Drop(f"{name} is not served by this gateway")
+
+    async def _auth(self, args) -> dict:
+        username, token = commands._field(args, "username"), commands._field(args, "token")
+        link = self.gateway.new_link()
+        status, body = await link.call(p.AUTH, [commands._enc(username), commands._enc(token)])
+        if status != p.OK or len(body) < 2:
+            link.close()
+            if status in (p.E_UNAUTHORIZED, p.E_INVALID, p.E_TOO_LARGE):
+                raise commands.Invoke(f"Unable to authenticate as {username}")
+            raise Drop(f"hq answered {p.STATUS_NAMES.get(status, status)} to a log-in")
+        link.session = bytes(body[1])
+        link.login = (username, token)
+        if self.own_link:
+            self.link.close()
+        self.link, self.own_link = link, True
+        return commands._json(body)
+
+    async def _become(self, args) -> dict:
+        username = commands._field(args, "username")
+        result = commands._json(await commands.ask(self.link, p.BECOME_USER, [commands._enc(username)]))
+        self.link.become = username
+        return result
+
+    async def _stream(self, mode: str) -> None:
+        """Stream mode until END (or an empty line): each read's lines are one hq request."""
+        while True:
+            line = await self._line()
+            if line is None:
+                return
+            batch = [line, *await self._more_lines()]
+            end = next((i for i, text in enumerate(batch) if text.rstrip() in ("END", "")), None)
+            if end is not None:
+                self.queue[:0] = batch[end + 1 :]
+                batch = batch[:end]
+            if batch:
+                lookup = self._get_batch if mode == "get-stream" else self._exists_batch
+                answers = await lookup(batch)
+                self._write(("\n".join(answers) + "\n").encode("ascii"))
+            if end is not None:
+                self._write(b"ok\n")
+                await self._drain()
+                return
+            await self._drain()
+
+    async def _get_batch(self, lines: list) -> list:
+        pairs = []
+        for line in lines:
+            fields = line.split()
+            if len(fields) != 2:
+                raise Drop("a get-stream line without exactly two fields")
+            pairs.append(fields)
+        body, counts = [], []
+        for method, taskhashes in _chunks(pairs):
+            body += [method.encode("utf-8"), p.pack_items(taskhashes)]
+            counts.append(len(taskhashes))
+        answers: list = []
+        for start in range(0, len(body), 2 * MAX_GROUPS):
+            part = body[start : start + 2 * MAX_GROUPS]
+            reply = await commands.ask(self.link, p.GET, part)
+            for frame, n in zip(reply, counts[start // 2 : start // 2 + len(part) // 2]):
+                answers += [u or "" for u in p.unpack_unihashes(frame, n)]
+        return answers
+
+    async def _exists_batch(self, lines: list) -> list:
+        unihashes = [line.strip() for line in lines]
+        chunks = [unihashes[i : i + p.MAX_CHUNK_ITEMS] for i in range(0, len(unihashes), p.MAX_CHUNK_ITEMS)]
+        flags: list = []
+        for start in range(0, len(chunks), MAX_GROUPS):
+            part = chunks[start : start + MAX_GROUPS]
+            reply = await commands.ask(self.link, p.EXISTS, [p.pack_items(c) for c in part])
+            for frame, chunk in zip(reply, part):
+                flags += p.unpack_flags(frame, len(chunk))
+        return ["true" if f else "false" for f in flags]
+
+
+#: GET groups per hq request (each chunk up to 1000 items; the request within MAX_FRAMES).
+MAX_GROUPS = 64
+
+
+def _chunks(pairs: list):
+    """(method, [taskhash, ...]) runs of one method, at most MAX_CHUNK_ITEMS each, in order."""
+    method, items = None, []
+    for m, t in pairs:
+        if items and (m != method or len(items) >= p.MAX_CHUNK_ITEMS):
+            yield method, items
+            items = []
+        method = m
+        items.append(t)
+    if items:
+        yield method, items

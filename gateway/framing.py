@@ -1,0 +1,103 @@
+"""OEHASHEQUIV 1.1 on the wire, without sockets: the handshake, lines, JSON messages and
+their chunking (bitbake-hashserv-protocol.md §2-§3, §5).
+
+A :class:`LineBuffer` takes bytes as they arrive and hands back complete lines, so a
+connection can take every line a client sent together at once (the gateway's batching).
+"""
+
+from __future__ import annotations
+
+import json
+
+PROTOCOL_NAME = "OEHASHEQUIV"
+#: Versions accepted: above 1.0, up to 1.1 (as integer tuples).
+MIN_VERSION_EXCLUSIVE = (1, 0)
+MAX_VERSION = (1, 1)
+#: BitBake's DEFAULT_MAX_CHUNK: a JSON text of MAX_CHUNK - 1 characters or more is chunked.
+MAX_CHUNK = 32 * 1024
+#: BitBake reads with asyncio's default 64 KiB line limit: a longer line is an error there.
+MAX_LINE = 64 * 1024
+CHUNK_STREAM = "chunk-stream"
+
+
+class Drop(Exception):
+    """The reference closes the connection without a reply here (malformed input)."""
+
+
+class LineBuffer:
+    """Bytes in, complete lines out, without their LF. BitBake's reader also strips trailing
+    whitespace; the caller does, except inside a chunk stream, where that would cut what the
+    client meant (§3.2)."""
+
+    def __init__(self, max_line: int = MAX_LINE):
+        self.max_line = max_line
+        self._data = bytearray()
+
+    def feed(self, data: bytes) -> list:
+        self._data += data
+        end = self._data.rfind(b"\n")
+        if end < 0:
+            if len(self._data) > self.max_line:
+                raise Drop(f"a line longer than {self.max_line} bytes")
+            return []
+        complete = bytes(self._data[:end])
+        del self._data[: end + 1]
+        lines = complete.split(b"\n")
+        if len(self._data) > self.max_line or any(len(line) > self.max_line for line in lines):
+            raise Drop(f"a line longer than {self.max_line} bytes")
+        return [_text(line) for line in lines]
+
+    def pending(self) -> bool:
+        return bool(self._data)
+
+
+def _text(line: bytes) -> str:
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise Drop("a line that is not UTF-8") from None
+
+
+def check_protocol_line(line: str) -> None:
+    """``OEHASHEQUIV 1.1``; anything else is dropped (no reply)."""
+    words = line.split()
+    if len(words) != 2 or words[0] != PROTOCOL_NAME:
+        raise Drop(f"not an {PROTOCOL_NAME} client")
+    try:
+        version = tuple(int(part) for part in words[1].split("."))
+    except ValueError:
+        raise Drop("a version that is not dotted integers") from None
+    if not MIN_VERSION_EXCLUSIVE < version <= MAX_VERSION:
+        raise Drop(f"version {words[1]} not supported")
+
+
+def header(line: str) -> tuple:
+    """A ``Tag: value`` line -> (lower-cased tag, stripped value); no ``:`` is dropped."""
+    tag, sep, value = line.partition(":")
+    if not sep:
+        raise Drop("a header line without ':'")
+    return tag.strip().lower(), value.strip()
+
+
+def encode(value) -> bytes:
+    """One normal-mode message as BitBake writes it: json.dumps defaults (ASCII), one line,
+    or a chunk stream when the text is MAX_CHUNK - 1 characters or more."""
+    text = json.dumps(value)
+    if len(text) < MAX_CHUNK - 1:
+        return (text + "\n").encode("ascii")
+    step = MAX_CHUNK - 1
+    parts = [json.dumps({CHUNK_STREAM: None})]
+    parts += [text[i : i + step] for i in range(0, len(text), step)]
+    return ("\n".join(parts) + "\n\n").encode("ascii")
+
+
+def decode(line: str):
+    """A normal-mode line -> its JSON value; not JSON is dropped."""
+    try:
+        return json.loads(line)
+    except (ValueError, RecursionError):
+        raise Drop("a message that is not JSON") from None
+
+
+def is_chunk_start(value) -> bool:
+    return isinstance(value, dict) and CHUNK_STREAM in value

@@ -1,0 +1,225 @@
+"""hq-gateway with BitBake's own client (``hashserv.create_client`` from ../shared/bitbake) and
+``bitbake-hashclient``: the reference's answers, through the gateway, from hq."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from helpers import Stack, script, wait_for
+
+M = "TestMethod"
+T1 = "35788efcb8dfb0a02659d81cf2bfd695fb30faf9"
+T2 = "3bf6f1e89d26205aec90da04854fbdbf73afe6b4"
+O1 = "2765d4a5884be49b28601445c2760c5f21e7e5c0ee2b7e3fce98fd7e5970796f"
+U1 = "a69ec97f5af2e21e1a1f9cc8896965515d5559425666f734e245a3d40cee33d9"
+U2 = "bf6e81926066f770e960f9f777cd088c62bea9addb7745f3e77deaa81a645747"
+ADMIN_PASSWORD = "gateway-admin-password"
+
+
+class Gateway:
+    """hq-gateway in front of ``broker``, on a free TCP port and a unix socket."""
+
+    def __init__(self, tmp_path, broker: str, *args):
+        self.unix = f"unix://{tmp_path}/gw.sock"
+        endpoints = tmp_path / "gateway.endpoints"
+        self.log_path = tmp_path / "gateway.log"
+        argv = [script("hq-gateway"), "--broker", broker, "--listen", "127.0.0.1:0", "--listen", self.unix]
+        argv += ["--endpoint-file", str(endpoints), "--timeout", "3", *args]
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        wait_for(lambda: endpoints.exists() or self.proc.poll() is not None, what="the gateway's endpoints")
+        assert self.proc.poll() is None, self.log()
+        self.tcp = endpoints.read_text().split()[0]
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> int:
+        self.proc.terminate()
+        return self.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def hashserv(bitbake):
+    sys.path.insert(0, os.path.join(bitbake, "lib"))
+    import hashserv
+
+    yield hashserv
+    sys.path.remove(os.path.join(bitbake, "lib"))
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """An hq stack (anonymous: the reference's default permissions; an admin) and a gateway."""
+    root = tmp_path_factory.mktemp("gateway")
+    (root / "hq").mkdir()
+    stack = Stack(root / "hq", args=["--admin-user", "admin"], env={"HQ_ADMIN_PASSWORD": ADMIN_PASSWORD})
+    stack.start()
+    gateway = Gateway(root, stack.address)
+    yield stack, gateway
+    assert gateway.stop() == 0, gateway.log()
+    assert stack.stop() == 0, stack.log()
+
+
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+def test_bitbakes_client_gets_the_references_answers(hashserv, served, transport):
+    stack, gateway = served
+    address = gateway.tcp if transport == "tcp" else gateway.unix
+    t1, t2 = (T1, T2) if transport == "tcp" else (T1[::-1], T2[::-1])
+    client = hashserv.create_client(address)
+    try:
+        assert client.ping() == {"alive": True}
+        assert client.report_unihash(t1, M, O1, U1) == {"taskhash": t1, "method": M, "unihash": U1}
+        # the equivalence rule (ref. §7.2): a second taskhash with the same outhash
+        assert client.report_unihash(t2, M, O1, U2)["unihash"] == U1
+        assert client.get_unihash(M, t1) == U1
+        assert client.get_unihash(M, "0" * 40) is None
+        wave = [(M, t1), (M, "1" * 40), (M, t2)] * 700  # a pipelined get-stream batch
+        assert client.get_unihash_batch(wave) == [U1, None, U1] * 700
+        assert client.unihash_exists(U1) and not client.unihash_exists(U2)
+        assert client.unihash_exists_batch([U1, U2] * 300) == [True, False] * 300
+        row = client.get_taskhash(M, t1, True)
+        assert (row["taskhash"], row["outhash"], row["unihash"]) == (t1, O1, U1)
+        assert client.get_outhash(M, O1, t1)["taskhash"] in (t1, T1, T2)
+        assert set(client.get_stats()["requests"]) == {"num", "total_time", "max_time", "average", "stdev"}
+        with pytest.raises(
+            hashserv.client.InvokeError if hasattr(hashserv.client, "InvokeError") else Exception
+        ):
+            client.report_unihash(t1, M, O1, "${@os.system('true')}")
+        assert client.get_unihash(M, t1) == U1  # reconnected by itself after the invoke-error
+        # a 131 KB report arrives chunked and comes back chunked (ref. test_huge_message)
+        siginfo = "s" * 131000
+        client.report_unihash("d" * 40, M, "e" * 64, "f" * 64, {"outhash_siginfo": siginfo})
+        assert client.get_taskhash(M, "d" * 40, True)["outhash_siginfo"] == siginfo
+        assert client.get_outhash(M, "e" * 64, "d" * 40)["outhash_siginfo"] == siginfo
+    finally:
+        client.close()
+
+
+def test_users_and_permissions_through_the_gateway(hashserv, served):
+    import bb.asyncrpc
+
+    stack, gateway = served
+    with hashserv.create_client(gateway.tcp, username="admin", password=ADMIN_PASSWORD) as admin:
+        user = admin.new_user("builder", ["@read", "@report"])
+        assert user["permissions"] == ["@read", "@report"] and len(user["token"]) == 64
+        assert admin.get_user()["username"] == "admin"
+        assert admin.become_user("builder") == {"username": "builder", "permissions": ["@read", "@report"]}
+        with pytest.raises(bb.asyncrpc.InvokeError, match="builder is not allowed to access permissions"):
+            admin.get_all_users()
+    with hashserv.create_client(gateway.tcp, username="builder", password=user["token"]) as builder:
+        builder.report_unihash("a" * 40, M, "b" * 64, U2)
+        assert builder.get_taskhash(M, "a" * 40, True)["owner"] == "builder"
+    # A wrong token: the reference's answer, after its 1 s, then the close (BitBake's client
+    # itself would retry that four times; one exchange on a raw socket shows it).
+    start = time.monotonic()
+    answer = raw(gateway.tcp, b'OEHASHEQUIV 1.1\n\n{"auth": {"username": "builder", "token": "wrong"}}\n')
+    assert answer == b'{"invoke-error": {"message": "Unable to authenticate as builder"}}\n'
+    assert 0.9 <= time.monotonic() - start < 5
+
+
+def test_bitbake_hashclient_against_the_gateway(bitbake, served):
+    stack, gateway = served
+    hashclient = [
+        sys.executable,
+        os.path.join(bitbake, "bin", "bitbake-hashclient"),
+        "--address",
+        gateway.tcp,
+    ]
+    for args in (["stats"], ["get", M, T1], ["get-outhash", M, O1, T1], ["gc-status"], ["get-db-usage"]):
+        run = subprocess.run([*hashclient, *args], capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, (args, run.stdout, run.stderr)
+    stress = subprocess.run(
+        [*hashclient, "stress", "--clients", "4", "--requests", "50", "--report"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert stress.returncode == 0, stress.stdout + stress.stderr
+    assert "Average request time" in stress.stdout or "Requests" in stress.stdout, stress.stdout
+
+
+def raw(address: str, data: bytes, timeout: float = 5.0) -> bytes:
+    host, port = address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        out = b""
+        while chunk := sock.recv(65536):
+            out += chunk
+        return out
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"OEHASHEQUIV 1.0\n\n",
+        b"OEHASHEQUIV 1.1\nno colon here\n\n",
+        b"OEHASHEQUIV 1.1\n\n{not json}\n",
+        b'OEHASHEQUIV 1.1\n\n{"frobnicate": {}}\n',
+        b'OEHASHEQUIV 1.1\n\n{"get": {"method": "M"}}\n',
+        b'OEHASHEQUIV 1.1\n\n{"get-stream": null}\nonly-one-field\n',
+        b"OEHASHEQUIV 1.1\n\n" + b"x" * 200000 + b"\n",
+        b"\xff\xfe\x00garbage",
+    ],
+)
+def test_bad_input_is_closed_without_a_reply_and_others_go_on(hashserv, served, garbage):
+    stack, gateway = served
+    start = time.monotonic()
+    answer = raw(gateway.tcp, garbage)
+    assert answer in (b"", b'"ok"\n'), answer[:200]  # the stream entry itself was fine
+    assert time.monotonic() - start < 5
+    with hashserv.create_client(gateway.tcp) as client:
+        assert client.ping() == {"alive": True}
+
+
+def test_with_the_broker_down_bitbake_falls_back_quickly_then_it_recovers(hashserv, tmp_path):
+    import bb.asyncrpc
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    gateway = Gateway(tmp_path, f"tcp://127.0.0.1:{port}")
+    try:
+        client = hashserv.create_client(gateway.tcp)
+        start = time.monotonic()
+        with pytest.raises((ConnectionError, bb.asyncrpc.ClientError, EOFError)):
+            client.get_unihash(M, T1)
+        assert time.monotonic() - start < 5  # one wait of CONNECT_GRACE_S, then at once
+        client.close()
+        (tmp_path / "hq").mkdir()
+        with Stack(tmp_path / "hq", bind=f"tcp://127.0.0.1:{port}"):
+
+            def answers():
+                try:
+                    with hashserv.create_client(gateway.tcp) as client:
+                        return client.get_unihash(M, T1) is None
+                except ConnectionError:
+                    return False
+
+            # libzmq reconnects by itself (every 0.5 s at most): no restart of the gateway
+            wait_for(answers, timeout=5, interval=0.1, what="the gateway to reach the broker again")
+    finally:
+        assert gateway.stop() == 0, gateway.log()
+
+
+def test_hq_server_runs_the_gateway_with_the_stack(hashserv, tmp_path):
+    sock = f"unix://{tmp_path}/hashserv.sock"
+    with Stack(tmp_path, args=["--oehashequiv", sock]) as stack:
+        assert f"OEHASHEQUIV on {sock}" in stack.log()
+        with hashserv.create_client(sock) as client:
+            assert client.report_unihash(T1, M, O1, U1)["unihash"] == U1
+        gateway = stack.children()  # the gateway is hq-server's child like the others
+        assert any(
+            "hq.gateway" in " ".join(p.cmdline())
+            for p in __import__("psutil").Process(stack.proc.pid).children()
+        )
+        assert gateway["hq-broker"].is_running()
+    assert not os.path.exists(sock[len("unix://") :])  # removed on the way out

@@ -5,7 +5,7 @@
     hq-bench report   [--clients 10 --requests 1000 --equiv 0.2]
     hq-bench mixed    [--clients 20 --tasks 4500 --waves 10 --reporters 4 --reports 1000]
     hq-bench fairness [--clients 20 --requests 200 --interval-ms 10 --batch 1000]
-    hq-bench compare  [--workloads burst,single,report --bitbake DIR --scale F]
+    hq-bench compare  [--workloads burst,single,report --bitbake DIR --scale F --gateway]
     hq-bench secure   [--workloads burst,single --scale F]
     hq-bench summary DIR
 

@@ -32,11 +32,12 @@ from . import machine, reference
 from .metrics import min_median_max
 from .populate import populate
 from .runner import run_repeat
+from .stack import GatewayStack
 from .table import grid, meets, target_text
 from .workloads import WORKLOADS
 
 COMPARED = ("burst", "single", "report")
-HQ, REF = "hq", "bitbake-hashserv"
+HQ, REF, GW = "hq", "bitbake-hashserv", "hq-gateway"
 _NON_NEGATIVE_INT = config.argparse_type(options.NON_NEGATIVE_INT)
 
 #: (label, key, unit): the figures of one side of one repeat, by :func:`figures`.
@@ -61,6 +62,12 @@ TARGETS = {
     ("report", "cpu_us"): ("<=", 0.7),
 }
 HQ_ONLY = ("broker_us", "workers_us")
+#: Issue 13's targets, on the rate through hq-gateway (BitBake's own client) ÷ the reference's.
+GATEWAY_TARGETS = {
+    ("burst", "rate"): (">=", 3.0),
+    ("single", "rate"): (">=", 1.0),
+    ("report", "rate"): (">=", 1.0),
+}
 #: The run's options every workload takes from the compare command line.
 COMMON = (
     "workers",
@@ -112,6 +119,11 @@ def add_parser(sub, common) -> None:
         type=_NON_NEGATIVE_INT,
         default=0,
         help="burst: clients share this many configurations (default 0: each its own)",
+    )
+    p.add_argument(
+        "--gateway",
+        action="store_true",
+        help="a third side: BitBake's own client through hq-gateway (hq-server --oehashequiv) to hq",
     )
     common(p, transport="tcp", faults=False)
 
@@ -212,13 +224,26 @@ def run(parser, opts) -> dict:
             populate(templates[HQ], workload.rows.rows, corrupt=opts.corrupt_keys)
             reference.populate(templates[REF], workload.rows.rows, tree, corrupt=opts.corrupt_keys)
             progress.close()
-            pairs = []
+            pairs, gateway_pairs = [], []
             for n in range(1, opts.repeats + 1):
-                order = (REF, HQ) if n % 2 else (HQ, REF)
+                if opts.gateway:  # three sides, rotating
+                    order = ((REF, HQ, GW) * 2)[(n - 1) % 3 : (n - 1) % 3 + 3]
+                else:
+                    order = (REF, HQ) if n % 2 else (HQ, REF)
                 got = {}
                 for side in order:
                     if side == HQ:
                         got[side] = run_repeat(workload, wopts, templates[HQ], n, progress)
+                    elif side == GW:
+                        got[side] = run_repeat(
+                            workload,
+                            wopts,
+                            templates[HQ],
+                            n,
+                            progress,
+                            server=lambda o, workdir: GatewayStack(workdir, o.workers, o.server_arg),
+                            connect=connect_ref,
+                        )
                     else:
                         got[side] = run_repeat(
                             workload,
@@ -233,10 +258,15 @@ def run(parser, opts) -> dict:
                     raw.append({"workload": name, **got[side]})
                     ok = ok and got[side]["ok"]
                 pairs.append((figures(got[HQ]), figures(got[REF])))
+                if opts.gateway:
+                    gateway_pairs.append((figures(got[GW]), figures(got[REF])))
         finally:
             progress.close()
             shutil.rmtree(base, ignore_errors=True)
         report[name] = {"title": workload.title(), "summary": summarize(pairs), "pairs": pairs}
+        if opts.gateway:
+            report[name]["gateway"] = summarize(gateway_pairs)
+            report[name]["gateway_pairs"] = gateway_pairs
     result = {
         "workload": "compare",
         "config": {k: v for k, v in vars(opts).items() if k != "command"},
@@ -246,6 +276,7 @@ def run(parser, opts) -> dict:
         "bitbake_tree": tree,
         "started_at": started,
         "targets": {f"{w}.{k}": list(v) for (w, k), v in TARGETS.items()},
+        "gateway_targets": {f"{w}.{k}": list(v) for (w, k), v in GATEWAY_TARGETS.items()},
         "targets_judged": opts.scale == 1.0 and not opts.keys and not opts.configs,
         "workloads": report,
         "repeats": raw,
@@ -300,22 +331,41 @@ def table(result: dict) -> str:
             target_cell = ""
             if target:
                 target_cell = (target_text(target) + (f" {unit}" if hq_only else "×")) + mark
-            rows.append(
-                [
-                    name if first else "",
-                    f"{label} ({unit})",
-                    "" if hq_only else fmt(s["ref"]["median"]),
-                    fmt(s["hq"]["median"]),
-                    ratio_text,
-                    target_cell,
-                ]
-            )
+            row = [
+                name if first else "",
+                f"{label} ({unit})",
+                "" if hq_only else fmt(s["ref"]["median"]),
+                fmt(s["hq"]["median"]),
+                ratio_text,
+                target_cell,
+            ]
+            if "gateway" in data:
+                row += _gateway_cells(result, name, key, data["gateway"][key], hq_only)
+            rows.append(row)
             first = False
-    return grid(
-        rows,
-        headers=["workload", "measure", "bitbake-hashserv", "hq", "hq ÷ ref", "target"],
-        colalign=("left", "left", "right", "right", "right", "left"),
-    )
+    headers = ["workload", "measure", "bitbake-hashserv", "hq", "hq ÷ ref", "target"]
+    align = ("left", "left", "right", "right", "right", "left")
+    if any("gateway" in data for data in result["workloads"].values()):
+        headers += ["via hq-gateway", "gateway ÷ ref", "target (gateway)"]
+        align += ("right", "right", "left")
+    return grid(rows, headers=headers, colalign=align)
+
+
+def _gateway_cells(result: dict, name: str, key: str, s: dict, hq_only: bool) -> list:
+    """BitBake's own client through hq-gateway: the figure, its ratio to the reference and
+    issue 13's target."""
+    if hq_only:
+        return ["", "", ""]
+    target = GATEWAY_TARGETS.get((name, key))
+    ratio = s["ratio"]
+    mark = ""
+    if target and result["targets_judged"] and ratio["median"] is not None:
+        mark = " (met)" if meets(target, ratio["median"]) else " (missed)"
+    return [
+        fmt(s["hq"]["median"]),
+        "" if ratio["median"] is None else _ratio_text(ratio),
+        (target_text(target) + "×" + mark) if target else "",
+    ]
 
 
 def _ratio_text(ratio: dict) -> str:

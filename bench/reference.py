@@ -26,7 +26,7 @@ import psutil
 
 from .keys import METHOD
 from .populate import corrupted
-from .stack import START_TIMEOUT_S, StackError, cpu_seconds, database_size, rss_bytes, terminate
+from .stack import START_TIMEOUT_S, StackError, cpu_seconds, database_size, free_port, rss_bytes, terminate
 
 NAME = "bitbake-hashserv"
 POLL_S = 0.02
@@ -61,12 +61,6 @@ def version(tree: str) -> str:
     return match.group(1) if match else "unknown"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _connect(lib: str, address: str, timeout: float = 30.0):
     """In a client process: BitBake's ``hashserv.create_client`` (its own 30 s timeout)."""
     if lib not in sys.path:
@@ -95,7 +89,7 @@ class ReferenceServer:
         self.processes: dict = {}
 
     def start(self, timeout: float = START_TIMEOUT_S) -> ReferenceServer:
-        port = _free_port()
+        port = free_port()
         argv = [sys.executable, os.path.join(self.tree, "bin", NAME), "-b", f"127.0.0.1:{port}"]
         argv += ["-d", self.db, "-l", "WARNING"]
         with open(self.log_path, "ab") as log:

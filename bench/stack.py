@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -240,3 +241,55 @@ def database_size(db: str, tables: tuple = ("unihashes", "outhashes")) -> dict:
     if os.path.exists(db + "-wal"):
         size += os.path.getsize(db + "-wal")
     return {"bytes": size, "unihash_rows": unihashes, "outhash_rows": outhashes}
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 free now (for servers that take a port, not a port 0)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class GatewayStack(Stack):
+    """hq-server with ``--oehashequiv 127.0.0.1:PORT``: its ``address`` is the gateway's, for
+    BitBake's own client; the broker's stays ``hq_address`` (statistics). The gateway's CPU
+    counts with the broker's and the workers'."""
+
+    def __init__(self, workdir: str, workers: int, args=()):
+        self.port = free_port()
+        super().__init__(
+            workdir,
+            workers,
+            "tcp://127.0.0.1:*",
+            [*args, "--oehashequiv", f"127.0.0.1:{self.port}"],
+            log_level="WARNING",
+            inherit_env=False,
+        )
+        self.hq_address = None
+
+    def start(self, timeout: float = START_TIMEOUT_S) -> GatewayStack:
+        super().start(timeout)
+        self.hq_address, self.address = self.address, f"127.0.0.1:{self.port}"
+        deadline = time.monotonic() + timeout
+        self._wait(lambda: "hq-gateway" in self.children(), deadline, "its gateway process")
+        self.processes = dict(sorted(self.children().items()))
+        return self
+
+    def children(self) -> dict:
+        found = super().children()
+        for child in psutil.Process(self.proc.pid).children():
+            try:
+                if "hq.gateway" in child.cmdline():
+                    found["hq-gateway"] = child
+            except psutil.Error:
+                continue
+        return found
+
+    def counters(self) -> dict:
+        from hq.client import create_client
+
+        with create_client(self.hq_address, timeout=5.0) as client:
+            try:
+                return client.get_stats().get("broker", {}).get("counters", {})
+            except ConnectionError as exc:
+                return {"error": str(exc)}

@@ -163,33 +163,73 @@ class Connection:
         return result
 
     async def _stream(self, mode: str) -> None:
-        """Stream mode until END (or an empty line): each read's lines are one hq request."""
-        while True:
-            line = await self._line()
-            if line is None:
-                return
-            batch = [line, *await self._more_lines()]
-            end = next((i for i, text in enumerate(batch) if text.rstrip() in ("END", "")), None)
-            if end is not None:
-                self.queue[:0] = batch[end + 1 :]
-                batch = batch[:end]
-            if batch:
-                lookup = self._get_batch if mode == "get-stream" else self._exists_batch
-                answers = await lookup(batch)
+        """Stream mode until END (or an empty line). The lines of each read are one hq
+        request; up to MAX_INFLIGHT of them are in flight while more lines are read, and the
+        answers go back in order as each completes. While one batch is with the broker, the
+        next accumulates, so batches grow with the load."""
+        lookup = self._get_batch if mode == "get-stream" else self._exists_batch
+        inflight: asyncio.Queue = asyncio.Queue(MAX_INFLIGHT)
+        loop = asyncio.get_running_loop()
+
+        async def read() -> bool:
+            while True:
+                line = await self._line()
+                if line is None:
+                    await inflight.put(None)
+                    return False
+                batch = [line, *await self._more_lines()]
+                end = next((i for i, text in enumerate(batch) if text.rstrip() in ("END", "")), None)
+                if end is not None:
+                    self.queue[:0] = batch[end + 1 :]
+                    batch = batch[:end]
+                if batch:
+                    await inflight.put(loop.create_task(lookup(batch)))
+                if end is not None:
+                    await inflight.put(None)
+                    return True
+
+        async def write() -> None:
+            while True:
+                task = await inflight.get()
+                if task is None:
+                    return
+                answers = await task
                 self._write(("\n".join(answers) + "\n").encode("ascii"))
-            if end is not None:
-                self._write(b"ok\n")
-                await self._drain()
-                return
+                if inflight.empty():
+                    await self._drain()
+
+        reader, writer = loop.create_task(read()), loop.create_task(write())
+        try:
+            await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_EXCEPTION)
+            if writer.done() and writer.exception() is not None:
+                raise writer.exception()
+            ended = await reader
+            await writer
+        finally:
+            for task in (reader, writer):
+                task.cancel()
+            while not inflight.empty():
+                task = inflight.get_nowait()
+                if task is not None:
+                    task.cancel()
+        if ended:
+            self._write(b"ok\n")
             await self._drain()
 
     async def _get_batch(self, lines: list) -> list:
-        pairs = []
-        for line in lines:
+        pairs, answers, asked = [], [""] * len(lines), []
+        for n, line in enumerate(lines):
             fields = line.split()
             if len(fields) != 2:
                 raise Drop("a get-stream line without exactly two fields")
-            pairs.append(fields)
+            if _storable(fields[0]) and _storable(fields[1]):  # else no mapping can exist
+                pairs.append(fields)
+                asked.append(n)
+        for n, unihash in zip(asked, await self._lookup(pairs)):
+            answers[n] = unihash
+        return answers
+
+    async def _lookup(self, pairs: list) -> list:
         body, counts = [], []
         for method, taskhashes in _chunks(pairs):
             body += [method.encode("utf-8"), p.pack_items(taskhashes)]
@@ -204,6 +244,10 @@ class Connection:
 
     async def _exists_batch(self, lines: list) -> list:
         unihashes = [line.strip() for line in lines]
+        if not all(_storable(u) for u in unihashes):  # never stored, so never found
+            kept = [u for u in unihashes if _storable(u)]
+            found = dict(zip(kept, await self._exists_batch(kept))) if kept else {}
+            return [found.get(u, "false") for u in unihashes]
         chunks = [unihashes[i : i + p.MAX_CHUNK_ITEMS] for i in range(0, len(unihashes), p.MAX_CHUNK_ITEMS)]
         flags: list = []
         for start in range(0, len(chunks), MAX_GROUPS):
@@ -216,6 +260,14 @@ class Connection:
 
 #: GET groups per hq request (each chunk up to 1000 items; the request within MAX_FRAMES).
 MAX_GROUPS = 64
+#: Batches of one stream connection with the broker at once.
+MAX_INFLIGHT = 4
+
+
+def _storable(text: str) -> bool:
+    """Could hq hold this method or hash (PROTOCOL.md §3.2)? A line with one it could not is
+    answered as a miss, as the reference answers it, instead of failing the batch."""
+    return text.isprintable() and len(text.encode("utf-8", "surrogatepass")) <= p.MAX_HASH_BYTES
 
 
 def _chunks(pairs: list):

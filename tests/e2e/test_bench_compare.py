@@ -110,3 +110,35 @@ def test_finding_the_tree(bitbake, tmp_path, monkeypatch):
     assert reference.find_bitbake(None, environ={"HQ_BITBAKE": bitbake}) == os.path.realpath(bitbake)
     assert reference.find_bitbake(str(tmp_path), environ={}) is None
     assert reference.version(bitbake).startswith("2.")
+
+
+def test_a_third_side_through_the_gateway(bitbake, tmp_path):
+    """--gateway: BitBake's own client through hq-gateway to hq, checked like the others."""
+    path = tmp_path / "gateway.json"
+    proc = bench(
+        "compare",
+        "--bitbake",
+        bitbake,
+        "--gateway",
+        "--workloads",
+        "single,report",
+        "--scale",
+        "0.02",
+        "--repeats",
+        "1",
+        "--workers",
+        "1",
+        "--json",
+        path,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = json.loads(path.read_text())
+    sides = {(r["workload"], r["side"]) for r in data["repeats"]}
+    assert sides == {(w, s) for w in ("single", "report") for s in ("hq", "bitbake-hashserv", "hq-gateway")}
+    for r in data["repeats"]:
+        assert r["ok"], r
+        if r["side"] == "hq-gateway":
+            assert "hq-gateway" in r["server"]["pids"] and "hq-broker" in r["server"]["pids"]
+    for name in ("single", "report"):
+        assert data["workloads"][name]["gateway"]["rate"]["ratio"]["median"] > 0
+    assert "via hq-gateway" in proc.stdout and "gateway ÷ ref" in proc.stdout

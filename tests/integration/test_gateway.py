@@ -82,6 +82,9 @@ def test_bitbakes_client_gets_the_references_answers(hashserv, served, transport
         assert client.get_unihash(M, "0" * 40) is None
         wave = [(M, t1), (M, "1" * 40), (M, t2)] * 700  # a pipelined get-stream batch
         assert client.get_unihash_batch(wave) == [U1, None, U1] * 700
+        # a hash hq could not even hold is a miss, as for the reference, not a failed batch
+        assert client.get_unihash_batch([(M, "x" * 300), (M, t1)]) == [None, U1]
+        assert client.unihash_exists_batch(["y" * 300, U1]) == [False, True]
         assert client.unihash_exists(U1) and not client.unihash_exists(U2)
         assert client.unihash_exists_batch([U1, U2] * 300) == [True, False] * 300
         row = client.get_taskhash(M, t1, True)

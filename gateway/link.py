@@ -16,11 +16,11 @@ import itertools
 import time
 
 import zmq
-import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from hq import curve
 from hq import protocol as p
+from hq.sockets import recv_frames, send_frames
 
 BACKOFF_START_S = 0.05
 BACKOFF_MAX_S = 1.0
@@ -35,7 +35,7 @@ class BrokerDown(ConnectionError):
 
 
 class Link:
-    def __init__(self, ctx: zmq.asyncio.Context, address: str, timeout_s: float, keys=None):
+    def __init__(self, ctx: zmq.Context, address: str, timeout_s: float, keys=None):
         self.ctx = ctx
         self.address = address
         self.timeout_s = timeout_s
@@ -45,8 +45,7 @@ class Link:
         self.become = None  # the user become-user made this link act as
         self.session = b""
         self.sock = None
-        self._reader = None
-        self._watcher = None
+        self.monitor = None
         self._up = None  # asyncio.Event: the connection to the broker has shaken hands
         self.down = False  # a call waited CONNECT_GRACE_S in vain: fail at once until it is up
         self._waiting: dict = {}  # request id -> Future of (status, body)
@@ -54,6 +53,9 @@ class Link:
         self._generation = 0
 
     # --- socket ---------------------------------------------------------------------------
+    # Plain ZeroMQ sockets read through the event loop (add_reader on ZMQ_FD): cheaper per
+    # message than zmq.asyncio. ZMQ_FD is edge-triggered: after every send, and on every
+    # wake-up, ZMQ_EVENTS is read until no message waits.
     def _open(self) -> None:
         sock = self.ctx.socket(zmq.DEALER)
         sock.linger = 0
@@ -64,53 +66,54 @@ class Link:
             curve.connect_as(sock, *self.keys)
         monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
         sock.connect(self.address)
-        self.sock = sock
+        self.sock, self.monitor = sock, monitor
         self.session = b""
         self._generation += 1
-        loop = asyncio.get_running_loop()
         self._up = asyncio.Event()
-        self._reader = loop.create_task(self._read(sock))
-        self._watcher = loop.create_task(self._watch(sock, monitor, self._up))
+        loop = asyncio.get_running_loop()
+        loop.add_reader(sock.getsockopt(zmq.FD), self._drain_replies)
+        loop.add_reader(monitor.getsockopt(zmq.FD), self._drain_events)
+        loop.call_soon(self._drain_events)
 
     def reset(self) -> None:
         """Drop the socket (and every answer still owed on it)."""
-        for task in (self._reader, self._watcher):
-            if task is not None:
-                task.cancel()
-        self._reader = self._watcher = None
         if self.sock is not None:
+            loop = asyncio.get_running_loop()
+            for sock in (self.sock, self.monitor):
+                loop.remove_reader(sock.getsockopt(zmq.FD))
+            try:
+                self.sock.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            self.monitor.close(linger=0)
             self.sock.close(linger=0)
-            self.sock = None
+            self.sock = self.monitor = None
         self.session = b""
 
     close = reset
 
-    async def _watch(self, sock, monitor, up: asyncio.Event) -> None:
+    def _drain_events(self) -> None:
+        monitor = self.monitor
         try:
-            while True:
-                event = parse_monitor_message(await monitor.recv_multipart())["event"]
+            while monitor is not None and monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                event = parse_monitor_message(monitor.recv_multipart(zmq.NOBLOCK))["event"]
                 if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                    up.set()
+                    self._up.set()
                     self.down = False
                 elif event == zmq.EVENT_DISCONNECTED:
-                    up.clear()
-        except (zmq.ZMQError, asyncio.CancelledError):
-            pass
-        finally:
-            try:
-                sock.disable_monitor()
-            except zmq.ZMQError:
-                pass
-            monitor.close(linger=0)
+                    self._up.clear()
+        except zmq.ZMQError:  # closed meanwhile (reset)
+            return
 
-    async def _read(self, sock) -> None:
-        while True:
+    def _drain_replies(self) -> None:
+        sock = self.sock
+        while sock is not None:
             try:
-                frames = await sock.recv_multipart()
-            except (zmq.ZMQError, asyncio.CancelledError):
+                if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    return
+                reply = p.decode_reply(recv_frames(sock))
+            except zmq.ZMQError:  # Again, or closed meanwhile (reset)
                 return
-            try:
-                reply = p.decode_reply(frames)
             except p.ProtocolError:
                 continue
             future = self._waiting.pop(reply.request_id, None)
@@ -156,24 +159,26 @@ class Link:
         if remaining <= 0:
             raise BrokerDown(f"no answer from hq at {self.address}")
         request_id = b"%x" % next(self._ids)
-        future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
         self._waiting[request_id] = future
         try:
-            await self.sock.send_multipart(
-                p.encode_request(request_id, command, body, self.session), flags=zmq.NOBLOCK
-            )
+            send_frames(self.sock, p.encode_request(request_id, command, body, self.session))
         except zmq.ZMQError:
             pass  # the pipe is full or the socket gone: the attempt times out and resends
+        loop.call_soon(self._drain_replies)  # ZMQ_FD is edge-triggered: look after a send
         # A log-in is not sent twice: a wrong token's answer comes after the broker's 1 s.
         whole = command in p.LONG_COMMANDS or command == p.AUTH
         wait = remaining if whole else min(remaining, self.attempt_s)
+        timer = loop.call_later(wait, _expire, future)  # cheaper than asyncio.wait_for
         try:
-            return await asyncio.wait_for(future, wait)
-        except asyncio.TimeoutError:
+            return await future
+        except TimeoutError:
             if time.monotonic() >= deadline:
                 raise BrokerDown(f"no answer from hq at {self.address}") from None
             return None, []
         finally:
+            timer.cancel()
             self._waiting.pop(request_id, None)
 
     async def _log_in(self, deadline: float) -> None:
@@ -188,3 +193,8 @@ class Link:
             status, body = await self._attempt(p.BECOME_USER, [self.become.encode()], deadline)
             if status != p.OK:
                 raise BrokerDown(f"hq refused become-user again: {p.error_text(body)}")
+
+
+def _expire(future) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())

@@ -17,7 +17,6 @@ import socket
 import sys
 
 import zmq
-import zmq.asyncio
 
 from hq import config, curve, logs, options, proctitle
 
@@ -30,7 +29,7 @@ log = logging.getLogger(__name__)
 class Gateway:
     def __init__(self, opts):
         self.opts = opts
-        self.ctx = zmq.asyncio.Context()
+        self.ctx = zmq.Context()
         self.keys = None
         if opts.curve_server_key:
             self.keys = (curve.load_public(opts.curve_server_key), opts.curve_client_key or None)

@@ -33,7 +33,7 @@ from .metrics import min_median_max
 from .populate import populate
 from .runner import run_repeat
 from .stack import GatewayStack
-from .table import grid, meets, target_text
+from .table import grid, judged_mark, target_text
 from .workloads import WORKLOADS
 
 COMPARED = ("burst", "single", "report")
@@ -325,9 +325,7 @@ def table(result: dict) -> str:
             ratio = s["ratio"]
             ratio_text = "" if hq_only or ratio["median"] is None else _ratio_text(ratio)
             judged_value = s["hq"]["median"] if hq_only else ratio["median"]
-            mark = ""
-            if target and result["targets_judged"] and judged_value is not None:
-                mark = " (met)" if meets(target, judged_value) else " (missed)"
+            mark = judged_mark(target, judged_value, result["targets_judged"])
             target_cell = ""
             if target:
                 target_cell = (target_text(target) + (f" {unit}" if hq_only else "×")) + mark
@@ -358,9 +356,7 @@ def _gateway_cells(result: dict, name: str, key: str, s: dict, hq_only: bool) ->
         return ["", "", ""]
     target = GATEWAY_TARGETS.get((name, key))
     ratio = s["ratio"]
-    mark = ""
-    if target and result["targets_judged"] and ratio["median"] is not None:
-        mark = " (met)" if meets(target, ratio["median"]) else " (missed)"
+    mark = judged_mark(target, ratio["median"], result["targets_judged"])
     return [
         fmt(s["hq"]["median"]),
         "" if ratio["median"] is None else _ratio_text(ratio),

@@ -35,7 +35,7 @@ from .metrics import min_median_max
 from .populate import populate
 from .runner import run_repeat
 from .stack import Stack
-from .table import grid, meets, target_text
+from .table import grid, judged_mark, target_text
 from .workloads import WORKLOADS
 
 WORKLOAD_NAMES = ("burst", "single")
@@ -175,9 +175,7 @@ def print_report(result: dict, quiet: bool = False) -> None:
                 s = data["summary"][config]
                 ratio = s["ratio"]
                 target = TARGETS.get((name, config))
-                mark = ""
-                if target and result["targets_judged"] and ratio["median"] is not None:
-                    mark = " (met)" if meets(target, ratio["median"]) else " (missed)"
+                mark = judged_mark(target, ratio["median"], result["targets_judged"])
                 rows.append(
                     [
                         name if i == 0 else "",

@@ -7,6 +7,13 @@ from tabulate import tabulate
 from hq.numbers import fmt
 
 
+def judged_mark(target, value, judged: bool) -> str:
+    """ " (met)" or " (missed)" after a target cell, when the run's targets are judged."""
+    if not target or not judged or value is None:
+        return ""
+    return " (met)" if meets(target, value) else " (missed)"
+
+
 def target_text(target) -> str:
     if not target:
         return ""
@@ -25,9 +32,7 @@ def metrics_table(summary: dict, targets: dict, judge: bool = True) -> str:
     rows = []
     for name, mmm in summary.items():
         target = targets.get(name)
-        mark = ""
-        if judge and target and mmm["median"] is not None:
-            mark = " (met)" if meets(target, mmm["median"]) else " (missed)"
+        mark = judged_mark(target, mmm["median"], judge)
         rows.append(
             [
                 name,

@@ -81,8 +81,6 @@ class Access:
         self.peer_logins: dict = {}  # peer address -> log-ins of it in flight or held back
         self.delayed: list = []  # heap of (due, seq, client_id, frames): failed log-ins
         self._seq = 0
-        self.failed_logins = 0
-        self.logins = 0
 
     @classmethod
     def from_settings(cls, settings) -> Access:
@@ -160,12 +158,10 @@ class Access:
                 user_perms = answer["permissions"]
             except (ValueError, KeyError, IndexError, TypeError):
                 return frames
-            self.logins += 1
             key = self.open_session(client_id, answer["username"], user_perms)
             log.info("%s logged in from %s", answer["username"], peer)
             return [*frames, key]
         if status == p.E_UNAUTHORIZED:
-            self.failed_logins += 1
             log.warning("failed log-in as %s from %s", username, peer)
             self._seq += 1
             heapq.heappush(self.delayed, (now + FAILED_LOGIN_DELAY_S, self._seq, client_id, frames))
@@ -234,13 +230,14 @@ class Access:
                     self.read_only,
                 )
 
-    def stats(self) -> dict:
+    def stats(self, counters: dict) -> dict:
+        """``counters``: the scheduler's (cumulative), where log-ins are counted."""
         return {
             "anon_perms": sorted(self.anon_perms),
             "read_only": self.read_only,
             "sessions": len(self.sessions),
-            "logins": self.logins,
-            "failed_logins": self.failed_logins,
+            "logins": counters.get("auth.logins", 0),
+            "failed_logins": counters.get("auth.failed", 0),
         }
 
 

@@ -847,7 +847,7 @@ class Scheduler:
                 "inflight_jobs": len(self.jobs),
                 "pending_requests": len(self.pending) + len(self.slow_pending),
                 "clients_queued": len(self.queue.queues),
-                "access": self.access.stats(),
+                "access": self.access.stats(self.counters),
                 "cache": {
                     "entries": len(self.cache.entries),
                     "max_entries": self.cache.max_entries,

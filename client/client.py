@@ -13,7 +13,7 @@ from zmq.utils.monitor import recv_monitor_message
 from hq import addresses, curve
 from hq import permissions as perms
 from hq import protocol as p
-from hq.sockets import readable, recv_frames, send_frames
+from hq.sockets import dealer, readable, recv_frames, send_frames
 
 from .policy import InvokeError, RetryPolicy, ServerError  # noqa: F401 (the errors: this module's API too)
 
@@ -95,11 +95,7 @@ class Client:
             # its own, where the server the parent reached cannot be reached at all.
             self._link = Link()
         if self._socket is None:
-            sock = self._ctx.socket(zmq.DEALER)
-            sock.linger = 0
-            sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_FRAME_BYTES)
-            sock.setsockopt(zmq.RECONNECT_IVL, 100)
-            sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+            sock = dealer(self._ctx, p.MAX_FRAME_BYTES, reconnect_max_ms=1000)
             if self._curve is not None:
                 curve.connect_as(sock, *self._curve)
             try:

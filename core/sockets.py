@@ -17,6 +17,17 @@ EVENTS = int(zmq.EVENTS)
 POLLIN = int(zmq.POLLIN)
 
 
+def dealer(ctx: zmq.Context, max_frame_bytes: int, reconnect_max_ms: int) -> zmq.Socket:
+    """A DEALER as hq's clients use one: no linger, frames bounded, quick reconnects (0.1 s
+    doubling up to ``reconnect_max_ms``). Not connected yet (CURVE keys go on first)."""
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    sock.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)
+    sock.setsockopt(zmq.RECONNECT_IVL, 100)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, reconnect_max_ms)
+    return sock
+
+
 def send_frames(sock: zmq.Socket, frames: list) -> None:
     """Send a multipart message without blocking. Raises zmq.Again (peer at its high-water
     mark) or zmq.ZMQError (e.g. EHOSTUNREACH) before anything is sent: libzmq takes or

@@ -119,10 +119,9 @@ async def remove(link, args):
 
 
 async def clean_unused(link, args):
-    age = _field(args, "max_age_seconds", int)
-    # The reference deletes every unused row whatever the age (its cutoff is now + age,
-    # PROTOCOL.md §3.7): a BitBake client must see the same, so the gateway asks for 0.
-    del age
+    _field(args, "max_age_seconds", int)  # required, as by the reference, then not used:
+    # the reference deletes every unused row whatever the age (its cutoff is now + age,
+    # PROTOCOL.md §3.7), so a BitBake client must see hq do the same: age 0.
     return _json(await ask(link, p.CLEAN_UNUSED, [b"0"]))
 
 
@@ -142,7 +141,9 @@ async def gc_sweep(link, args):
 
 
 def _perms(args) -> bytes:
-    value = _field(args, "permissions", object)
+    if not isinstance(args, dict) or "permissions" not in args:
+        raise Drop("missing field permissions")
+    value = args["permissions"]
     if not isinstance(value, list):
         raise Invoke("Unexpected type for permissions")
     return p.encode_json(value)

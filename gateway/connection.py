@@ -47,7 +47,7 @@ class Connection:
             self.queue.extend(self.lines.feed(data))
         return self.queue.pop(0)
 
-    async def _more_lines(self) -> list:
+    def _more_lines(self) -> list:
         """Every complete line already read: the rest of what arrived with the last line
         taken (a pipelined batch is read up to READ_BYTES at a time)."""
         lines, self.queue = self.queue, []
@@ -177,7 +177,7 @@ class Connection:
                 if line is None:
                     await inflight.put(None)
                     return False
-                batch = [line, *await self._more_lines()]
+                batch = [line, *self._more_lines()]
                 end = next((i for i, text in enumerate(batch) if text.rstrip() in ("END", "")), None)
                 if end is not None:
                     self.queue[:0] = batch[end + 1 :]

@@ -20,7 +20,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from hq import curve
 from hq import protocol as p
-from hq.sockets import recv_frames, send_frames
+from hq.sockets import dealer, recv_frames, send_frames
 
 BACKOFF_START_S = 0.05
 BACKOFF_MAX_S = 1.0
@@ -57,11 +57,7 @@ class Link:
     # message than zmq.asyncio. ZMQ_FD is edge-triggered: after every send, and on every
     # wake-up, ZMQ_EVENTS is read until no message waits.
     def _open(self) -> None:
-        sock = self.ctx.socket(zmq.DEALER)
-        sock.linger = 0
-        sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_FRAME_BYTES)
-        sock.setsockopt(zmq.RECONNECT_IVL, 100)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
+        sock = dealer(self.ctx, p.MAX_FRAME_BYTES, reconnect_max_ms=500)
         if self.keys is not None:
             curve.connect_as(sock, *self.keys)
         monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)

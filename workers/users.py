@@ -24,10 +24,6 @@ def _name(frame) -> str:
     return p.decode_text(frame, "username", p.MAX_USERNAME_BYTES)
 
 
-def _optional_name(frame):
-    return _name(frame) if bytes(frame) else None
-
-
 def _perm_list(frame) -> list:
     try:
         value = json.loads(bytes(frame))
@@ -59,10 +55,6 @@ def parse_auth(body: list) -> tuple:
 
 def parse_name(body: list) -> tuple:
     return (_name(body[0]),)
-
-
-def parse_optional_name(body: list) -> tuple:
-    return (_optional_name(body[0]),)
 
 
 def parse_name_perms(body: list) -> tuple:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 
 from helpers import Stack, script, wait_for
@@ -219,10 +220,6 @@ def test_hq_server_runs_the_gateway_with_the_stack(hashserv, tmp_path):
         assert f"OEHASHEQUIV on {sock}" in stack.log()
         with hashserv.create_client(sock) as client:
             assert client.report_unihash(T1, M, O1, U1)["unihash"] == U1
-        gateway = stack.children()  # the gateway is hq-server's child like the others
-        assert any(
-            "hq.gateway" in " ".join(p.cmdline())
-            for p in __import__("psutil").Process(stack.proc.pid).children()
-        )
-        assert gateway["hq-broker"].is_running()
+        children = psutil.Process(stack.proc.pid).children()  # the gateway is one of hq-server's
+        assert any("hq.gateway" in child.cmdline() for child in children)
     assert not os.path.exists(sock[len("unix://") :])  # removed on the way out

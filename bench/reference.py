@@ -79,9 +79,11 @@ class ReferenceServer:
     """``bitbake-hashserv -b 127.0.0.1:PORT -d workdir/hashserv.db``, one process (asyncio,
     SQLite), run by this interpreter."""
 
-    def __init__(self, workdir: str, tree: str):
+    def __init__(self, workdir: str, tree: str, args=(), env=None):
         self.workdir = str(workdir)
         self.tree = tree
+        self.args = list(args)  # more bitbake-hashserv options (the tests: --admin-user ...)
+        self.env = env
         self.db = os.path.join(self.workdir, "hashserv.db")
         self.log_path = os.path.join(self.workdir, "bitbake-hashserv.log")
         self.proc: subprocess.Popen | None = None
@@ -91,9 +93,10 @@ class ReferenceServer:
     def start(self, timeout: float = START_TIMEOUT_S) -> ReferenceServer:
         port = free_port()
         argv = [sys.executable, os.path.join(self.tree, "bin", NAME), "-b", f"127.0.0.1:{port}"]
-        argv += ["-d", self.db, "-l", "WARNING"]
+        argv += ["-d", self.db, "-l", "WARNING", *self.args]
+        env = None if self.env is None else {**os.environ, **self.env}
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + timeout
         while not self._answers_ping(port):
             if self.proc.poll() is not None:

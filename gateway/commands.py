@@ -106,7 +106,10 @@ async def get_db_usage(link, args):
 
 
 async def get_db_query_columns(link, args):
-    return _json(await ask(link, p.QUERY_COLUMNS))
+    # hq can also query by "created" (PROTOCOL.md §3.7); the reference lists only its own
+    # columns, and so does the gateway. "created" still works in a where.
+    columns = _json(await ask(link, p.QUERY_COLUMNS))
+    return {"columns": [c for c in columns["columns"] if c != "created"]}
 
 
 def _where(args) -> bytes:

@@ -10,6 +10,7 @@ each, as the reference's.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 
 from hq import protocol as p
@@ -23,7 +24,7 @@ log = logging.getLogger(__name__)
 READ_BYTES = 256 * 1024
 #: A client that does not read its answers for this long is closed (no stuck task).
 DRAIN_TIMEOUT_S = 30.0
-STREAM_MODES = ("get-stream", "exists-stream")
+STREAM_MODES = ("get-stream", "exists-stream", "gc-mark-stream")
 
 
 class Connection:
@@ -129,16 +130,16 @@ class Connection:
         elif name == "become-user":
             self._write(encode(await self._become(args)))
         elif name in STREAM_MODES:
-            # Permissions are checked before "ok" (reference §5.1): stats needs @read too,
-            # and the broker answers it itself.
-            await commands.ask(self.link, p.STATS)
+            # Permissions are checked before "ok" (reference §5.1), with a command of the
+            # same permission: stats needs @read, gc-status @db-admin.
+            await commands.ask(self.link, p.GC_STATUS if name == "gc-mark-stream" else p.STATS)
             self._write(encode("ok"))
             await self._drain()
             await self._stream(name)
         elif name in commands.HANDLERS:
             self._write(encode(await commands.HANDLERS[name](self.link, args)))
-        else:  # backfill-wait (no upstream), gc-mark-stream: the client falls back
-            raise Drop(f"{name} is not served by this gateway")
+        else:  # backfill-wait: the reference without an upstream drops it too (§13)
+            raise Drop(f"{name} needs an upstream")
 
     async def _auth(self, args) -> dict:
         username, token = commands._field(args, "username"), commands._field(args, "token")
@@ -167,7 +168,11 @@ class Connection:
         request; up to MAX_INFLIGHT of them are in flight while more lines are read, and the
         answers go back in order as each completes. While one batch is with the broker, the
         next accumulates, so batches grow with the load."""
-        lookup = self._get_batch if mode == "get-stream" else self._exists_batch
+        lookup = {
+            "get-stream": self._get_batch,
+            "exists-stream": self._exists_batch,
+            "gc-mark-stream": self._gc_mark_batch,
+        }[mode]
         inflight: asyncio.Queue = asyncio.Queue(MAX_INFLIGHT)
         loop = asyncio.get_running_loop()
 
@@ -193,7 +198,12 @@ class Connection:
                 task = await inflight.get()
                 if task is None:
                     return
-                answers = await task
+                try:
+                    answers = await task
+                except Partial as partial:  # the lines before a bad one, then its error
+                    if partial.answers:
+                        self._write(("\n".join(partial.answers) + "\n").encode("ascii"))
+                    raise partial.error from None
                 self._write(("\n".join(answers) + "\n").encode("ascii"))
                 if inflight.empty():
                     await self._drain()
@@ -256,6 +266,49 @@ class Connection:
             for frame, chunk in zip(reply, part):
                 flags += p.unpack_flags(frame, len(chunk))
         return ["true" if f else "false" for f in flags]
+
+    async def _gc_mark_batch(self, lines: list) -> list:
+        """Each line ``{"mark": M, "where": {...}}`` answered ``{"count": N}``: one hq
+        gc-mark-stream request for the lines of a read, one chunk (and count) per line. A bad
+        line ends the stream as the reference ends it: the lines before it are marked and
+        answered, then its invoke-error (not JSON, a key missing) or a close (a wrong type)."""
+        body, error = [], None
+        for line in lines:
+            text = line.rstrip()
+            try:
+                request = json.loads(text)
+            except ValueError:
+                error = commands.Invoke(f"Could not decode JSONL input '{text}'")
+                break
+            keys = ("mark", "where") if isinstance(request, dict) else ()
+            missing = next((k for k in keys if k not in request), None)
+            if missing:
+                error = commands.Invoke(f"Input line is missing key ''{missing}'' ")
+                break
+            if not (isinstance(request, dict) and isinstance(request["mark"], str)):
+                error = Drop("a gc-mark-stream line that is not {mark: text, where: {...}}")
+                break
+            if not isinstance(request["where"], dict):
+                error = Drop("a gc-mark-stream where that is not an object")
+                break
+            where = p.encode_json(request["where"]).decode("utf-8")
+            body += [commands._enc(request["mark"]), p.pack_items([where])]
+        counts: list = []
+        for start in range(0, len(body), 2 * MAX_GROUPS):
+            reply = await commands.ask(self.link, p.GC_MARK_STREAM, body[start : start + 2 * MAX_GROUPS])
+            counts += [int(bytes(frame)) for frame in reply]
+        answers = [json.dumps({"count": n}) for n in counts]
+        if error is not None:
+            raise Partial(answers, error)
+        return answers
+
+
+class Partial(Exception):
+    """A stream batch cut short by a bad line: the answers before it, and its error."""
+
+    def __init__(self, answers: list, error: Exception):
+        super().__init__(str(error))
+        self.answers, self.error = answers, error
 
 
 #: GET groups per hq request (each chunk up to 1000 items; the request within MAX_FRAMES).

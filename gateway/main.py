@@ -69,14 +69,19 @@ class Gateway:
         self.connections.add(task)
         try:
             await connection.run()
+        except asyncio.CancelledError:
+            pass  # the gateway stops: the connection is closed; nothing to report
         finally:
             self.connections.discard(task)
 
     async def stop(self) -> None:
         for server in self.servers:
             server.close()
-        for task in list(self.connections):
+        tasks = list(self.connections)
+        for task in tasks:
             task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
         for server in self.servers:
             await server.wait_closed()
         for address in self.opts.listen:

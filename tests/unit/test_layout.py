@@ -104,6 +104,12 @@ def test_layers_import_downward_only():
     assert offenders == []
 
 
+def test_meta_hq_uses_the_client_alone():
+    """The BitBake layer runs in BitBake's Python, where only the client is installed."""
+    modules = {m for path in (ROOT / "meta-hq").rglob("*.py") for m in hq_imports(path, "hq_siggen")}
+    assert modules == {"hq.client"}
+
+
 def test_the_checker_sees_an_upward_import(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("def f():\n    from hq.broker.main import write_lines\n")  # a lazy one

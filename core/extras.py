@@ -3,7 +3,8 @@
 A plain ``pip install hq-hashequiv`` is the client alone (pyzmq and the standard library), so
 it can go into BitBake's Python environment. The daemons and tools come with extras:
 ``[server]`` (hq-worker, hq-server: peewee), ``[admin]`` (hq-admin: tabulate), ``[bench]``
-(hq-bench: both, and psutil), ``[all]``. Their console scripts are installed either way;
+(hq-bench: both, and psutil), ``[gateway]`` (hq-gateway's ``ws://`` listeners: websockets),
+``[all]``. Their console scripts are installed either way;
 started without their extra, each says which one in one line and exits 2.
 """
 
@@ -13,7 +14,7 @@ import sys
 
 DISTRIBUTION = "hq-hashequiv"
 #: Third-party module -> the extra that installs it.
-EXTRAS = {"peewee": "server", "tabulate": "admin", "psutil": "bench"}
+EXTRAS = {"peewee": "server", "tabulate": "admin", "psutil": "bench", "websockets": "gateway"}
 
 
 def run(program: str, load, extra: str | None = None) -> int:

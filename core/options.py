@@ -299,14 +299,16 @@ WORKER = (
 
 
 def oehashequiv_address(text: str) -> str:
-    """Where a gateway listens: ``unix://PATH`` or ``HOST:PORT`` (BitBake's forms)."""
+    """Where a gateway listens: ``unix://PATH``, ``HOST:PORT`` or ``ws://HOST:PORT``
+    (BitBake's forms)."""
     if text.startswith("unix://"):
         if not text[len("unix://") :]:
             raise ValueError("unix:// needs a path")
         return text
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or "://" in text:
-        raise ValueError("use unix://PATH or HOST:PORT, as in BitBake's BB_HASHSERVE")
+    rest = text[len("ws://") :] if text.startswith("ws://") else text
+    host, sep, port = rest.rpartition(":")
+    if not sep or not host or "://" in rest or "/" in port:
+        raise ValueError("use unix://PATH, HOST:PORT or ws://HOST:PORT, as in BitBake's BB_HASHSERVE")
     if not port.isdigit() or int(port) > 65535:
         raise ValueError(f"port {port!r} is not 0-65535")
     return text
@@ -329,7 +331,7 @@ SERVER = (
     Option(
         "oehashequiv",
         (),
-        "also run hq-gateway on these addresses (unix://PATH or HOST:PORT): BitBake's own "
+        "also run hq-gateway on these addresses (unix://PATH, HOST:PORT, ws://HOST:PORT): BitBake's own "
         "client and bitbake-hashclient can use hq there",
         oehashequiv_address,
         multiple=True,
@@ -342,7 +344,7 @@ SERVER = (
 OEHASHEQUIV_LISTEN = Option(
     "listen",
     ("127.0.0.1:8687",),
-    "OEHASHEQUIV address(es) to listen on: unix://PATH or HOST:PORT (port 0: any)",
+    "OEHASHEQUIV address(es) to listen on: unix://PATH, HOST:PORT or ws://HOST:PORT (port 0: any)",
     oehashequiv_address,
     multiple=True,
 )
@@ -364,6 +366,13 @@ GATEWAY = (
         "seconds a connection may stay silent before it is closed",
         POSITIVE_FLOAT,
         attr="idle_timeout_s",
+    ),
+    Option(
+        "write-timeout",
+        30.0,
+        "seconds a client may leave its answers unread before it is closed",
+        POSITIVE_FLOAT,
+        attr="write_timeout_s",
     ),
     CURVE_SERVER_KEY,
     Option("curve-client-key", "", "CURVE: this gateway's .key_secret file, if the broker lists clients"),

@@ -16,23 +16,27 @@ import logging
 from hq import protocol as p
 
 from . import commands
-from .framing import Drop, LineBuffer, check_protocol_line, decode, encode, header, is_chunk_start
+from .framing import MAX_LINE, Drop, LineBuffer, check_protocol_line, decode, encode, header, is_chunk_start
 from .link import BrokerDown, Link
 
 log = logging.getLogger(__name__)
 
 READ_BYTES = 256 * 1024
-#: A client that does not read its answers for this long is closed (no stuck task).
-DRAIN_TIMEOUT_S = 30.0
+#: How long a closing connection's last answer may take to leave.
+CLOSE_DRAIN_S = 5.0
 STREAM_MODES = ("get-stream", "exists-stream", "gc-mark-stream")
 
 
 class Connection:
-    def __init__(self, gateway, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+    def __init__(self, gateway, reader, writer, chunked: bool = True, max_line: int = MAX_LINE):
+        """``reader``/``writer``: asyncio's streams, or a WebSocket's (hq.gateway.websocket:
+        one message per line, no chunking, longer lines)."""
         self.gateway = gateway
         self.reader = reader
         self.writer = writer
-        self.lines = LineBuffer()
+        self.chunked = chunked
+        self.stuck = False  # answers left unread past --write-timeout: abort, do not close
+        self.lines = LineBuffer(max_line)
         self.queue: list = []  # lines read and not yet handled
         self.link: Link = gateway.anonymous
         self.own_link = False
@@ -57,8 +61,17 @@ class Connection:
     def _write(self, data: bytes) -> None:
         self.writer.write(data)
 
+    def _send(self, value) -> None:
+        self._write(encode(value, self.chunked))
+
     async def _drain(self) -> None:
-        await asyncio.wait_for(self.writer.drain(), DRAIN_TIMEOUT_S)
+        # A client that leaves its answers unread is closed after --write-timeout; meanwhile
+        # its connection alone waits (in stream mode it is not read either: TCP pushes back).
+        try:
+            await asyncio.wait_for(self.writer.drain(), self.gateway.write_timeout_s)
+        except asyncio.TimeoutError:
+            self.stuck = True
+            raise
 
     async def run(self) -> None:
         try:
@@ -74,7 +87,7 @@ class Connection:
                 await self._drain()
         except (Drop, commands.Invoke, BrokerDown, asyncio.TimeoutError, ConnectionError) as exc:
             if isinstance(exc, commands.Invoke):
-                self._write(encode({"invoke-error": {"message": str(exc)}}))
+                self._send({"invoke-error": {"message": str(exc)}})
             log.debug("closing a connection: %s", exc)
         except Exception:  # a bug must cost one connection, never the gateway
             log.exception("closing a connection after an unexpected error")
@@ -84,11 +97,16 @@ class Connection:
     async def _close(self) -> None:
         if self.own_link:
             self.link.close()
-        try:
-            await asyncio.wait_for(self.writer.drain(), 5)
-        except (ConnectionError, asyncio.TimeoutError, RuntimeError):
-            pass
-        self.writer.close()
+        if not self.stuck:
+            try:  # a last answer (an invoke-error) on its way out
+                await asyncio.wait_for(self.writer.drain(), CLOSE_DRAIN_S)
+            except (ConnectionError, asyncio.TimeoutError, RuntimeError):
+                self.stuck = True
+        if self.stuck:
+            # Answers the client will not read: a close would wait for them to leave first.
+            self.writer.transport.abort()
+        else:
+            self.writer.close()
 
     async def _handshake(self) -> None:
         line = await self._line()
@@ -126,18 +144,18 @@ class Connection:
         name = commands.command_of(message)
         args = message[name]
         if name == "auth":
-            self._write(encode(await self._auth(args)))
+            self._send(await self._auth(args))
         elif name == "become-user":
-            self._write(encode(await self._become(args)))
+            self._send(await self._become(args))
         elif name in STREAM_MODES:
             # Permissions are checked before "ok" (reference §5.1), with a command of the
             # same permission: stats needs @read, gc-status @db-admin.
             await commands.ask(self.link, p.GC_STATUS if name == "gc-mark-stream" else p.STATS)
-            self._write(encode("ok"))
+            self._send("ok")
             await self._drain()
             await self._stream(name)
         elif name in commands.HANDLERS:
-            self._write(encode(await commands.HANDLERS[name](self.link, args)))
+            self._send(await commands.HANDLERS[name](self.link, args))
         else:  # backfill-wait: the reference without an upstream drops it too (§13)
             raise Drop(f"{name} needs an upstream")
 

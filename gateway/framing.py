@@ -79,11 +79,12 @@ def header(line: str) -> tuple:
     return tag.strip().lower(), value.strip()
 
 
-def encode(value) -> bytes:
+def encode(value, chunked: bool = True) -> bytes:
     """One normal-mode message as BitBake writes it: json.dumps defaults (ASCII), one line,
-    or a chunk stream when the text is MAX_CHUNK - 1 characters or more."""
+    or a chunk stream when the text is MAX_CHUNK - 1 characters or more (not over a
+    WebSocket, ``chunked=False``, where a message is never chunked)."""
     text = json.dumps(value)
-    if len(text) < MAX_CHUNK - 1:
+    if len(text) < MAX_CHUNK - 1 or not chunked:
         return (text + "\n").encode("ascii")
     step = MAX_CHUNK - 1
     parts = [json.dumps({CHUNK_STREAM: None})]

@@ -10,6 +10,7 @@ SO_REUSEPORT, so several gateways may share a port), each connection a
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -18,12 +19,18 @@ import sys
 
 import zmq
 
-from hq import config, curve, logs, options, proctitle
+from hq import config, curve, extras, logs, options, proctitle
+from hq.notify import notify
 
 from .connection import Connection
 from .link import Link
 
 log = logging.getLogger(__name__)
+
+#: Connections the kernel holds before the gateway accepts them (capped by
+#: net.core.somaxconn). asyncio's default, 100, drops the SYNs of a farm's task processes
+#: arriving together, and each dropped one waits a second to try again.
+BACKLOG = 4096
 
 
 class Gateway:
@@ -34,37 +41,57 @@ class Gateway:
         if opts.curve_server_key:
             self.keys = (curve.load_public(opts.curve_server_key), opts.curve_client_key or None)
         self.idle_timeout_s = opts.idle_timeout_s
+        self.write_timeout_s = opts.write_timeout_s
         self.anonymous = self.new_link()
         self.servers: list = []
         self.endpoints: list = []
         self.connections: set = set()
+        self.unix_paths: list = []
 
     def new_link(self) -> Link:
         return Link(self.ctx, self.opts.broker, self.opts.timeout_s, self.keys)
 
     async def start(self) -> None:
         for address in self.opts.listen:
-            if address.startswith("unix://"):
-                path = address[len("unix://") :]
-                if os.path.exists(path) and _is_stale_socket(path):
-                    os.unlink(path)
-                server = await asyncio.start_unix_server(self._serve, path=path)
-                self.endpoints.append(address)
-            else:
-                host, _, port = address.rpartition(":")
-                server = await asyncio.start_server(
-                    self._serve, host=host.strip("[]"), port=int(port), reuse_port=True
-                )
-                bound = server.sockets[0].getsockname()
-                self.endpoints.append(f"{host}:{bound[1]}")
-            self.servers.append(server)
+            try:
+                await self._listen(address)
+            except OSError as exc:
+                reason = os.strerror(exc.errno) if exc.errno else str(exc)
+                raise ListenError(f"cannot listen on {address}: {reason}") from None
 
-    async def _serve(self, reader, writer) -> None:
+    async def _listen(self, address: str) -> None:
+        if address.startswith("ws://"):
+            from . import websocket  # the [gateway] extra: only for ws:// addresses
+
+            host, _, port = address[len("ws://") :].rpartition(":")
+            serve = functools.partial(self._serve, chunked=False, max_line=websocket.MAX_MESSAGE)
+            server = await websocket.serve(serve, host.strip("[]"), int(port), BACKLOG)
+            bound = next(iter(server.sockets)).getsockname()
+            self.endpoints.append(f"ws://{host}:{bound[1]}")
+        elif address.startswith("unix://"):
+            path = address[len("unix://") :]
+            if os.path.exists(path) and _is_stale_socket(path):
+                os.unlink(path)
+            server = await asyncio.start_unix_server(self._serve, sock=_unix_listener(path), backlog=BACKLOG)
+            self.unix_paths.append(path)  # to remove on the way out: this gateway's own
+            # Builders of any user connect, as to a TCP port; the directory restricts.
+            os.chmod(path, 0o666)
+            self.endpoints.append(address)
+        else:
+            host, _, port = address.rpartition(":")
+            server = await asyncio.start_server(
+                self._serve, host=host.strip("[]"), port=int(port), reuse_port=True, backlog=BACKLOG
+            )
+            bound = server.sockets[0].getsockname()
+            self.endpoints.append(f"{host}:{bound[1]}")
+        self.servers.append(server)
+
+    async def _serve(self, reader, writer, **framing) -> None:
         sock = writer.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        connection = Connection(self, reader, writer)
+        connection = Connection(self, reader, writer, **framing)
         task = asyncio.current_task()
         self.connections.add(task)
         try:
@@ -84,18 +111,46 @@ class Gateway:
             await asyncio.wait(tasks, timeout=5)
         for server in self.servers:
             await server.wait_closed()
-        for address in self.opts.listen:
-            if address.startswith("unix://") and os.path.exists(address[len("unix://") :]):
-                os.unlink(address[len("unix://") :])
+        for path in self.unix_paths:
+            if os.path.exists(path):
+                os.unlink(path)
         self.anonymous.close()
         self.ctx.destroy(linger=0)
+
+
+class ListenError(Exception):
+    """An address the gateway cannot listen on, and why (one line)."""
+
+
+def _in_directory_of(path: str, call):
+    """``call(name)`` with the working directory at ``path``'s folder: a unix socket's path
+    may be longer than sun_path's 108 bytes, as BitBake's client also allows (it connects the
+    same way). The gateway is single-threaded and does this only while starting."""
+    folder, name = os.path.split(os.path.abspath(path))
+    cwd = os.open(".", os.O_RDONLY)
+    try:
+        os.chdir(folder)
+        return call(name)
+    finally:
+        os.fchdir(cwd)
+        os.close(cwd)
+
+
+def _unix_listener(path: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        _in_directory_of(path, sock.bind)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def _is_stale_socket(path: str) -> bool:
     """A socket file nobody listens on (a gateway that was killed): safe to replace."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        probe.connect(path)
+        _in_directory_of(path, probe.connect)
     except ConnectionRefusedError:
         return True
     except OSError:
@@ -109,21 +164,31 @@ async def serve(opts) -> int:
     gateway = Gateway(opts)
     try:
         await gateway.start()
-    except OSError as exc:
-        log.error("cannot listen on %s: %s", ", ".join(opts.listen), exc.strerror or exc)
-        gateway.anonymous.close()
-        gateway.ctx.destroy(linger=0)
+    except ModuleNotFoundError as exc:
+        log.error(
+            "ws:// needs the [gateway] extra (%s is not installed): pip install '%s[gateway]'",
+            exc.name,
+            extras.DISTRIBUTION,
+        )
+        await gateway.stop()
+        return 2
+    except ListenError as exc:
+        log.error("%s", exc)
+        await gateway.stop()
         return 2
     if opts.endpoint_file:
         with open(opts.endpoint_file + ".tmp", "w", encoding="utf-8") as fh:
             fh.write("".join(e + "\n" for e in gateway.endpoints))
         os.replace(opts.endpoint_file + ".tmp", opts.endpoint_file)
-    log.info("gateway serving OEHASHEQUIV on %s for hq at %s", ", ".join(gateway.endpoints), opts.broker)
+    serving = f"serving OEHASHEQUIV on {', '.join(gateway.endpoints)} for hq at {opts.broker}"
+    log.info("gateway %s", serving)
+    notify("READY=1", f"STATUS={serving}")  # systemd (Type=notify): every listener is bound
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     await stopping.wait()
+    notify("STOPPING=1")
     await gateway.stop()
     if opts.endpoint_file and os.path.exists(opts.endpoint_file):
         os.unlink(opts.endpoint_file)

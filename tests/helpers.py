@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
 import sys
 import time
 
@@ -39,6 +40,31 @@ class Stack(BenchStack):
     def __init__(self, tmp_path, workers: int = 2, bind: str = "tcp://127.0.0.1:*", args=(), env=None):
         super().__init__(tmp_path, workers, bind, ["--heartbeat-interval", "0.2", *args], env)
         self.tmp_path = tmp_path
+
+
+class Gateway:
+    """hq-gateway in front of ``broker``: on TCP (a free port by default), a unix socket and
+    ws:// (a free port)."""
+
+    def __init__(self, tmp_path, broker: str, *args, unix_path=None, tcp="127.0.0.1:0", name="gateway"):
+        self.unix = f"unix://{unix_path or tmp_path / (name + '.sock')}"
+        endpoints = tmp_path / f"{name}.endpoints"
+        self.log_path = tmp_path / f"{name}.log"
+        argv = [script("hq-gateway"), "--broker", broker, "--listen", tcp, "--listen", self.unix]
+        argv += ["--listen", "ws://127.0.0.1:0"]
+        argv += ["--endpoint-file", str(endpoints), "--timeout", "3", *args]
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        wait_for(lambda: endpoints.exists() or self.proc.poll() is not None, what="the gateway's endpoints")
+        assert self.proc.poll() is None, self.log()
+        self.tcp, _, self.ws = endpoints.read_text().split()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> int:
+        self.proc.terminate()
+        return self.proc.wait(10)
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

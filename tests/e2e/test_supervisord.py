@@ -8,6 +8,7 @@ workers RUNNING and a ping goes through, and shuts supervisord down afterwards.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pathlib
 import re
@@ -30,7 +31,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 CONF = str(pathlib.Path(__file__).resolve().parents[2] / "configs" / "supervisord.conf")
 WORKERS = 3
 WORKER_NAMES = [f"hq-worker_{n:02d}" for n in range(WORKERS)]
-NAMES = ["hq-broker", *WORKER_NAMES]
+NAMES = ["hq-broker", *WORKER_NAMES, "hq-gateway"]
 METHOD = "do_compile"
 STOPWAITSECS = 10  # as in configs/supervisord.conf
 # Tuning through HQ_CONFIG, as a deployment would: one file, a shared section and one per program.
@@ -57,7 +58,7 @@ class Supervisor:
     """A supervisord running configs/supervisord.conf in the foreground."""
 
     def __init__(self, tmp_path: pathlib.Path, workers: int = WORKERS):
-        self.names = ["hq-broker"] + [f"hq-worker_{n:02d}" for n in range(workers)]
+        self.names = ["hq-broker"] + [f"hq-worker_{n:02d}" for n in range(workers)] + ["hq-gateway"]
         # AF_UNIX paths are limited to ~107 bytes: keep the run directory short.
         self.run_dir = tempfile.mkdtemp(prefix="hq-sv-")
         self.log_dir = tmp_path / "log"
@@ -77,7 +78,10 @@ class Supervisor:
             HQ_BACKEND=f"ipc://{self.run_dir}/backend.ipc",
             HQ_CONFIG=str(config_file),
             HQ_WORKERS=str(workers),
+            HQ_LISTEN=f"unix://{self.run_dir}/hashserv.sock",
+            HQ_BROKER=self.address,
         )
+        self.gateway = f"{self.run_dir}/hashserv.sock"
         self.env = env
         self.output_path = tmp_path / "supervisord.out"
         self.proc = None
@@ -190,6 +194,13 @@ def test_report_and_lookup_through_supervised_processes(supervisor):
         assert client.get_unihash(METHOD, t2) == u1
         stats = client.get_stats()
     assert sorted(w["name"] for w in stats["workers"]) == WORKER_NAMES
+    # and through the supervised gateway, in BitBake's protocol
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(10)
+        sock.connect(supervisor.gateway)
+        sock.sendall(f'OEHASHEQUIV 1.1\n\n{{"get": {{"method": "{METHOD}", "taskhash": "{t2}"}}}}\n'.encode())
+        answer = json.loads(sock.makefile("rb").readline())
+    assert answer == {"taskhash": t2, "method": METHOD, "unihash": u1}
 
 
 def test_worker_killed_mid_batch_is_restarted_and_no_answer_is_lost(supervisor):
@@ -336,7 +347,7 @@ def test_startup_race_under_supervisord_20_times(tmp_path_factory):
 
 
 def test_a_configuration_that_cannot_work_goes_fatal_not_round_and_round(tmp_path):
-    """A database path that is a directory and a port already taken: supervisord tries each
+    """A database path that is a directory and ports already taken: supervisord tries each
     program startretries times (startsecs=1 tells a start from a crash), then marks it FATAL
     and leaves it down. Each try logs one ERROR line saying why, and no traceback."""
     holder = socket.socket()
@@ -344,7 +355,8 @@ def test_a_configuration_that_cannot_work_goes_fatal_not_round_and_round(tmp_pat
     holder.listen()
     sv = Supervisor(tmp_path, workers=2)
     (tmp_path / "dir.db").mkdir()
-    sv.env.update(HQ_DB=str(tmp_path / "dir.db"), HQ_BIND=f"tcp://127.0.0.1:{holder.getsockname()[1]}")
+    taken = f"127.0.0.1:{holder.getsockname()[1]}"
+    sv.env.update(HQ_DB=str(tmp_path / "dir.db"), HQ_BIND=f"tcp://{taken}", HQ_LISTEN=taken)
     sv._output = open(sv.output_path, "ab")
     sv.proc = subprocess.Popen(
         [script("supervisord"), "-c", CONF, "-n"], stdout=sv._output, stderr=subprocess.STDOUT, env=sv.env
@@ -362,6 +374,7 @@ def test_a_configuration_that_cannot_work_goes_fatal_not_round_and_round(tmp_pat
             "hq-broker": "Address already in use",
             "hq-worker_00": "it is a directory",
             "hq-worker_01": "it is a directory",
+            "hq-gateway": "Address already in use",
         }
         for name, reason in expected.items():
             log = sv.log(name)

@@ -30,7 +30,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
 
 UNITS = pathlib.Path(__file__).resolve().parents[2] / "configs" / "systemd"
 BROKER_UNIT, WORKER_UNIT, TARGET = "hq-broker.service", "hq-worker@.service", "hq.target"
-SERVICES = {BROKER_UNIT: "hq-broker", WORKER_UNIT: "hq-worker"}
+GATEWAY_UNIT = "hq-gateway.service"
+SERVICES = {BROKER_UNIT: "hq-broker", WORKER_UNIT: "hq-worker", GATEWAY_UNIT: "hq-gateway"}
 VENV_BIN = "/opt/hq/venv/bin"  # where the units expect the console scripts
 NO_SYSTEMD = "needs {tool} on the PATH (Debian and Ubuntu: the systemd package, apt-get install systemd)"
 
@@ -255,9 +256,30 @@ def test_server_is_ready_with_its_workers_and_its_children_never_notify(daemons,
     assert notify_socket.states() == ["READY=1", "STOPPING=1"]
 
 
+def test_gateway_is_ready_once_it_listens_and_says_stopping_before_it_exits(daemons, notify_socket, run_dir):
+    sock = f"unix://{run_dir}/hashserv.sock"
+    endpoint_file = os.path.join(run_dir, "gateway.endpoints")
+    args = ["--listen", sock, "--listen", "127.0.0.1:0", "--endpoint-file", endpoint_file]
+    proc, log = daemons.start("hq-gateway", "--broker", "tcp://127.0.0.1:1", *args, notify=notify_socket)
+    fields = notify_socket.expect("READY=1", proc, log)
+    assert sock in fields["STATUS"] and "tcp://127.0.0.1:1" in fields["STATUS"]
+    # At READY=1 it accepts, and anyone may connect to its unix socket (the directory decides).
+    assert os.stat(sock[len("unix://") :]).st_mode & 0o777 == 0o666
+    with socket.socket(socket.AF_UNIX) as client:
+        client.connect(sock[len("unix://") :])
+    assert sigterm(proc, notify_socket, log) < stop_timeout_s(GATEWAY_UNIT)
+    assert notify_socket.states() == ["READY=1", "STOPPING=1"]
+    assert not os.path.exists(endpoint_file)
+
+
 @pytest.mark.parametrize(
     "name,mistake",
-    [("hq-broker", "port in use"), ("hq-broker", "no such directory"), ("hq-worker", "no such directory")],
+    [
+        ("hq-broker", "port in use"),
+        ("hq-broker", "no such directory"),
+        ("hq-worker", "no such directory"),
+        ("hq-gateway", "no such directory"),
+    ],
 )
 def test_configuration_error_exits_2_without_ready(name, mistake, daemons, notify_socket, run_dir):
     """What RestartPreventExitStatus=2 relies on: a configuration error is exit status 2,
@@ -271,6 +293,8 @@ def test_configuration_error_exits_2_without_ready(name, mistake, daemons, notif
             args = ["--bind", f"tcp://127.0.0.1:{taken.getsockname()[1]}", *backend]
         elif name == "hq-broker":
             args = ["--bind", f"ipc://{missing}/clients.ipc", *backend]
+        elif name == "hq-gateway":
+            args = ["--listen", f"unix://{missing}/hashserv.sock"]
         else:
             args = ["--db", os.path.join(missing, "hq.db"), *backend]
         proc, log = daemons.start(name, *args, notify=notify_socket)
@@ -408,9 +432,9 @@ def read_env_file() -> tuple:
 
 def test_env_file_names_real_options_with_values_they_take():
     assigned, named = read_env_file()
-    by_env = {opt.env: opt for prog in ("hq-broker", "hq-worker") for opt in options.PROGRAMS[prog]}
+    by_env = {opt.env: opt for prog in SERVICES.values() for opt in options.PROGRAMS[prog]}
     by_env[config.CONFIG_OPTION.env] = config.CONFIG_OPTION
-    assert named <= set(by_env), f"not an option of hq-broker or hq-worker: {named - set(by_env)}"
+    assert named <= set(by_env), f"not an option of hq-broker, hq-worker or hq-gateway: {named - set(by_env)}"
     assert {"HQ_BIND", "HQ_BACKEND", "HQ_DB", "HQ_CONFIG"} <= set(assigned)
     for name, raw in assigned.items():
         opt = by_env[name]
@@ -427,13 +451,20 @@ def test_env_file_paths_are_where_the_units_let_the_programs_write():
     assert assigned["HQ_DB"].startswith(state)
     assert assigned["HQ_BACKEND"].startswith("ipc://" + run)
     assert assigned["HQ_ENDPOINT_FILE"].startswith(run)
+    # the gateway's unix sockets and endpoint file: in its own runtime directory, which a
+    # restart of the broker (whose /run/hq systemd removes) leaves alone
+    gateway = "/run/" + value(read_unit(GATEWAY_UNIT), "Service", "RuntimeDirectory") + "/"
+    assert gateway != run
+    unix = [a for a in assigned["HQ_LISTEN"].split(",") if a.startswith("unix://")]
+    assert unix and all(a.startswith("unix://" + gateway) for a in unix)
+    assert f"--endpoint-file={gateway}" in value(read_unit(GATEWAY_UNIT), "Service", "ExecStart")
 
 
 def installable_units(tmp_path: pathlib.Path) -> pathlib.Path:
     """The unit files with ExecStart pointing at this virtualenv instead of /opt/hq/venv."""
     out = tmp_path / "units"
     out.mkdir()
-    for name in (BROKER_UNIT, WORKER_UNIT, TARGET):
+    for name in (BROKER_UNIT, WORKER_UNIT, GATEWAY_UNIT, TARGET):
         (out / name).write_text((UNITS / name).read_text().replace(VENV_BIN, BIN))
     return out
 
@@ -443,7 +474,7 @@ def test_systemd_analyze_verify(tmp_path):
     if tool is None:
         pytest.skip(NO_SYSTEMD.format(tool="systemd-analyze"))
     units = installable_units(tmp_path)
-    names = [BROKER_UNIT, WORKER_UNIT, TARGET, "hq-worker@0.service"]
+    names = [BROKER_UNIT, WORKER_UNIT, GATEWAY_UNIT, TARGET, "hq-worker@0.service"]
     result = subprocess.run(
         [tool, "verify", "--man=no", *(f"./{n}" for n in names)],
         cwd=units,

@@ -15,7 +15,7 @@ import time
 import psutil
 import pytest
 
-from helpers import Stack, script, wait_for
+from helpers import Gateway, Stack, wait_for
 
 M = "TestMethod"
 T1 = "35788efcb8dfb0a02659d81cf2bfd695fb30faf9"
@@ -24,29 +24,6 @@ O1 = "2765d4a5884be49b28601445c2760c5f21e7e5c0ee2b7e3fce98fd7e5970796f"
 U1 = "a69ec97f5af2e21e1a1f9cc8896965515d5559425666f734e245a3d40cee33d9"
 U2 = "bf6e81926066f770e960f9f777cd088c62bea9addb7745f3e77deaa81a645747"
 ADMIN_PASSWORD = "gateway-admin-password"
-
-
-class Gateway:
-    """hq-gateway in front of ``broker``, on a free TCP port and a unix socket."""
-
-    def __init__(self, tmp_path, broker: str, *args):
-        self.unix = f"unix://{tmp_path}/gw.sock"
-        endpoints = tmp_path / "gateway.endpoints"
-        self.log_path = tmp_path / "gateway.log"
-        argv = [script("hq-gateway"), "--broker", broker, "--listen", "127.0.0.1:0", "--listen", self.unix]
-        argv += ["--endpoint-file", str(endpoints), "--timeout", "3", *args]
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-        wait_for(lambda: endpoints.exists() or self.proc.poll() is not None, what="the gateway's endpoints")
-        assert self.proc.poll() is None, self.log()
-        self.tcp = endpoints.read_text().split()[0]
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> int:
-        self.proc.terminate()
-        return self.proc.wait(10)
 
 
 @pytest.fixture(scope="module")
@@ -71,11 +48,11 @@ def served(tmp_path_factory):
     assert stack.stop() == 0, stack.log()
 
 
-@pytest.mark.parametrize("transport", ["tcp", "unix"])
+@pytest.mark.parametrize("transport", ["tcp", "unix", "ws"])
 def test_bitbakes_client_gets_the_references_answers(hashserv, served, transport):
     stack, gateway = served
-    address = gateway.tcp if transport == "tcp" else gateway.unix
-    t1, t2 = (T1, T2) if transport == "tcp" else (T1[::-1], T2[::-1])
+    address = {"tcp": gateway.tcp, "unix": gateway.unix, "ws": gateway.ws}[transport]
+    t1, t2 = {"tcp": (T1, T2), "unix": (T1[::-1], T2[::-1]), "ws": (T1[:-1] + "w", T2[:-1] + "w")}[transport]
     client = hashserv.create_client(address)
     try:
         assert client.ping() == {"alive": True}
@@ -314,3 +291,18 @@ def test_hq_server_runs_the_gateway_with_the_stack(hashserv, tmp_path):
         children = psutil.Process(stack.proc.pid).children()  # the gateway is one of hq-server's
         assert any("hq.gateway" in child.cmdline() for child in children)
     assert not os.path.exists(sock[len("unix://") :])  # removed on the way out
+
+
+def test_a_unix_path_longer_than_sun_path(hashserv, served, tmp_path):
+    """unix:// paths past sun_path's 108 bytes work, as with BitBake's own server."""
+    stack, _ = served
+    folder = tmp_path / ("d" * 60) / ("e" * 60)
+    folder.mkdir(parents=True)
+    gateway = Gateway(tmp_path, stack.address, unix_path=folder / "hashserv.sock")
+    try:
+        assert len(gateway.unix) > 130
+        with hashserv.create_client(gateway.unix) as client:
+            assert client.ping() == {"alive": True}
+    finally:
+        assert gateway.stop() == 0, gateway.log()
+    assert not (folder / "hashserv.sock").exists()

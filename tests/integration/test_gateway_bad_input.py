@@ -1,0 +1,171 @@
+"""hq-gateway against clients that misbehave: silent and half-open connections, a client that
+never reads its answers, thousands of connections at once, and several gateways sharing one
+TCP port. Each misbehaving connection is closed; every other client is served meanwhile."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+
+import psutil
+import pytest
+
+from helpers import Gateway, Stack, wait_for
+from hq.bench.stack import free_port
+
+M = "TestMethod"
+HELLO = b"OEHASHEQUIV 1.1\n\n"
+
+
+@pytest.fixture(scope="module")
+def hashserv(bitbake):
+    sys.path.insert(0, os.path.join(bitbake, "lib"))
+    import hashserv
+
+    yield hashserv
+    sys.path.remove(os.path.join(bitbake, "lib"))
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory):
+    stack = Stack(tmp_path_factory.mktemp("broker")).start()
+    yield stack
+    assert stack.stop() == 0, stack.log()
+
+
+def connect(address: str) -> socket.socket:
+    host, port = address.rsplit(":", 1)
+    return socket.create_connection((host, int(port)), timeout=10)
+
+
+def closed_by_peer(sock: socket.socket) -> bool:
+    """True once the gateway has closed (EOF or reset); data that was waiting is read away."""
+    sock.setblocking(False)
+    try:
+        while True:
+            if not sock.recv(1 << 20):
+                return True
+    except BlockingIOError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def pings(hashserv, address: str) -> bool:
+    with hashserv.create_client(address) as client:
+        return client.ping() == {"alive": True}
+
+
+def test_silent_and_half_open_connections_are_closed_others_served(hashserv, broker, tmp_path):
+    gateway = Gateway(tmp_path, broker.address, "--idle-timeout", "1")
+    try:
+        silent = connect(gateway.tcp)  # says nothing at all
+        handshaken = connect(gateway.tcp)  # handshakes, then nothing
+        handshaken.sendall(HELLO)
+        half_open = connect(gateway.tcp)  # sends half a line and stops
+        half_open.sendall(b"OEHASHEQ")
+        streaming = connect(gateway.tcp)  # enters a stream and stops mid-batch
+        streaming.sendall(HELLO + b'{"get-stream": null}\n' + f"{M} {'a' * 40}\n".encode())
+        start = time.monotonic()
+        assert pings(hashserv, gateway.tcp)  # meanwhile: served at once
+        assert time.monotonic() - start < 1
+        for sock in (silent, handshaken, half_open, streaming):
+            wait_for(lambda s=sock: closed_by_peer(s), timeout=5, what="a silent connection to be closed")
+            sock.close()
+        assert time.monotonic() - start >= 0.9  # by the idle timeout, not before
+    finally:
+        assert gateway.stop() == 0, gateway.log()
+
+
+def test_a_client_that_never_reads_is_closed_after_the_write_timeout(hashserv, broker, tmp_path):
+    gateway = Gateway(tmp_path, broker.address, "--write-timeout", "1")
+    try:
+        hog = socket.socket()
+        hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
+        host, port = gateway.tcp.rsplit(":", 1)
+        hog.connect((host, int(port)))
+        # answers (a unihash, 65 bytes a line) far beyond what the kernel buffers hold
+        with hashserv.create_client(gateway.tcp) as client:
+            client.report_unihash("7" * 40, M, "8" * 64, "9" * 64)
+        lines = f"{M} {'7' * 40}\n".encode() * 200000
+        hog.sendall(HELLO + b'{"get-stream": null}\n')
+        hog.settimeout(0.2)
+        sent = 0
+        start = time.monotonic()
+        while sent < len(lines) and time.monotonic() - start < 10:
+            try:
+                sent += hog.send(lines[sent : sent + 65536])
+            except (socket.timeout, BlockingIOError):
+                break  # TCP pushes back: the gateway has stopped reading this client
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        # the hog never reads; everyone else is answered as usual
+        for _ in range(3):
+            assert pings(hashserv, gateway.tcp)
+        # closed by the gateway (the test must not read: that would make the hog a reader)
+        hog_port = hog.getsockname()[1]
+
+        def still_connected() -> bool:
+            conns = psutil.Process(gateway.proc.pid).net_connections("tcp")
+            return any(c.raddr and c.raddr.port == hog_port for c in conns)
+
+        wait_for(lambda: not still_connected(), timeout=10, what="the hog to be closed")
+        hog.close()
+        assert pings(hashserv, gateway.tcp)
+    finally:
+        assert gateway.stop() == 0, gateway.log()
+
+
+def test_thousands_of_connections_at_once(hashserv, broker, tmp_path):
+    gateway = Gateway(tmp_path, broker.address)
+    n = 2000
+    socks = []
+    try:
+        for _ in range(n):
+            sock = connect(gateway.tcp)
+            sock.sendall(HELLO + b'{"ping": {}}\n')
+            socks.append(sock)
+        assert pings(hashserv, gateway.tcp)  # a build's client, among them all
+        for sock in socks:
+            sock.settimeout(30)
+            assert sock.makefile("rb").readline() == b'{"alive": true}\n'
+        for sock in socks:
+            sock.close()
+        socks.clear()
+        assert pings(hashserv, gateway.tcp)
+        assert gateway.proc.poll() is None
+    finally:
+        for sock in socks:
+            sock.close()
+        assert gateway.stop() == 0, gateway.log()
+
+
+def test_gateways_share_a_port_and_one_going_leaves_the_other(hashserv, broker, tmp_path):
+    """SO_REUSEPORT: the kernel spreads new connections over every gateway on the port."""
+    port = free_port()
+    first = Gateway(tmp_path, broker.address, tcp=f"127.0.0.1:{port}", name="first")
+    second = Gateway(tmp_path, broker.address, tcp=f"127.0.0.1:{port}", name="second")
+    try:
+        assert first.tcp == second.tcp == f"127.0.0.1:{port}"
+        socks = [connect(first.tcp) for _ in range(40)]
+        for sock in socks:
+            sock.sendall(HELLO + b'{"ping": {}}\n')
+            assert sock.makefile("rb").readline() == b'{"alive": true}\n'
+
+        def accepted(gateway) -> int:
+            conns = psutil.Process(gateway.proc.pid).net_connections("tcp")
+            return sum(c.laddr.port == port and c.status == psutil.CONN_ESTABLISHED for c in conns)
+
+        counts = (accepted(first), accepted(second))
+        assert sum(counts) == 40 and min(counts) > 0, counts  # both took some (odds: 1 - 2^-39)
+        for sock in socks:
+            sock.close()
+        assert first.stop() == 0, first.log()
+        for _ in range(10):  # all to the one left
+            assert pings(hashserv, second.tcp)
+    finally:
+        if first.proc.poll() is None:
+            first.stop()
+        assert second.stop() == 0, second.log()

@@ -22,6 +22,9 @@ from .link import BrokerDown, Link
 log = logging.getLogger(__name__)
 
 READ_BYTES = 256 * 1024
+#: Bytes of answers buffered for a client before the gateway waits for it to read them
+#: (asyncio's own high-water mark is 64 KiB).
+WRITE_HIGH_WATER = 64 * 1024
 #: How long a closing connection's last answer may take to leave.
 CLOSE_DRAIN_S = 5.0
 STREAM_MODES = ("get-stream", "exists-stream", "gc-mark-stream")
@@ -36,6 +39,9 @@ class Connection:
         self.writer = writer
         self.chunked = chunked
         self.stuck = False  # answers left unread past --write-timeout: abort, do not close
+        self.idled = False  # silent past --idle-timeout: aborted
+        self.plain = isinstance(writer, asyncio.StreamWriter)
+        self.loop = asyncio.get_running_loop()
         self.lines = LineBuffer(max_line)
         self.queue: list = []  # lines read and not yet handled
         self.link: Link = gateway.anonymous
@@ -44,7 +50,15 @@ class Connection:
     async def _line(self):
         """The next line, or None at EOF."""
         while not self.queue:
-            data = await asyncio.wait_for(self.reader.read(READ_BYTES), self.gateway.idle_timeout_s)
+            # --idle-timeout: a timer that aborts the connection (cheaper than wait_for,
+            # which makes a task for every read); the read then ends with EOF or a reset.
+            timer = self.loop.call_later(self.gateway.idle_timeout_s, self._idle)
+            try:
+                data = await self.reader.read(READ_BYTES)
+            finally:
+                timer.cancel()
+            if self.idled:
+                raise Drop("silent for longer than --idle-timeout")
             if not data:
                 if self.lines.pending():
                     raise Drop("a line cut off by EOF")
@@ -64,9 +78,18 @@ class Connection:
     def _send(self, value) -> None:
         self._write(encode(value, self.chunked))
 
+    def _idle(self) -> None:
+        self.idled = True
+        self.writer.transport.abort()
+
     async def _drain(self) -> None:
         # A client that leaves its answers unread is closed after --write-timeout; meanwhile
         # its connection alone waits (in stream mode it is not read either: TCP pushes back).
+        # Below the transport's high-water mark there is nothing to wait for: skip wait_for
+        # (a task per call). A WebSocket writer sends in drain(): always.
+        if self.plain and not self.writer.transport.is_closing():
+            if self.writer.transport.get_write_buffer_size() < WRITE_HIGH_WATER:
+                return
         try:
             await asyncio.wait_for(self.writer.drain(), self.gateway.write_timeout_s)
         except asyncio.TimeoutError:
@@ -223,8 +246,9 @@ class Connection:
                         self._write(("\n".join(partial.answers) + "\n").encode("ascii"))
                     raise partial.error from None
                 self._write(("\n".join(answers) + "\n").encode("ascii"))
-                if inflight.empty():
-                    await self._drain()
+                # after every batch: a client that does not read holds up its own batches
+                # (and, with the queue full, its own reads), never the gateway's memory
+                await self._drain()
 
         reader, writer = loop.create_task(read()), loop.create_task(write())
         try:

@@ -162,6 +162,12 @@ def _is_stale_socket(path: str) -> bool:
 
 async def serve(opts) -> int:
     gateway = Gateway(opts)
+    # Before anything is announced (READY=1, the endpoint file): a SIGTERM that follows at
+    # once must find the handler, not the default action.
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
     try:
         await gateway.start()
     except ModuleNotFoundError as exc:
@@ -183,10 +189,6 @@ async def serve(opts) -> int:
     serving = f"serving OEHASHEQUIV on {', '.join(gateway.endpoints)} for hq at {opts.broker}"
     log.info("gateway %s", serving)
     notify("READY=1", f"STATUS={serving}")  # systemd (Type=notify): every listener is bound
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
     await stopping.wait()
     notify("STOPPING=1")
     await gateway.stop()

@@ -1,10 +1,11 @@
 """One OEHASHEQUIV connection: handshake, normal mode, stream modes (reference §2-§5).
 
-Stream lines that arrive together become one hq request: every ``get-stream`` line of one
-read is one batched ``get`` (chunks of up to 1000 items per method), every ``exists-stream``
-line one batched ``exists``. So an unmodified BitBake client, which pipelines a runqueue
-wave's lookups on one connection, gets hq's batching. Answers go back in order, one line
-each, as the reference's.
+Stream lines that arrive together become one hq request: the ``get-stream`` lines of one
+read, with those every other connection on the same link handed over in the same turn of the
+event loop, are one batched ``get`` (hq.gateway.batching); ``exists-stream`` lines likewise
+an ``exists``. So an unmodified BitBake client, which pipelines a runqueue wave's lookups on
+one connection, gets hq's batching, and so do many clients asking one hash at a time.
+Answers go back in order, one line each, as the reference's.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import logging
 
 from hq import protocol as p
 
-from . import commands
+from . import batching, commands
+from .batching import Batcher
 from .framing import MAX_LINE, Drop, LineBuffer, check_protocol_line, decode, encode, header, is_chunk_start
 from .link import BrokerDown, Link
 
@@ -229,7 +231,7 @@ class Connection:
                     self.queue[:0] = batch[end + 1 :]
                     batch = batch[:end]
                 if batch:
-                    await inflight.put(loop.create_task(lookup(batch)))
+                    await inflight.put(lookup(batch))  # a future of the batch's answers
                 if end is not None:
                     await inflight.put(None)
                     return True
@@ -268,48 +270,33 @@ class Connection:
             self._write(b"ok\n")
             await self._drain()
 
-    async def _get_batch(self, lines: list) -> list:
-        pairs, answers, asked = [], [""] * len(lines), []
+    def _batcher(self) -> Batcher:
+        if self.link.batcher is None:
+            self.link.batcher = Batcher(self.link)
+        return self.link.batcher
+
+    def _get_batch(self, lines: list) -> asyncio.Future:
+        """The answers to get-stream lines: a future, from the lookups of every connection on
+        this link gathered together (hq.gateway.batching)."""
+        pairs, asked = [], []
         for n, line in enumerate(lines):
             fields = line.split()
             if len(fields) != 2:
-                raise Drop("a get-stream line without exactly two fields")
+                return _failed(Drop("a get-stream line without exactly two fields"))
             if _storable(fields[0]) and _storable(fields[1]):  # else no mapping can exist
                 pairs.append(fields)
                 asked.append(n)
-        for n, unihash in zip(asked, await self._lookup(pairs)):
-            answers[n] = unihash
-        return answers
+        return _spread(self._batcher().get(pairs), asked, len(lines), "")
 
-    async def _lookup(self, pairs: list) -> list:
-        body, counts = [], []
-        for method, taskhashes in _chunks(pairs):
-            body += [method.encode("utf-8"), p.pack_items(taskhashes)]
-            counts.append(len(taskhashes))
-        answers: list = []
-        for start in range(0, len(body), 2 * MAX_GROUPS):
-            part = body[start : start + 2 * MAX_GROUPS]
-            reply = await commands.ask(self.link, p.GET, part)
-            for frame, n in zip(reply, counts[start // 2 : start // 2 + len(part) // 2]):
-                answers += [u or "" for u in p.unpack_unihashes(frame, n)]
-        return answers
-
-    async def _exists_batch(self, lines: list) -> list:
+    def _exists_batch(self, lines: list) -> asyncio.Future:
         unihashes = [line.strip() for line in lines]
-        if not all(_storable(u) for u in unihashes):  # never stored, so never found
-            kept = [u for u in unihashes if _storable(u)]
-            found = dict(zip(kept, await self._exists_batch(kept))) if kept else {}
-            return [found.get(u, "false") for u in unihashes]
-        chunks = [unihashes[i : i + p.MAX_CHUNK_ITEMS] for i in range(0, len(unihashes), p.MAX_CHUNK_ITEMS)]
-        flags: list = []
-        for start in range(0, len(chunks), MAX_GROUPS):
-            part = chunks[start : start + MAX_GROUPS]
-            reply = await commands.ask(self.link, p.EXISTS, [p.pack_items(c) for c in part])
-            for frame, chunk in zip(reply, part):
-                flags += p.unpack_flags(frame, len(chunk))
-        return ["true" if f else "false" for f in flags]
+        asked = [n for n, u in enumerate(unihashes) if _storable(u)]  # else never stored
+        return _spread(self._batcher().exists([unihashes[n] for n in asked]), asked, len(lines), "false")
 
-    async def _gc_mark_batch(self, lines: list) -> list:
+    def _gc_mark_batch(self, lines: list) -> asyncio.Task:
+        return asyncio.get_running_loop().create_task(self._gc_mark(lines))
+
+    async def _gc_mark(self, lines: list) -> list:
         """Each line ``{"mark": M, "where": {...}}`` answered ``{"count": N}``: one hq
         gc-mark-stream request for the lines of a read, one chunk (and count) per line. A bad
         line ends the stream as the reference ends it: the lines before it are marked and
@@ -336,8 +323,9 @@ class Connection:
             where = p.encode_json(request["where"]).decode("utf-8")
             body += [commands._enc(request["mark"]), p.pack_items([where])]
         counts: list = []
-        for start in range(0, len(body), 2 * MAX_GROUPS):
-            reply = await commands.ask(self.link, p.GC_MARK_STREAM, body[start : start + 2 * MAX_GROUPS])
+        step = 2 * batching.MAX_GROUPS
+        for start in range(0, len(body), step):
+            reply = await commands.ask(self.link, p.GC_MARK_STREAM, body[start : start + step])
             counts += [int(bytes(frame)) for frame in reply]
         answers = [json.dumps({"count": n}) for n in counts]
         if error is not None:
@@ -353,8 +341,6 @@ class Partial(Exception):
         self.answers, self.error = answers, error
 
 
-#: GET groups per hq request (each chunk up to 1000 items; the request within MAX_FRAMES).
-MAX_GROUPS = 64
 #: Batches of one stream connection with the broker at once.
 MAX_INFLIGHT = 4
 
@@ -365,14 +351,31 @@ def _storable(text: str) -> bool:
     return text.isprintable() and len(text.encode("utf-8", "surrogatepass")) <= p.MAX_HASH_BYTES
 
 
-def _chunks(pairs: list):
-    """(method, [taskhash, ...]) runs of one method, at most MAX_CHUNK_ITEMS each, in order."""
-    method, items = None, []
-    for m, t in pairs:
-        if items and (m != method or len(items) >= p.MAX_CHUNK_ITEMS):
-            yield method, items
-            items = []
-        method = m
-        items.append(t)
-    if items:
-        yield method, items
+def _failed(error: Exception) -> asyncio.Future:
+    future = asyncio.get_running_loop().create_future()
+    future.set_exception(error)
+    return future
+
+
+def _spread(asked: asyncio.Future, positions: list, n: int, default: str) -> asyncio.Future:
+    """The answers of ``n`` lines, where only those at ``positions`` were asked (the others
+    get ``default``): ``asked`` itself when that is all of them."""
+    if len(positions) == n:
+        return asked
+    out = asyncio.get_running_loop().create_future()
+
+    def fill(done: asyncio.Future) -> None:
+        if out.done():
+            return
+        if done.cancelled():
+            out.cancel()
+        elif done.exception() is not None:
+            out.set_exception(done.exception())
+        else:
+            answers = [default] * n
+            for position, answer in zip(positions, done.result()):
+                answers[position] = answer
+            out.set_result(answers)
+
+    asked.add_done_callback(fill)
+    return out

@@ -49,6 +49,7 @@ class Link:
         self._up = None  # asyncio.Event: the connection to the broker has shaken hands
         self.down = False  # a call waited CONNECT_GRACE_S in vain: fail at once until it is up
         self._waiting: dict = {}  # request id -> Future of (status, body)
+        self.batcher = None  # hq.gateway.batching.Batcher of this link's lookups, on first use
         self._ids = itertools.count(1)
         self._generation = 0
 

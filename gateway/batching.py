@@ -1,0 +1,106 @@
+"""Lookups gathered across connections: what arrives together goes to the broker together.
+
+Every ``get-stream`` and ``exists-stream`` line that the connections sharing one
+:class:`~hq.gateway.link.Link` (all anonymous ones share one) hand over while the event loop
+turns is sent as one batched hq request when the loop comes round: 40 BitBake clients
+asking one taskhash each become one ``get`` of 40 items, one message to the broker and one
+answer, where they were 40 of each. Under load more arrives per turn, so batches grow with
+the load, as on one connection's stream. An answer reaches each line's connection in order;
+a failure (the broker down, a refusal) reaches every connection of that batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from hq import protocol as p
+
+from . import commands
+
+#: Chunk groups per hq request (each chunk up to MAX_CHUNK_ITEMS; within MAX_FRAMES).
+MAX_GROUPS = 64
+
+
+class Batcher:
+    def __init__(self, link):
+        self.link = link
+        self.loop = asyncio.get_running_loop()
+        self.waiting: dict = {p.GET: [], p.EXISTS: []}  # command -> [(items, future)]
+        self.scheduled = False
+        self.tasks: set = set()  # requests with the broker (kept referenced until done)
+
+    def get(self, pairs: list) -> asyncio.Future:
+        """A future of the unihash (or "") of each ``[method, taskhash]``, in order."""
+        return self._add(p.GET, pairs)
+
+    def exists(self, unihashes: list) -> asyncio.Future:
+        """A future of "true" or "false" for each unihash, in order."""
+        return self._add(p.EXISTS, unihashes)
+
+    def _add(self, command: bytes, items: list) -> asyncio.Future:
+        future = self.loop.create_future()
+        self.waiting[command].append((items, future))
+        if not self.scheduled:
+            self.scheduled = True
+            self.loop.call_soon(self._flush)
+        return future
+
+    def _flush(self) -> None:
+        self.scheduled = False
+        for command, waiting in self.waiting.items():
+            if waiting:
+                self.waiting[command] = []
+                task = self.loop.create_task(self._ask(command, waiting))
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
+
+    async def _ask(self, command: bytes, waiting: list) -> None:
+        items = [item for part, _ in waiting for item in part]
+        try:
+            answers = await (self._lookup(items) if command == p.GET else self._exists(items))
+        except Exception as exc:  # the same failure for every connection of the batch
+            for _, future in waiting:
+                if not future.done():
+                    future.set_exception(type(exc)(*exc.args))
+            return
+        start = 0
+        for part, future in waiting:
+            if not future.done():  # a connection that went meanwhile
+                future.set_result(answers[start : start + len(part)])
+            start += len(part)
+
+    async def _lookup(self, pairs: list) -> list:
+        body, counts = [], []
+        for method, taskhashes in _runs(pairs):
+            body += [method.encode("utf-8"), p.pack_items(taskhashes)]
+            counts.append(len(taskhashes))
+        answers: list = []
+        for start in range(0, len(body), 2 * MAX_GROUPS):
+            part = body[start : start + 2 * MAX_GROUPS]
+            reply = await commands.ask(self.link, p.GET, part)
+            for frame, n in zip(reply, counts[start // 2 : start // 2 + len(part) // 2]):
+                answers += [u or "" for u in p.unpack_unihashes(frame, n)]
+        return answers
+
+    async def _exists(self, unihashes: list) -> list:
+        chunks = [unihashes[i : i + p.MAX_CHUNK_ITEMS] for i in range(0, len(unihashes), p.MAX_CHUNK_ITEMS)]
+        flags: list = []
+        for start in range(0, len(chunks), MAX_GROUPS):
+            part = chunks[start : start + MAX_GROUPS]
+            reply = await commands.ask(self.link, p.EXISTS, [p.pack_items(c) for c in part])
+            for frame, chunk in zip(reply, part):
+                flags += p.unpack_flags(frame, len(chunk))
+        return ["true" if f else "false" for f in flags]
+
+
+def _runs(pairs: list):
+    """(method, [taskhash, ...]) runs of one method, at most MAX_CHUNK_ITEMS each, in order."""
+    method, items = None, []
+    for m, t in pairs:
+        if items and (m != method or len(items) >= p.MAX_CHUNK_ITEMS):
+            yield method, items
+            items = []
+        method = m
+        items.append(t)
+    if items:
+        yield method, items

@@ -182,9 +182,8 @@ def first_build_then_force(build: BuildDir, address: str) -> None:
 
 
 def through_the_gateway(bitbake: str, tmp_path) -> None:
-    """BB_HASHSERVE = "unix://..." (hq-gateway), nothing of BitBake changed: builds, a restart
-    of hq between builds, a second build directory, and BitBake's own "auto" server with the
-    gateway as its upstream."""
+    """BB_HASHSERVE = "unix://..." (hq-gateway), nothing of BitBake changed: the first build,
+    a forced task, a restart of hq between builds, a second build directory."""
     (tmp_path / "hq").mkdir(parents=True)
     sock = f"unix://{tmp_path}/hashserv.sock"
     bind = f"tcp://127.0.0.1:{free_port()}"
@@ -200,6 +199,26 @@ def through_the_gateway(bitbake: str, tmp_path) -> None:
         second = BuildDir(bitbake, tmp_path / "second", {**conf, "HQ_TEST_FLAVOUR": "second"})
         assert second.run("a1", "b1", sstatevalid=first.sstate()) == SECOND_DIRECTORY
 
+
+def through_meta_hq(bitbake: str, tmp_path) -> None:
+    """BB_HASHSERVE = "tcp://..." and "ipc://..." with meta-hq in BBLAYERS (no gateway: BitBake's
+    own client cannot even parse a tcp:// address): the first build, a second build
+    directory; then BitBake's own "auto" server in front of that hq, through a gateway."""
+    (tmp_path / "hq").mkdir(parents=True)
+    ipc = f"ipc://{tmp_path}/hq.ipc"
+    sock = f"unix://{tmp_path}/hashserv.sock"
+    layers = [f"{REPO}/meta-hq"]
+    with Stack(tmp_path / "hq", bind="tcp://127.0.0.1:*") as stack:
+        conf = {"BB_SIGNATURE_HANDLER": "TestEquivHash", "BB_HASHSERVE": stack.address}
+        first = BuildDir(bitbake, tmp_path / "first", conf, layers)
+        assert first.run("a1", "b1") == everything("a1", "b1")
+        assert outhash_rows(stack.address) == REPORTS
+    with Stack(tmp_path / "hq", bind=ipc, args=["--oehashequiv", sock]) as stack:
+        conf = {"BB_SIGNATURE_HANDLER": "TestEquivHash", "BB_HASHSERVE": ipc, "HQ_TEST_FLAVOUR": "second"}
+        second = BuildDir(bitbake, tmp_path / "second", conf, layers)
+        assert second.run("a1", "b1", sstatevalid=first.sstate()) == SECOND_DIRECTORY
+        assert outhash_rows(stack.address) == REPORTS + 2
+
         # BitBake's own local server ("auto", a new database) with the gateway as its upstream
         auto = {
             "BB_SIGNATURE_HANDLER": "TestEquivHash",
@@ -209,22 +228,6 @@ def through_the_gateway(bitbake: str, tmp_path) -> None:
         }
         local = BuildDir(bitbake, tmp_path / "local", auto)
         assert local.run("a1", "b1", sstatevalid=first.sstate()) == THROUGH_A_LOCAL_SERVER
-
-
-def through_meta_hq(bitbake: str, tmp_path) -> None:
-    """BB_HASHSERVE = "tcp://..." and "ipc://..." with meta-hq in BBLAYERS: no gateway runs
-    (BitBake's own client cannot even parse a tcp:// address)."""
-    (tmp_path / "hq").mkdir(parents=True)
-    ipc = f"ipc://{tmp_path}/hq.ipc"
-    layers = [f"{REPO}/meta-hq"]
-    with Stack(tmp_path / "hq", bind="tcp://127.0.0.1:*") as stack:
-        conf = {"BB_SIGNATURE_HANDLER": "TestEquivHash", "BB_HASHSERVE": stack.address}
-        first = BuildDir(bitbake, tmp_path / "first", conf, layers)
-        first_build_then_force(first, stack.address)
-    with Stack(tmp_path / "hq", bind=ipc) as stack:
-        conf = {"BB_SIGNATURE_HANDLER": "TestEquivHash", "BB_HASHSERVE": ipc, "HQ_TEST_FLAVOUR": "second"}
-        second = BuildDir(bitbake, tmp_path / "second", conf, layers)
-        assert second.run("a1", "b1", sstatevalid=first.sstate()) == SECOND_DIRECTORY
 
 
 def test_real_builds_through_the_gateway_and_through_meta_hq(bitbake_for_builds, tmp_path):

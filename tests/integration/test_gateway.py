@@ -7,6 +7,7 @@ import ast
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import psutil
 import pytest
 
 from helpers import Gateway, Stack, wait_for
+from hq.client import create_client
 
 M = "TestMethod"
 T1 = "35788efcb8dfb0a02659d81cf2bfd695fb30faf9"
@@ -306,3 +308,39 @@ def test_a_unix_path_longer_than_sun_path(hashserv, served, tmp_path):
     finally:
         assert gateway.stop() == 0, gateway.log()
     assert not (folder / "hashserv.sock").exists()
+
+
+def test_lookups_of_many_connections_go_to_the_broker_together(served):
+    """20 BitBake connections with one get-stream line each, arriving together (the gateway
+    is stopped while they are sent): one batched hq request, and every answer right."""
+    stack, gateway = served
+    with create_client(stack.address) as client:
+        client.report_unihash("5" * 40, M, "6" * 64, U2)
+    host, port = gateway.tcp.rsplit(":", 1)
+    socks = []
+    try:
+        for _ in range(20):
+            sock = socket.create_connection((host, int(port)), timeout=10)
+            sock.sendall(b'OEHASHEQUIV 1.1\n\n{"get-stream": null}\n')
+            assert sock.makefile("rb").readline() == b'"ok"\n'
+            socks.append(sock)
+        before = get_counters(stack.address)
+        os.kill(gateway.proc.pid, signal.SIGSTOP)
+        try:
+            for n, sock in enumerate(socks):
+                sock.sendall(f"{M} {'5' * 40 if n % 2 else '4' * 40}\n".encode())
+        finally:
+            os.kill(gateway.proc.pid, signal.SIGCONT)
+        for n, sock in enumerate(socks):
+            assert sock.makefile("rb").readline() == (f"{U2}\n".encode() if n % 2 else b"\n")
+        after = get_counters(stack.address)
+        assert after.get("items.get", 0) - before.get("items.get", 0) == 20
+        assert after.get("requests.get", 0) - before.get("requests.get", 0) == 1
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def get_counters(address: str) -> dict:
+    with create_client(address) as client:
+        return client.get_stats()["broker"]["counters"]

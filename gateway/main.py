@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 #: net.core.somaxconn). asyncio's default, 100, drops the SYNs of a farm's task processes
 #: arriving together, and each dropped one waits a second to try again.
 BACKLOG = 4096
+#: Bytes asyncio reads from a client at once (below glibc's 128 KiB mmap threshold).
+RECV_BYTES = 64 * 1024
 
 
 class Gateway:
@@ -91,6 +93,11 @@ class Gateway:
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        transport = getattr(writer, "transport", None)
+        if transport is not None and hasattr(transport, "max_size"):
+            # asyncio reads into a new 256 KiB bytes each time: past malloc's mmap threshold,
+            # so every read of a one-line request was an mmap, mremap and munmap.
+            transport.max_size = RECV_BYTES
         connection = Connection(self, reader, writer, **framing)
         task = asyncio.current_task()
         self.connections.add(task)

@@ -113,3 +113,33 @@ def test_a_bad_address_or_key_fails_the_build_at_once_with_the_reason(siggen, ca
     with pytest.raises(bb.BBHandledException):
         siggen(**conf)
     assert any(conf["BB_HASHSERVE"] in r.getMessage() for r in caplog.records if r.levelname == "CRITICAL")
+
+
+def test_a_handler_a_layer_adds_later_is_taken_too(siggen, tmp_path):
+    """OE-core adds OEEquivHash to bb.siggen's namespace from its own layer's Python, possibly
+    after meta-hq's was imported: the class meta-hq adds to INHERIT (parsed after every
+    layer.conf) installs again, and the handler named in BB_SIGNATURE_HANDLER gets hq's
+    client. (A stand-in for OE-core's class, registered as OE-core's sstatesig.py does.)"""
+    import bb.siggen
+    import hq_siggen
+
+    import hq.client
+
+    class SignatureGeneratorOEEquivHash(
+        bb.siggen.SignatureGeneratorUniHashMixIn, bb.siggen.SignatureGeneratorBasicHash
+    ):
+        name = "OEEquivHash"
+
+        def init_rundepcheck(self, data):
+            super().init_rundepcheck(data)
+            self.server = data.getVar("BB_HASHSERVE")
+            self.method = "oe.sstatesig.OEOuthashBasic"
+
+    bb.siggen.SignatureGeneratorOEEquivHash = SignatureGeneratorOEEquivHash
+    assert "OEEquivHash" in hq_siggen.install().split()
+    with Stack(tmp_path) as stack:
+        handler = siggen(BB_SIGNATURE_HANDLER="OEEquivHash", BB_HASHSERVE=stack.address)
+        assert handler.name == "OEEquivHash" and isinstance(handler, SignatureGeneratorOEEquivHash)
+        with handler.client() as client:
+            assert isinstance(client, hq.client.Client) and client.ping() == {"alive": True}
+        handler.exit()

@@ -41,6 +41,8 @@ def siggen(bitbake):
         return bb.siggen.init(d)
 
     yield make
+    for name in set(vars(bb.siggen)) - set(saved):
+        delattr(bb.siggen, name)
     for name, value in saved.items():
         setattr(bb.siggen, name, value)
     for path in paths:

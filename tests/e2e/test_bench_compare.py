@@ -7,6 +7,7 @@ server processes, their own client, the same keys), every answer was checked on 
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import subprocess
@@ -26,12 +27,30 @@ def bench(*args, timeout: float = 60.0, **kwargs) -> subprocess.CompletedProcess
     return subprocess.run(argv, check=False, capture_output=True, text=True, timeout=timeout, **kwargs)
 
 
+GATEWAY = ["--gateway", "--workloads", "single,report", "--scale", "0.02", "--repeats", "1", "--workers", "1"]
+
+
 @pytest.fixture(scope="module")
-def compared(bitbake, tmp_path_factory):
-    path = tmp_path_factory.mktemp("compare") / "compare.json"
-    proc = bench("compare", "--bitbake", bitbake, *TINY, "--json", path, timeout=170)
-    with open(path, encoding="utf-8") as fh:
-        return proc, json.load(fh)
+def runs(bitbake, tmp_path_factory):
+    """Two hq-bench compare runs at once (each mostly starts and stops servers): the two
+    sides over every workload, and a short one with the third side through hq-gateway."""
+    directory = tmp_path_factory.mktemp("compare")
+
+    def run(name: str, *args):
+        path = directory / f"{name}.json"
+        proc = bench("compare", "--bitbake", bitbake, *args, "--json", path, timeout=170)
+        with open(path, encoding="utf-8") as fh:
+            return proc, json.load(fh)
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        both = pool.submit(run, "compare", *TINY)
+        gateway = pool.submit(run, "gateway", *GATEWAY)
+    return {"compare": both.result(), "gateway": gateway.result()}
+
+
+@pytest.fixture(scope="module")
+def compared(runs):
+    return runs["compare"]
 
 
 def test_both_sides_run_and_every_answer_is_right(compared):
@@ -112,27 +131,10 @@ def test_finding_the_tree(bitbake, tmp_path, monkeypatch):
     assert reference.version(bitbake).startswith("2.")
 
 
-def test_a_third_side_through_the_gateway(bitbake, tmp_path):
+def test_a_third_side_through_the_gateway(runs):
     """--gateway: BitBake's own client through hq-gateway to hq, checked like the others."""
-    path = tmp_path / "gateway.json"
-    proc = bench(
-        "compare",
-        "--bitbake",
-        bitbake,
-        "--gateway",
-        "--workloads",
-        "single,report",
-        "--scale",
-        "0.02",
-        "--repeats",
-        "1",
-        "--workers",
-        "1",
-        "--json",
-        path,
-    )
+    proc, data = runs["gateway"]
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    data = json.loads(path.read_text())
     sides = {(r["workload"], r["side"]) for r in data["repeats"]}
     assert sides == {(w, s) for w in ("single", "report") for s in ("hq", "bitbake-hashserv", "hq-gateway")}
     for r in data["repeats"]:

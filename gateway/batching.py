@@ -26,7 +26,6 @@ class Batcher:
         self.link = link
         self.loop = asyncio.get_running_loop()
         self.waiting: dict = {p.GET: [], p.EXISTS: []}  # command -> [(items, future)]
-        self.scheduled = False
         self.tasks: set = set()  # requests with the broker (kept referenced until done)
 
     def get(self, pairs: list) -> asyncio.Future:
@@ -39,22 +38,18 @@ class Batcher:
 
     def _add(self, command: bytes, items: list) -> asyncio.Future:
         future = self.loop.create_future()
-        self.waiting[command].append((items, future))
-        if not self.scheduled:
-            self.scheduled = True
-            self.loop.call_soon(self._flush)
+        waiting = self.waiting[command]
+        waiting.append((items, future))
+        if len(waiting) == 1:
+            # The first since the last request left: the next one starts on the loop's next
+            # turn, after everything handed over in this one.
+            task = self.loop.create_task(self._ask(command))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
         return future
 
-    def _flush(self) -> None:
-        self.scheduled = False
-        for command, waiting in self.waiting.items():
-            if waiting:
-                self.waiting[command] = []
-                task = self.loop.create_task(self._ask(command, waiting))
-                self.tasks.add(task)
-                task.add_done_callback(self.tasks.discard)
-
-    async def _ask(self, command: bytes, waiting: list) -> None:
+    async def _ask(self, command: bytes) -> None:
+        waiting, self.waiting[command] = self.waiting[command], []
         items = [item for part, _ in waiting for item in part]
         try:
             answers = await (self._lookup(items) if command == p.GET else self._exists(items))

@@ -29,15 +29,6 @@ ADMIN_PASSWORD = "gateway-admin-password"
 
 
 @pytest.fixture(scope="module")
-def hashserv(bitbake):
-    sys.path.insert(0, os.path.join(bitbake, "lib"))
-    import hashserv
-
-    yield hashserv
-    sys.path.remove(os.path.join(bitbake, "lib"))
-
-
-@pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """An hq stack (anonymous: the reference's default permissions; an admin) and a gateway."""
     root = tmp_path_factory.mktemp("gateway")

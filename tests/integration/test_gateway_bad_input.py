@@ -4,9 +4,7 @@ TCP port. Each misbehaving connection is closed; every other client is served me
 
 from __future__ import annotations
 
-import os
 import socket
-import sys
 import time
 
 import psutil
@@ -17,15 +15,6 @@ from hq.bench.stack import free_port
 
 M = "TestMethod"
 HELLO = b"OEHASHEQUIV 1.1\n\n"
-
-
-@pytest.fixture(scope="module")
-def hashserv(bitbake):
-    sys.path.insert(0, os.path.join(bitbake, "lib"))
-    import hashserv
-
-    yield hashserv
-    sys.path.remove(os.path.join(bitbake, "lib"))
 
 
 @pytest.fixture(scope="module")

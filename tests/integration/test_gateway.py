@@ -318,6 +318,8 @@ def test_lookups_of_many_connections_go_to_the_broker_together(served):
         before = get_counters(stack.address)
         os.kill(gateway.proc.pid, signal.SIGSTOP)
         try:
+            stopped = psutil.Process(gateway.proc.pid)
+            wait_for(lambda: stopped.status() == psutil.STATUS_STOPPED, what="the gateway to stop")
             for n, sock in enumerate(socks):
                 sock.sendall(f"{M} {'5' * 40 if n % 2 else '4' * 40}\n".encode())
         finally:

@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import sys
 
 import zmq
@@ -72,7 +73,7 @@ class Gateway:
             self.endpoints.append(f"ws://{host}:{bound[1]}")
         elif address.startswith("unix://"):
             path = address[len("unix://") :]
-            if os.path.exists(path) and _is_stale_socket(path):
+            if _is_socket(path) and _is_stale_socket(path):  # never anything but a socket
                 os.unlink(path)
             server = await asyncio.start_unix_server(self._serve, sock=_unix_listener(path), backlog=BACKLOG)
             self.unix_paths.append(path)  # to remove on the way out: this gateway's own
@@ -151,6 +152,13 @@ def _unix_listener(path: str) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def _is_socket(path: str) -> bool:
+    try:
+        return stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _is_stale_socket(path: str) -> bool:

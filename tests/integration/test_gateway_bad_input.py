@@ -5,12 +5,13 @@ TCP port. Each misbehaving connection is closed; every other client is served me
 from __future__ import annotations
 
 import socket
+import subprocess
 import time
 
 import psutil
 import pytest
 
-from helpers import Gateway, Stack, wait_for
+from helpers import Gateway, Stack, script, wait_for
 from hq.bench.stack import free_port
 
 M = "TestMethod"
@@ -158,3 +159,18 @@ def test_gateways_share_a_port_and_one_going_leaves_the_other(hashserv, broker, 
         if first.proc.poll() is None:
             first.stop()
         assert second.stop() == 0, second.log()
+
+
+def test_a_unix_path_that_is_a_file_is_refused_not_replaced(broker, tmp_path):
+    """--listen unix://PATH where PATH is some file: one line and exit 2; the file stays."""
+    victim = tmp_path / "precious.txt"
+    victim.write_text("keep me")
+    run = subprocess.run(
+        [script("hq-gateway"), "--broker", broker.address, "--listen", f"unix://{victim}"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.count("\n") == 1 and f"cannot listen on unix://{victim}" in run.stderr
+    assert victim.read_text() == "keep me"

@@ -16,6 +16,7 @@ import asyncio
 from hq import protocol as p
 
 from . import commands
+from .framing import Drop
 
 #: Chunk groups per hq request (each chunk up to MAX_CHUNK_ITEMS; within MAX_FRAMES).
 MAX_GROUPS = 64
@@ -53,6 +54,8 @@ class Batcher:
         items = [item for part, _ in waiting for item in part]
         try:
             answers = await (self._lookup(items) if command == p.GET else self._exists(items))
+            if len(answers) != len(items):  # a reply short of chunks: never a shifted answer
+                raise Drop(f"hq answered {len(answers)} of {len(items)} lookups")
         except Exception as exc:  # the same failure for every connection of the batch
             for _, future in waiting:
                 if not future.done():

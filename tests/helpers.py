@@ -67,6 +67,20 @@ class Gateway:
         return self.proc.wait(10)
 
 
+def connect(address: str, timeout: float = 10.0, rcvbuf: int | None = None):
+    """A TCP socket connected to a gateway's ``HOST:PORT``; ``rcvbuf`` set before connecting
+    (so the window the peer sees is that small)."""
+    import socket
+
+    host, port = address.rsplit(":", 1)
+    sock = socket.socket()
+    sock.settimeout(timeout)
+    if rcvbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.connect((host, int(port)))
+    return sock
+
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

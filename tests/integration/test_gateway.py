@@ -16,7 +16,7 @@ import time
 import psutil
 import pytest
 
-from helpers import Gateway, Stack, wait_for
+from helpers import Gateway, Stack, connect, wait_for
 from hq.client import create_client
 
 M = "TestMethod"
@@ -211,8 +211,7 @@ def _comparable(args, out: str) -> str:
 
 
 def raw(address: str, data: bytes, timeout: float = 5.0) -> bytes:
-    host, port = address.rsplit(":", 1)
-    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+    with connect(address, timeout) as sock:
         sock.sendall(data)
         sock.shutdown(socket.SHUT_WR)
         out = b""
@@ -307,11 +306,10 @@ def test_lookups_of_many_connections_go_to_the_broker_together(served):
     stack, gateway = served
     with create_client(stack.address) as client:
         client.report_unihash("5" * 40, M, "6" * 64, U2)
-    host, port = gateway.tcp.rsplit(":", 1)
     socks = []
     try:
         for _ in range(20):
-            sock = socket.create_connection((host, int(port)), timeout=10)
+            sock = connect(gateway.tcp)
             sock.sendall(b'OEHASHEQUIV 1.1\n\n{"get-stream": null}\n')
             assert sock.makefile("rb").readline() == b'"ok"\n'
             socks.append(sock)

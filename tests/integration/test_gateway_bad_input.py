@@ -11,7 +11,7 @@ import time
 import psutil
 import pytest
 
-from helpers import Gateway, Stack, script, wait_for
+from helpers import Gateway, Stack, connect, script, wait_for
 from hq.bench.stack import free_port
 
 M = "TestMethod"
@@ -23,11 +23,6 @@ def broker(tmp_path_factory):
     stack = Stack(tmp_path_factory.mktemp("broker")).start()
     yield stack
     assert stack.stop() == 0, stack.log()
-
-
-def connect(address: str) -> socket.socket:
-    host, port = address.rsplit(":", 1)
-    return socket.create_connection((host, int(port)), timeout=10)
 
 
 def closed_by_peer(sock: socket.socket) -> bool:
@@ -72,10 +67,7 @@ def test_silent_and_half_open_connections_are_closed_others_served(hashserv, bro
 def test_a_client_that_never_reads_is_closed_after_the_write_timeout(hashserv, broker, tmp_path):
     gateway = Gateway(tmp_path, broker.address, "--write-timeout", "1")
     try:
-        hog = socket.socket()
-        hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
-        host, port = gateway.tcp.rsplit(":", 1)
-        hog.connect((host, int(port)))
+        hog = connect(gateway.tcp, rcvbuf=4096)  # a small window
         # answers (a unihash, 65 bytes a line) far beyond what the kernel buffers hold
         with hashserv.create_client(gateway.tcp) as client:
             client.report_unihash("7" * 40, M, "8" * 64, "9" * 64)

@@ -35,10 +35,10 @@ def _enc(value) -> bytes:
     return str(value).encode("utf-8", "surrogateescape")
 
 
-async def ask(link, command: bytes, body=()) -> list:
+async def ask(link, command: bytes, body=(), deadline: float | None = None) -> list:
     """The broker's OK body; a refusal (401, 403, 422) is an invoke-error with hq's text
     (the reference's texts: hq keeps them); any other error closes the connection."""
-    status, reply = await link.call(command, body)
+    status, reply = await link.call(command, body, deadline)
     if status == p.OK:
         return reply
     if status in (p.E_UNAUTHORIZED, p.E_FORBIDDEN, p.E_INVALID):

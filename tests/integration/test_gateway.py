@@ -332,6 +332,85 @@ def test_lookups_of_many_connections_go_to_the_broker_together(served):
             sock.close()
 
 
+def test_lookups_wait_while_two_requests_are_with_the_broker(served, tmp_path):
+    """The broker stopped: the first two lookups, read in turns of their own, go as two
+    requests; the next 20, each read in a turn of its own too, wait for an answer and then
+    go as one request (one each without the cap: 22). A gateway of its own, whose attempts
+    outlast the broker's stop (a resent attempt would count twice)."""
+    stack, _ = served
+    gateway = Gateway(tmp_path, stack.address, "--timeout", "60")
+    before = get_counters(stack.address)
+    broker = stack.children()["hq-broker"]
+    socks = []
+    try:
+        for _ in range(22):
+            sock = connect(gateway.tcp)
+            sock.sendall(b'OEHASHEQUIV 1.1\n\n{"get-stream": null}\n')
+            assert sock.makefile("rb").readline() == b'"ok"\n'
+            socks.append(sock)
+        broker.suspend()
+        try:
+            wait_for(lambda: broker.status() == psutil.STATUS_STOPPED, what="the broker to stop")
+            for sock in socks:
+                sock.sendall(f"{M} {os.urandom(20).hex()}\n".encode())
+                turned(gateway)  # the gateway has read it and handed it over
+        finally:
+            broker.resume()
+        for sock in socks:
+            assert sock.makefile("rb").readline() == b"\n"
+        after = get_counters(stack.address)
+        assert after.get("items.get", 0) - before.get("items.get", 0) == 22
+        assert after.get("requests.get", 0) - before.get("requests.get", 0) == 3
+    finally:
+        for sock in socks:
+            sock.close()
+        assert gateway.stop() == 0, gateway.log()
+
+
+def test_a_lookup_waiting_for_a_slot_keeps_its_own_deadline(served, tmp_path):
+    """The workers stopped (the broker answers, nothing else does): a lookup queued behind
+    two requests is closed when its own --timeout from arrival is up, with theirs, not a
+    whole --timeout after theirs."""
+    stack, _ = served
+    gateway = Gateway(tmp_path, stack.address, "--timeout", "2")
+    workers = [process for name, process in stack.children().items() if name.startswith("hq-worker")]
+    socks = []
+    try:
+        for _ in range(3):
+            sock = connect(gateway.tcp)
+            sock.sendall(b'OEHASHEQUIV 1.1\n\n{"get-stream": null}\n')
+            assert sock.makefile("rb").readline() == b'"ok"\n'
+            socks.append(sock)
+        for worker in workers:
+            worker.suspend()
+        try:
+            for sock in socks:
+                sock.sendall(f"{M} {os.urandom(20).hex()}\n".encode())
+                turned(gateway)
+            closed = []
+            for sock in socks:  # each closed without an answer: BitBake falls back
+                assert sock.makefile("rb").readline() == b""
+                closed.append(time.monotonic())
+        finally:
+            for worker in workers:
+                worker.resume()
+        assert closed[2] - closed[0] < 1.0, closed
+        with create_client(stack.address) as client:  # the workers are back for what follows
+            wait_for(lambda: len(client.get_stats()["workers"]) == 2, what="both workers back")
+    finally:
+        for sock in socks:
+            sock.close()
+        assert gateway.stop() == 0, gateway.log()
+
+
+def turned(gateway) -> None:
+    """Return once the gateway's loop has come round: a handshake it answers itself
+    (needs-headers), so everything readable before it has been read and handed over."""
+    with connect(gateway.tcp) as sock:
+        sock.sendall(b"OEHASHEQUIV 1.1\nneeds-headers: true\n\n")
+        assert sock.makefile("rb").readline() == b"\n"
+
+
 def get_counters(address: str) -> dict:
     with create_client(address) as client:
         return client.get_stats()["broker"]["counters"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import configparser
 import os
+import sys
 from typing import Callable
 
 import hq
@@ -52,11 +53,39 @@ def argparse_type(convert: Callable) -> Callable:
 
 class ArgumentParser(argparse.ArgumentParser):
     """Errors are one line on stderr and exit 2 (every hq program's usage-error status): a
-    daemon's log should not fill with usage text, and a user reads one line."""
+    daemon's log should not fill with usage text, and a user reads one line. No
+    abbreviations: ``hq-admin --server ADDRESS`` was taken for ``--server-key`` and failed
+    reading a key file named like the address; a misspelt option is now named as such."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        # An option no parser knows is named first: otherwise its value can be taken for a
+        # subcommand ("invalid choice: 'tcp://...'"), which hides the real mistake.
+        argv = sys.argv[1:] if args is None else list(args)
+        known = _option_strings(self)
+        for token in argv:
+            if token == "--":
+                break
+            if token.startswith("--") and token.split("=", 1)[0] not in known:
+                self.error(f"unrecognized option {token.split('=', 1)[0]}")
+        return super().parse_known_args(args, namespace)
 
     def error(self, message):
         one_line = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
         self.exit(2, f"{self.prog}: error: {one_line} (see --help)\n")
+
+
+def _option_strings(parser) -> set:
+    """Every option string of ``parser`` and of its subcommands, at any depth."""
+    found = set(parser._option_string_actions)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found |= _option_strings(sub)
+    return found
 
 
 def add_version(parser: argparse.ArgumentParser) -> None:

@@ -58,6 +58,12 @@ BAD_VALUES = [
     ("hq-worker", ["--no-such-option"], {}, "--no-such-option"),
     ("hq-server", ["--workers", "many"], {}, "workers"),
     ("hq-server", ["--workers", "0"], {}, "workers"),
+    # no abbreviations: --work is not --workers, and --server is not --server-key (whose
+    # value, a broker address, was read as a key file) nor a subcommand
+    ("hq-server", ["--work", "3"], {}, "unrecognized option --work"),
+    ("hq-admin", ["--server", "tcp://127.0.0.1:1", "stats"], {}, "unrecognized option --server"),
+    ("hq-admin", ["stats", "--form", "json"], {}, "unrecognized option --form"),
+    ("hq-bench", ["single", "--client", "2"], {}, "unrecognized option --client"),
 ]
 
 

@@ -16,9 +16,9 @@ import asyncio
 import time
 
 from hq import protocol as p
+from hq.oehashequiv import Drop
 
 from . import commands
-from .framing import Drop
 
 #: Chunk groups per hq request (each chunk up to MAX_CHUNK_ITEMS; within MAX_FRAMES).
 MAX_GROUPS = 64

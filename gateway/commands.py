@@ -3,7 +3,7 @@ error texts (bitbake-hashserv-protocol.md §6-§7).
 
 A handler takes the connection's :class:`~hq.gateway.link.Link` and the command's argument
 and returns the JSON value to answer. :class:`Invoke` is an invoke-error (sent, then the
-connection closes); :class:`~hq.gateway.framing.Drop` closes without a reply, as the reference
+connection closes); :class:`~hq.oehashequiv.Drop` closes without a reply, as the reference
 does for a missing field, a wrong type or an unknown command.
 """
 
@@ -12,8 +12,7 @@ from __future__ import annotations
 import json
 
 from hq import protocol as p
-
-from .framing import Drop
+from hq.oehashequiv import Drop
 
 
 class Invoke(Exception):

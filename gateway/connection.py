@@ -15,10 +15,19 @@ import json
 import logging
 
 from hq import protocol as p
+from hq.oehashequiv import (
+    MAX_LINE,
+    Drop,
+    LineBuffer,
+    check_protocol_line,
+    decode,
+    encode,
+    header,
+    is_chunk_start,
+)
 
 from . import batching, commands
 from .batching import Batcher
-from .framing import MAX_LINE, Drop, LineBuffer, check_protocol_line, decode, encode, header, is_chunk_start
 from .link import BrokerDown, Link
 
 log = logging.getLogger(__name__)

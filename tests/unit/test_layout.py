@@ -4,6 +4,7 @@ core (hq)                      the foundation: imports nothing of the rest
 broker, workers, client        import only core (the client only protocol, permissions, curve,
                                sockets, addresses: permissions imports only protocol)
 gateway                        only core: it speaks the client protocol itself, over asyncio
+upstream                       only core: hq's clients of an upstream server (OEHASHEQUIV)
 admin, bench, server           on top: may import the layers below, never each other's
                                internals (bench runs hq-server as a program)
 """
@@ -28,6 +29,7 @@ PACKAGES = {
     "bench": "hq.bench",
     "server": "hq.server",
     "gateway": "hq.gateway",
+    "upstream": "hq.upstream",
 }
 #: Layer -> the layers it may import. hq-admin is a client: it must not load the
 #: workers' database code (peewee) or the broker.
@@ -40,6 +42,7 @@ ALLOWED = {
     "bench": {"core", "client", "workers", "bench"},
     "server": {"core", "client", "broker", "workers", "server"},
     "gateway": {"core", "gateway"},
+    "upstream": {"core", "upstream"},
 }
 #: Modules of core that import nothing of hq at all.
 LEAVES = (

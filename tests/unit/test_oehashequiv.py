@@ -1,10 +1,10 @@
-"""OEHASHEQUIV framing (hq.gateway.framing): the reference's handshake, lines and chunking."""
+"""OEHASHEQUIV framing (hq.oehashequiv): the reference's handshake, lines and chunking."""
 
 import json
 
 import pytest
 
-from hq.gateway import framing as f
+from hq import oehashequiv as f
 
 
 def test_a_short_message_is_one_line_as_json_dumps_writes_it():

@@ -1,0 +1,203 @@
+"""hq's OEHASHEQUIV upstream client (hq.upstream.oehashequiv) against real servers:
+bitbake-hashserv over TCP, hq behind hq-gateway over unix:// and ws://, and servers that
+answer garbage, too much, too little or nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+
+import pytest
+
+from helpers import Gateway, Stack
+from hq.upstream.oehashequiv import Upstream, UpstreamError, split_address
+
+M = "TestMethod"
+T1, T2, T3 = "1" * 40, "2" * 40, "3" * 40
+O1, O3 = "a" * 64, "c" * 64
+U1, U2, U3 = "d" * 64, "e" * 64, "f" * 64
+
+
+def run(coroutine):
+    return asyncio.run(coroutine)
+
+
+def report_known(client) -> None:
+    """Three reports through a BitBake client: T2 equivalent to T1."""
+    client.report_unihash(T1, M, O1, U1)
+    client.report_unihash(T2, M, O1, U2)  # same outhash: U1
+    client.report_unihash(T3, M, O3, U3)
+
+
+async def session(address: str) -> dict:
+    """Every call, switching between stream and normal mode, on one Upstream."""
+    upstream = Upstream(address, timeout_s=20)
+    unknown = [f"{n:040x}" for n in range(3000)]
+    try:
+        wave = [(M, T1), (M, T2), (M, T3)] + [(M, t) for t in unknown] + [("OtherMethod", T1)]
+        out = {"wave": await upstream.get_unihashes(wave)}
+        out["exists"] = await upstream.exists([U1, U2, U3] * 500)
+        out["get"] = await upstream.get(M, T2)
+        out["get_missing"] = await upstream.get(M, unknown[0])
+        out["row"] = await upstream.get(M, T1, with_row=True)
+        out["outhash"] = await upstream.get_outhash(M, O1, T2)
+        out["again"] = await upstream.get_unihashes([(M, T3)])  # back into get-stream
+        out["ping"] = await upstream.ping()
+        return out
+    finally:
+        await upstream.close()
+
+
+def check_session(out: dict, bitbake_client) -> None:
+    assert out["wave"] == [U1, U1, U3] + [None] * 3000 + [None]
+    assert out["exists"] == [True, False, True] * 500
+    assert out["get"] == {"taskhash": T2, "method": M, "unihash": U1}
+    assert out["get_missing"] is None
+    assert out["row"] == bitbake_client.get_taskhash(M, T1, True)
+    assert out["outhash"] == bitbake_client.get_outhash(M, O1, T2)
+    assert out["row"]["outhash"] == O1 and out["outhash"]["unihash"] == U1
+    assert out["again"] == [U3]
+    assert out["ping"] is True
+
+
+def test_bitbake_hashserv_over_tcp(hashserv, bitbake, tmp_path):
+    from hq.bench.reference import ReferenceServer
+
+    reference = ReferenceServer(tmp_path, bitbake).start()
+    try:
+        with hashserv.create_client(reference.address) as client:
+            report_known(client)
+            check_session(run(session(reference.address)), client)
+    finally:
+        reference.stop()
+
+
+@pytest.mark.parametrize("transport", ["unix", "ws"])
+def test_hq_behind_its_gateway(hashserv, tmp_path, transport):
+    (tmp_path / "hq").mkdir()
+    stack = Stack(tmp_path / "hq")
+    stack.start()
+    gateway = None
+    try:
+        gateway = Gateway(tmp_path, stack.address)
+        address = gateway.unix if transport == "unix" else gateway.ws
+        with hashserv.create_client(gateway.tcp) as client:
+            report_known(client)
+            check_session(run(session(address)), client)
+    finally:
+        if gateway is not None:
+            assert gateway.stop() == 0, gateway.log()
+        assert stack.stop() == 0, stack.log()
+
+
+class FakeServer:
+    """A TCP server on 127.0.0.1 that reads the handshake and a request, then answers what
+    ``answer(request_line)`` returns (bytes; None: nothing, and hold the connection open)."""
+
+    def __init__(self, answer):
+        self.answer = answer
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = "127.0.0.1:%d" % self.listener.getsockname()[1]
+        self.connections = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        self.listener.settimeout(0.1)
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            self.connections += 1
+            with conn, conn.makefile("rb") as reader:
+                for _ in range(3):  # protocol line, needs-headers, the empty line
+                    reader.readline()
+                reply = self.answer(reader.readline())
+                if reply is None:
+                    self.stop.wait(5)
+                else:
+                    conn.sendall(reply)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        self.listener.close()
+
+
+BAD_ANSWERS = {
+    "not JSON": (lambda line: b"hello there\n", "not JSON"),
+    "a line too long": (lambda line: b"x" * 100_000 + b"\n", "over"),
+    "a close": (lambda line: b"", "closed the connection"),
+    "not UTF-8": (lambda line: b"\xff\xfe\n", "UTF-8"),
+    "a refusal": (
+        lambda line: b'{"invoke-error": {"message": "Unknown command"}}\n',
+        "refused.*Unknown command",
+    ),
+    # the stream entered, then fewer answers than lines: an error, never a shifted answer
+    "answers short": (lambda line: b'"ok"\n\nabc\n', "closed the connection"),
+    "silence": (lambda line: None, "in time"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ANSWERS))
+def test_a_bad_upstream_is_an_upstream_error(case):
+    answer, message = BAD_ANSWERS[case]
+    server = FakeServer(answer)
+
+    async def ask():
+        upstream = Upstream(server.address, timeout_s=1.0)
+        try:
+            if case in ("answers short",):
+                return await upstream.get_unihashes([(M, T1), (M, T2), (M, T3)])
+            return await upstream.get(M, T1)
+        finally:
+            await upstream.close()
+
+    started = time.monotonic()
+    try:
+        with pytest.raises(UpstreamError, match=message):
+            run(ask())
+    finally:
+        server.close()
+    assert time.monotonic() - started < 5
+
+
+def test_each_call_reconnects_after_a_failure():
+    """A failed call drops the connection; the next call opens a new one."""
+    answers = iter([b"garbage\n", b'{"taskhash": "1", "method": "m", "unihash": "u"}\n'])
+    server = FakeServer(lambda line: next(answers))
+
+    async def twice():
+        upstream = Upstream(server.address, timeout_s=2.0)
+        try:
+            with pytest.raises(UpstreamError):
+                await upstream.get(M, T1)
+            return await upstream.get(M, T1)
+        finally:
+            await upstream.close()
+
+    try:
+        assert run(twice()) == {"taskhash": "1", "method": "m", "unihash": "u"}
+        assert server.connections == 2
+    finally:
+        server.close()
+
+
+def test_nothing_listening_is_an_upstream_error_at_once():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # bound, not listening: refused
+        started = time.monotonic()
+        with pytest.raises(UpstreamError, match="cannot reach"):
+            run(Upstream(f"127.0.0.1:{port}", timeout_s=5).get(M, T1))
+    assert time.monotonic() - started < 2
+
+
+@pytest.mark.parametrize("address", ["tcp://127.0.0.1:1", "127.0.0.1", "host:99999", "unix://", "h:port"])
+def test_addresses_it_cannot_use_are_refused(address):
+    with pytest.raises(ValueError):
+        split_address(address)

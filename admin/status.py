@@ -138,6 +138,7 @@ def summary_rows(data: dict, usage: dict | None = None) -> list:
             f"{output.fmt(cached)}",
         ),
         ("reports new / equivalent / existing", " / ".join(output.fmt(n) for n in reports)),
+        *_upstream_rows(broker, counters),
         (
             "log-ins / failed / refused requests",
             " / ".join(
@@ -159,6 +160,29 @@ def summary_rows(data: dict, usage: dict | None = None) -> list:
             f"synchronous={settings.get('synchronous', '-')} "
             f"busy_timeout={settings.get('busy_timeout', '-')}ms"
             + ("  WARNING: " + "; ".join(problems) if problems else ""),
+        ),
+    ]
+
+
+def _upstream_rows(broker: dict, counters: dict) -> list:
+    """With --upstream: what was asked of it, and what it gave."""
+    address = broker.get("settings", {}).get("upstream")
+    if not address:
+        return []
+    n = {k.split(".", 1)[1]: v for k, v in counters.items() if k.startswith("upstream.")}
+    return [
+        ("upstream", address),
+        (
+            "upstream asked / hits / misses: lookups",
+            " / ".join(output.fmt(n.get(k, 0)) for k in ("asked", "hits", "misses")),
+        ),
+        (
+            "upstream asked / hits: reports",
+            " / ".join(output.fmt(n.get(k, 0)) for k in ("report_asked", "report_hits")),
+        ),
+        (
+            "upstream errors / timeouts / backfilled",
+            " / ".join(output.fmt(n.get(k, 0)) for k in ("errors", "timeouts", "backfilled")),
         ),
     ]
 

@@ -48,7 +48,16 @@ MISS = b""  # a cached answer "no mapping"
 
 
 class MappingCache:
-    __slots__ = ("max_entries", "entries", "epoch", "inserts", "hits", "learned", "invalidations")
+    __slots__ = (
+        "max_entries",
+        "entries",
+        "epoch",
+        "inserts",
+        "hits",
+        "learned",
+        "invalidations",
+        "keep_misses",
+    )
 
     def __init__(self, max_entries: int):
         self.max_entries = max_entries
@@ -58,6 +67,7 @@ class MappingCache:
         self.epoch = 0  # bumped by invalidate()
         self.inserts = 0  # bumped when a report or report-equiv is dispatched or ends
         self.hits = 0  # items answered from the cache
+        self.keep_misses = True  # False with --upstream: it may learn a mapping any time
         self.learned = 0
         self.invalidations = 0
 
@@ -86,7 +96,7 @@ class MappingCache:
         when the lookup was dispatched; ``inserts`` -1 when an insert was in flight then)."""
         if epoch != self.epoch or not self.max_entries:
             return
-        misses = inserts == self.inserts
+        misses = self.keep_misses and inserts == self.inserts
         entries = self.entries
         prefix = method + LF
         taskhashes = chunk.split(LF)

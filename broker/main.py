@@ -16,7 +16,7 @@ import time
 
 import zmq
 
-from hq import config, curve, logs, options, permissions, proctitle
+from hq import addresses, config, curve, logs, options, permissions, proctitle
 from hq import protocol as p
 from hq.notify import notify
 from hq.signals import StopFlag
@@ -84,11 +84,28 @@ class Broker:
         self.zap = self._secure(opts)
         self.endpoints = [bind(self.frontend, address, "client") for address in opts.bind]
         self.backend_endpoint = bind(self.backend, opts.backend, "worker")
+        self.upstream_socket = self.agent = None
+        if getattr(opts, "upstream", ""):
+            self._start_upstream(opts)
         self.metrics_socket = self.metrics = None
         if getattr(opts, "metrics", ""):
             self.metrics_socket = metrics_stream(self.ctx, opts.metrics)
             self.metrics_endpoint = self.metrics_socket.last_endpoint.decode()
             self.metrics = HttpEndpoint(self.render_metrics)
+
+    def _start_upstream(self, opts):
+        """The upstream agent: a thread of this process, on an inproc:// PAIR socket."""
+        from hq.upstream.agent import Agent  # only with --upstream (websockets for ws://)
+
+        endpoint = f"inproc://hq-upstream-{id(self):x}"
+        self.upstream_socket = self.ctx.socket(zmq.PAIR)
+        self.upstream_socket.linger = 0
+        self.upstream_socket.bind(endpoint)
+        login = (opts.upstream_username, opts.upstream_password) if opts.upstream_username else ()
+        self.agent = Agent(
+            self.ctx, endpoint, opts.upstream, opts.upstream_timeout_s, opts.upstream_negative_ttl_s, login
+        )
+        self.agent.start()
 
     def _secure(self, opts):
         """CURVE on the frontend (and on a tcp:// backend) with the ZAP handler deciding who
@@ -137,6 +154,10 @@ class Broker:
             "broker serving clients on %s, workers on %s", ", ".join(self.endpoints), self.backend_endpoint
         )
         metrics, metrics_socket = self.metrics, self.metrics_socket
+        upstream = self.upstream_socket
+        if upstream is not None:
+            poller.register(upstream, zmq.POLLIN)
+            log.info("asking the upstream %s on a local miss", addresses.redacted(self.opts.upstream))
         if metrics is not None:
             poller.register(metrics_socket, zmq.POLLIN)
             log.info(
@@ -164,6 +185,11 @@ class Broker:
                     frames, first = recv_frames_tagged(frontend)
                     sched.on_client(frames, now, dispatch=False, peer=first)
                     if not readable(frontend):
+                        break
+            if upstream is not None and upstream in events:
+                for _ in range(BURST):
+                    sched.on_upstream(recv_frames(upstream), now)
+                    if not readable(upstream):
                         break
             sched.tick(now)
             self.flush()
@@ -198,6 +224,13 @@ class Broker:
 
     def flush(self) -> None:
         sched = self.scheduler
+        if sched.upstream is not None and sched.upstream.outbox:
+            for frames in sched.upstream.outbox:
+                try:
+                    send_frames(self.upstream_socket, frames)
+                except zmq.ZMQError:  # the agent is not reading: the question times out
+                    sched.count("upstream.send_failed")
+            sched.upstream.outbox.clear()
         if sched.to_workers:
             for frames in sched.to_workers:
                 try:
@@ -224,6 +257,13 @@ class Broker:
         # A short linger lets the last answers and DISCONNECTs leave; never wait longer.
         self.frontend.close(linger=500)
         self.backend.close(linger=500)
+        if self.upstream_socket is not None:
+            try:
+                self.upstream_socket.send_multipart([b"", b"stop"], zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+            self.agent.thread.join(5)  # it closes its socket, so that ctx.term() returns
+            self.upstream_socket.close(linger=0)
         if self.metrics_socket is not None:
             self.metrics_socket.close(linger=0)
         if self.zap is not None:
@@ -243,6 +283,9 @@ def main(argv=None) -> int:
     opts = config.parse("hq-broker", "The hq broker: clients in front, workers behind.", options.BROKER, argv)
     logs.setup("hq-broker", opts.log_level)
     proctitle.set_title("hq-broker", " ".join(opts.bind))
+    if opts.upstream and opts.read_only:  # as bitbake-hashserv refuses it
+        log.error("--upstream and --read-only together: a read-only server cannot store what it learns")
+        return 2
     stop = StopFlag().install()
     try:
         broker = Broker(opts)

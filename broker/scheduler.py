@@ -23,12 +23,13 @@ Scheduling rules (PROTOCOL.md, "Broker behaviour"):
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
 from collections import deque
 
-from hq import options
+from hq import addresses, options
 from hq import protocol as p
 
 from .access import Access
@@ -36,15 +37,25 @@ from .cache import MAX_ITEMS as CACHE_MAX_ITEMS
 from .cache import MappingCache
 from .fairqueue import FairQueue
 from .histogram import Histogram
+from .upstream import EXISTS as ASK_EXISTS
+from .upstream import GET as ASK_GET
+from .upstream import OUTHASH as ASK_OUTHASH
+from .upstream import ROW as ASK_ROW
+from .upstream import UpstreamStage
 
 log = logging.getLogger(__name__)
 
 #: Commands whose jobs a worker can run together (one query per method, one transaction).
 MERGE_COMMANDS = frozenset({p.GET, p.EXISTS, p.REPORT, p.REPORT_EQUIV})
-#: The writes that may insert a mapping of the (method, taskhash) in their first two frames.
-INSERT_COMMANDS = frozenset({p.REPORT, p.REPORT_EQUIV})
+#: The writes that may insert mappings: reports and report-equivs name the (method, taskhash)
+#: in their first two frames; a backfill (--upstream) names a chunk of them.
+INSERT_COMMANDS = frozenset({p.REPORT, p.REPORT_EQUIV, p.BACKFILL})
 #: Commands that write: at most one REQUEST of them is in flight at a time (see dispatch).
-WRITE_COMMANDS = frozenset({p.REPORT, p.REPORT_EQUIV}) | p.ADMIN_WRITE_COMMANDS | p.USER_WRITE_COMMANDS
+WRITE_COMMANDS = INSERT_COMMANDS | p.ADMIN_WRITE_COMMANDS | p.USER_WRITE_COMMANDS
+#: Lookups whose local misses are asked of the upstream (--upstream) before the answer.
+READ_THROUGH = frozenset({p.GET, p.EXISTS, p.GET_FULL, p.GET_OUTHASH})
+#: The latency histogram of the upstream agent's answers (--upstream), beside the commands'.
+UPSTREAM_LATENCY = b"upstream"
 #: User commands whose answer changes live sessions (see hq.broker.access).
 SESSION_COMMANDS = frozenset({p.SET_USER_PERMS, p.DELETE_USER})
 
@@ -99,6 +110,7 @@ class PendingRequest:
         "items",
         "slow",
         "hook",
+        "bodies",
     )
 
     def __init__(self, client_id, request_id, command, n_jobs, items, now, timeout_s):
@@ -116,6 +128,7 @@ class PendingRequest:
         # For the requests whose answer the broker acts on (log-in, user changes, its own
         # admin bootstrap): hook(pending, frames, now) -> the frames to send, or None.
         self.hook = None
+        self.bodies = None  # with --upstream, a lookup's chunks: its misses go upstream
 
 
 class Job:
@@ -239,6 +252,14 @@ class Scheduler:
         self.writer = None  # worker id holding the one write REQUEST allowed in flight
         # A read-only broker is a mirror: others write its database, unseen, so no cache.
         self.cache = MappingCache(0 if settings.read_only else settings.cache_entries)
+        # --upstream: lookups' misses go on to the upstream agent, reports ask it first. A
+        # miss is then never cached: the upstream may learn that mapping any time.
+        self.upstream = None
+        if getattr(settings, "upstream", ""):
+            self.upstream = UpstreamStage(settings.upstream_timeout_s)
+            self.cache.keep_misses = False
+        self._internal_ids = itertools.count(1)
+        self.backfills = 0  # backfill requests not answered yet (backfill-wait waits for 0)
         self.access = Access.from_settings(settings)
         self.admin_bootstrap = None  # (username, token hash) until a worker has stored it
         self._bootstrapping = False
@@ -336,6 +357,9 @@ class Scheduler:
             body = access.self_service_body(who, command, body)
         if command in p.BROKER_COMMANDS:
             self._broker_command(client_id, request, now)
+            return
+        if command == p.REPORT and self.upstream is not None:
+            self._report_via_upstream(client_id, request, body, actor, now)
             return
         self._submit(client_id, request, body, actor, now, dispatch)
 
@@ -453,6 +477,8 @@ class Scheduler:
             self.settings.admin_request_timeout_s if slow else self.settings.request_timeout_s,
         )
         pending.slow = slow
+        if self.upstream is not None and command in READ_THROUGH and client_id is not None:
+            pending.bodies = bodies
         (self.slow_pending if slow else self.pending)[key] = pending
         jobs = []
         for index, chunk in enumerate(bodies):
@@ -708,12 +734,175 @@ class Scheduler:
         pending.results[index] = body
         pending.remaining -= 1
         if pending.remaining == 0:
-            if len(pending.results) == 1:
-                reply_body = pending.results[0]
+            if pending.bodies is not None and self._ask_upstream(pending, now):
+                return  # answered when the upstream has (or has not, in time)
+            self._complete(pending, now)
+
+    def _complete(self, pending: PendingRequest, now: float):
+        """Every chunk answered: the reply, the chunks' frames in order."""
+        if len(pending.results) == 1:
+            reply_body = pending.results[0]
+        else:
+            reply_body = [frame for part in pending.results for frame in part]
+        self.count("items." + pending.command.decode(), pending.items)
+        self._finish(pending, now, p.encode_reply(pending.request_id, p.OK, reply_body))
+
+    # --- the upstream (hq.broker.upstream) ----------------------------------------------
+    def _ask_upstream(self, pending: PendingRequest, now: float) -> bool:
+        """Send a finished lookup's local misses upstream; False if it has none."""
+        if pending.command in (p.GET_FULL, p.GET_OUTHASH):
+            return self._ask_upstream_row(pending, now)
+        misses = []  # (chunk index, item index, question)
+        for index, chunk in enumerate(pending.bodies):
+            frame = bytes(pending.results[index][0])
+            if pending.command == p.GET:
+                method = bytes(chunk[0]).decode("utf-8", "replace")
+                taskhashes = bytes(chunk[1]).decode("utf-8", "replace").split("\n")
+                answers = frame.split(b"\n")
+                pairs = enumerate(zip(taskhashes, answers))
+                misses += [(index, i, [method, t]) for i, (t, u) in pairs if not u]
             else:
-                reply_body = [frame for part in pending.results for frame in part]
-            self.count("items." + pending.command.decode(), pending.items)
-            self._finish(pending, now, p.encode_reply(pending.request_id, p.OK, reply_body))
+                unihashes = bytes(chunk[0]).decode("utf-8", "replace").split("\n")
+                misses += [(index, i, u) for i, u in enumerate(unihashes) if frame[i : i + 1] == b"0"]
+        if not misses:
+            return False
+        kind = ASK_GET if pending.command == p.GET else ASK_EXISTS
+        self.count("upstream.asked", len(misses))
+
+        def answered(result, error, now):
+            if pending.done:  # timed out meanwhile
+                return
+            if error is None and (not isinstance(result, list) or len(result) != len(misses)):
+                error = "an answer of the wrong shape"
+            if error is not None:
+                self.count("upstream.timeouts" if error == "timeout" else "upstream.errors")
+                self._complete(pending, now)  # local data only
+                return
+            if pending.command == p.GET:
+                self._fill_lookups(pending, misses, result, now)
+            else:
+                self._fill_exists(pending, misses, result)
+            self._complete(pending, now)
+
+        self.upstream.ask(kind, [question for _, _, question in misses], now, answered, pending.deadline)
+        return True
+
+    def _ask_upstream_row(self, pending: PendingRequest, now: float) -> bool:
+        """get with all, get-outhash: a local null is asked of the upstream; a row it has is
+        the answer, and is stored here with its mapping (§7.10)."""
+        if bytes(pending.results[0][0]) != b"null":
+            return False
+        body = [bytes(frame).decode("utf-8", "replace") for frame in pending.bodies[0]]
+        if pending.command == p.GET_FULL:
+            kind, question, with_unihash = ASK_ROW, body[:2], True
+        else:
+            kind, question, with_unihash = ASK_OUTHASH, body[:3], body[3] != "0"
+        self.count("upstream.asked")
+
+        def answered(row, error, now):
+            if pending.done:
+                return
+            if error is not None:
+                self.count("upstream.timeouts" if error == "timeout" else "upstream.errors")
+            elif isinstance(row, dict) and p.is_unihash(row.get("unihash")):
+                self.count("upstream.hits")
+                self._backfill([{**row, "method": question[0]}], now)
+                if not with_unihash:
+                    row = {k: v for k, v in row.items() if k not in ("unihash", "gc_mark")}
+                pending.results[0] = [p.encode_json(row)]
+            else:
+                self.count("upstream.misses")
+            self._complete(pending, now)
+
+        self.upstream.ask(kind, question, now, answered, pending.deadline)
+        return True
+
+    def _fill_lookups(self, pending, misses, result, now):
+        found = {}  # chunk index -> {item index: unihash}
+        backfill = []
+        for (index, i, (method, taskhash)), unihash in zip(misses, result):
+            if isinstance(unihash, str) and p.is_unihash(unihash):
+                found.setdefault(index, {})[i] = unihash
+                backfill.append({"method": method, "taskhash": taskhash, "unihash": unihash})
+        self.count("upstream.hits", len(backfill))
+        self.count("upstream.misses", len(misses) - len(backfill))
+        for index, hits in found.items():
+            answers = bytes(pending.results[index][0]).split(b"\n")
+            for i, unihash in hits.items():
+                answers[i] = unihash.encode("ascii")
+            pending.results[index] = [b"\n".join(answers)]
+        if backfill:
+            self._backfill(backfill, now)
+
+    def _fill_exists(self, pending, misses, result):
+        found = {}
+        for (index, i, _), exists in zip(misses, result):
+            if exists is True:
+                found.setdefault(index, []).append(i)
+        hits = sum(len(v) for v in found.values())
+        self.count("upstream.hits", hits)
+        self.count("upstream.misses", len(misses) - hits)
+        for index, positions in found.items():
+            flags = bytearray(bytes(pending.results[index][0]))
+            for i in positions:
+                flags[i] = 0x31
+            pending.results[index] = [bytes(flags)]
+
+    def _backfill(self, rows: list, now: float):
+        """Store what the upstream answered, off the reply path: internal write jobs of up to
+        a chunk of rows each, first mapping wins (hq.workers.importer: backfill)."""
+        for start in range(0, len(rows), p.MAX_CHUNK_ITEMS):
+            part = rows[start : start + p.MAX_CHUNK_ITEMS]
+            request = p.Request(b"backfill-%x" % next(self._internal_ids), p.BACKFILL, b"", [], [len(part)])
+            pending = self._submit(None, request, [p.encode_json(part)], b"", now, False)
+            if pending is not None:
+                pending.hook = self._backfill_hook
+                self.backfills += 1
+
+    def _backfill_hook(self, pending, frames, now):
+        self.backfills -= 1
+        if int(frames[2]) == p.OK and len(frames) > 3:
+            self.count("upstream.backfilled", int(bytes(frames[3])))
+        else:
+            self.count("upstream.backfill_failed")
+        return None  # nobody to answer
+
+    def _report_via_upstream(self, client_id, request, body, actor, now):
+        """§7.2 step 4: the upstream's unihash for the report's output, if it knows one, is
+        the one stored when no local report of that output has a mapping."""
+        try:
+            method = p.decode_text(body[0], "method", p.MAX_HASH_BYTES)
+            taskhash = p.decode_text(body[1], "taskhash", p.MAX_HASH_BYTES)
+            outhash = p.decode_text(body[2], "outhash", p.MAX_HASH_BYTES)
+            submitted = bytes(body[3])
+        except (p.ProtocolError, IndexError):  # the worker answers the error as usual
+            self._submit(client_id, request, body, actor, now, False)
+            return
+
+        def answered(result, error, now):
+            new_body = body
+            if error is not None:
+                self.count("upstream.timeouts" if error == "timeout" else "upstream.errors")
+            elif isinstance(result, dict) and p.is_unihash(result.get("unihash")):
+                self.count("upstream.report_hits")
+                unihash = result["unihash"].encode("ascii")
+                if unihash != submitted:
+                    new_body = [body[0], body[1], body[2], unihash, *body[4:]]
+            else:
+                self.count("upstream.report_misses")
+            self._submit(client_id, request, new_body, actor, now, False)
+
+        self.count("upstream.report_asked")
+        self.upstream.ask(ASK_OUTHASH, [method, outhash, taskhash], now, answered)
+
+    def on_upstream(self, frames: list, now: float):
+        """An answer of the upstream agent."""
+        outcome = self.upstream.on_answer(frames, now)
+        if outcome is not None:  # how long the agent took: "upstream" among the latencies
+            hist = self.latency.get(UPSTREAM_LATENCY)
+            if hist is None:
+                hist = self.latency[UPSTREAM_LATENCY] = Histogram()
+            hist.add(outcome[0])
 
     # --- dispatch and time ----------------------------------------------------------------
     def dispatch(self, now: float):
@@ -756,7 +945,8 @@ class Scheduler:
                 self.cache.invalidate()
             elif job.command in INSERT_COMMANDS:
                 self.insert_writes += len(batch)
-                self.cache.inserting([(j.body[0], j.body[1]) for j in batch])
+                named = job.command != p.BACKFILL  # a backfill's keys are a chunk, not named
+                self.cache.inserting([(j.body[0], j.body[1]) for j in batch] if named else [])
             worker.busy += 1
             worker.last_sent = now
             cache = self.cache
@@ -807,6 +997,8 @@ class Scheduler:
                     now,
                     p.encode_error(pending.request_id, p.E_UNAVAILABLE, "no worker answered in time"),
                 )
+        if self.upstream is not None and self.upstream.waiting:
+            self.upstream.expire(now)
         self.dispatch(now)
 
     def next_wakeup(self, now: float) -> float:
@@ -819,6 +1011,8 @@ class Scheduler:
                 wake = min(wake, next(iter(table.values())).deadline)
         if self.access.delayed:
             wake = min(wake, self.access.next_due())
+        if self.upstream is not None and self.upstream.waiting:
+            wake = min(wake, self.upstream.next_deadline())
         return max(0.0, wake - now)
 
     def drop_client_replies(self, n: int = 1):
@@ -841,7 +1035,9 @@ class Scheduler:
             "requests": self.request_stats.as_dict(),
             "since_reset_s": now - self.last_reset,
             "broker": {
-                "settings": {opt.dest: getattr(self.settings, opt.dest) for opt in options.SCHEDULER},
+                "settings": {opt.dest: getattr(self.settings, opt.dest) for opt in options.SCHEDULER}
+                | {"upstream": addresses.redacted(getattr(self.settings, "upstream", ""))},
+                "upstream": None if self.upstream is None else {"backfill_pending": self.backfills},
                 "uptime_s": now - self.started,
                 "queued_jobs": len(self.queue),
                 "inflight_jobs": len(self.jobs),

@@ -86,3 +86,12 @@ def metrics_address(text: str) -> str:
 def optional_bind_address(text: str) -> str:
     """An option type: empty (the program picks one) or an address to bind."""
     return text if text == "" else check(text, bind=True)
+
+
+def redacted(address: str) -> str:
+    """``address`` fit for a log line or statistics: a ``scheme://user:secret@host`` URL's
+    user part replaced by ``***`` (a ws:// upstream may carry credentials)."""
+    scheme, sep, rest = address.partition("://")
+    if sep and "@" in rest.split("/", 1)[0]:
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return address

@@ -209,6 +209,51 @@ CURVE_WORKER_KEY = Option(
 )
 CURVE_BROKER = (CURVE_SECRET_KEY, CURVE_CLIENTS, CURVE_WORKERS)
 
+
+def upstream_address(text: str) -> str:
+    """Another hq (``tcp://``, ``ipc://``) or an OEHASHEQUIV server (``unix://PATH``,
+    ``HOST:PORT``, ``ws://``, ``wss://``), as bitbake-hashserv's ``--upstream``."""
+    if not text or text.startswith(("tcp://", "ipc://")):
+        return addresses.connect_address(text) if text else text
+    if text.startswith("unix://"):
+        if not text[len("unix://") :]:
+            raise ValueError("unix:// needs a path")
+        return text
+    rest = text.split("://", 1)[1] if text.startswith(("ws://", "wss://")) else text
+    host, sep, port = rest.partition("/")[0].rpartition(":")
+    if "://" in rest or not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("use tcp://, ipc:// (another hq), unix://PATH, HOST:PORT, ws:// or wss://")
+    return text
+
+
+#: --upstream (hq.broker.upstream, hq.upstream.agent): a server asked on a local miss.
+UPSTREAM = Option(
+    "upstream",
+    "",
+    "ask this server on a local miss and store what it knows: another hq (tcp://, ipc://) or an "
+    "OEHASHEQUIV server (unix://PATH, HOST:PORT, ws://, wss://); empty: none",
+    upstream_address,
+)
+UPSTREAM_TIMEOUT = Option(
+    "upstream-timeout",
+    2.0,
+    "seconds a lookup or report waits for the upstream before it is answered from local data",
+    POSITIVE_FLOAT,
+    attr="upstream_timeout_s",
+)
+UPSTREAM_NEGATIVE_TTL = Option(
+    "upstream-negative-ttl",
+    10.0,
+    "seconds a miss of the upstream is remembered and not asked again (0: always ask)",
+    NON_NEGATIVE_FLOAT,
+    attr="upstream_negative_ttl_s",
+)
+UPSTREAM_USERNAME = Option("upstream-username", "", "log in to the upstream as this user")
+UPSTREAM_PASSWORD = Option(
+    "upstream-password", "", "the upstream user's token; give it as HQ_UPSTREAM_PASSWORD, not a flag"
+)
+UPSTREAM_OPTIONS = (UPSTREAM, UPSTREAM_TIMEOUT, UPSTREAM_NEGATIVE_TTL, UPSTREAM_USERNAME, UPSTREAM_PASSWORD)
+
 SCHEDULER = (
     HEARTBEAT_INTERVAL,
     HEARTBEAT_LIVENESS,
@@ -245,6 +290,8 @@ SCHEDULER = (
     CACHE_ENTRIES,
     ANON_PERMS,
     READ_ONLY,
+    UPSTREAM,
+    UPSTREAM_TIMEOUT,
 )
 
 BROKER = (
@@ -253,6 +300,9 @@ BROKER = (
     *SCHEDULER,
     ADMIN_USER,
     ADMIN_PASSWORD,
+    UPSTREAM_NEGATIVE_TTL,
+    UPSTREAM_USERNAME,
+    UPSTREAM_PASSWORD,
     *CURVE_BROKER,
     ENDPOINT_FILE,
     METRICS,
@@ -326,6 +376,7 @@ SERVER = (
     READ_ONLY,
     ADMIN_USER,
     ADMIN_PASSWORD,
+    *UPSTREAM_OPTIONS,
     CURVE_SECRET_KEY,
     CURVE_CLIENTS,
     Option(

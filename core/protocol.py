@@ -66,6 +66,11 @@ SET_USER_PERMS = b"set-user-perms"  # username, permissions JSON -> user JSON
 REFRESH_TOKEN = b"refresh-token"  # username ("" = self) -> {"username","token"}
 #: Worker-only: the broker's admin bootstrap (--admin-user): username, token hash.
 ADMIN_BOOTSTRAP = b"admin-bootstrap"
+#: Worker-only: mappings an upstream answered (--upstream), stored if none exists (first wins):
+#: method, taskhashes chunk, unihashes chunk -> the number stored.
+BACKFILL = b"backfill"
+#: What only the broker sends: no client may, and no client-shape check applies.
+BROKER_ONLY_COMMANDS = frozenset({ADMIN_BOOTSTRAP, BACKFILL})
 USER_COMMANDS = frozenset(
     {AUTH, BECOME_USER, NEW_USER, DELETE_USER, GET_USER, GET_ALL_USERS, SET_USER_PERMS, REFRESH_TOKEN}
 )

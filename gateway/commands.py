@@ -9,7 +9,9 @@ does for a missing field, a wrong type or an unknown command.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 
 from hq import protocol as p
 from hq.oehashequiv import Drop
@@ -43,6 +45,26 @@ async def ask(link, command: bytes, body=(), deadline: float | None = None) -> l
     if status in (p.E_UNAUTHORIZED, p.E_FORBIDDEN, p.E_INVALID):
         raise Invoke(p.error_text(reply))
     raise Drop(f"hq answered {p.STATUS_NAMES.get(status, status)}: {p.error_text(reply)}")
+
+
+async def backfill_wait(link, args):
+    """With an upstream: ``{"tasks": 0}`` once every mapping it answered is stored (the
+    reference's answer, after its backfill queue drained); without one the connection closes
+    with no reply, as the reference's does (§13)."""
+    deadline = time.monotonic() + link.timeout_s
+    while True:
+        upstream = _json(await ask(link, p.STATS))["broker"].get("upstream")
+        if upstream is None:
+            raise Drop("backfill-wait needs an upstream")
+        if upstream.get("backfill_pending", 0) <= 0:
+            return {"tasks": 0}
+        if time.monotonic() > deadline:
+            raise Drop("the backfill did not drain within --timeout")
+        await asyncio.sleep(BACKFILL_POLL_S)
+
+
+#: How often backfill-wait asks the broker whether the backfill has drained.
+BACKFILL_POLL_S = 0.05
 
 
 def _json(body: list):
@@ -214,6 +236,7 @@ WRITE_ORDER = (
 HANDLERS = {
     "ping": ping,
     "get": get,
+    "backfill-wait": backfill_wait,
     "get-outhash": get_outhash,
     "get-stats": get_stats,
     "get-db-usage": get_db_usage,

@@ -188,10 +188,8 @@ class Connection:
             self._send("ok")
             await self._drain()
             await self._stream(name)
-        elif name in commands.HANDLERS:
+        else:
             self._send(await commands.HANDLERS[name](self.link, args))
-        else:  # backfill-wait: the reference without an upstream drops it too (§13)
-            raise Drop(f"{name} needs an upstream")
 
     async def _auth(self, args) -> dict:
         username, token = commands._field(args, "username"), commands._field(args, "token")

@@ -159,6 +159,9 @@ def main(argv=None) -> int:
     )
     logs.setup("hq-server", opts.log_level)
     proctitle.set_title("hq-server", opts.db)
+    if opts.upstream and opts.read_only:  # as bitbake-hashserv refuses it
+        log.error("--upstream and --read-only together: a read-only server cannot store what it learns")
+        return 2
     stop = StopFlag().install()
     if not prepare_database(opts):
         return 2
@@ -188,6 +191,14 @@ def main(argv=None) -> int:
     broker_args.append(f"--anon-perms={opts.anon_perms}")
     if opts.read_only:
         broker_args.append("--read-only")
+    if opts.upstream:
+        broker_args += [
+            f"--upstream={opts.upstream}",
+            f"--upstream-timeout={opts.upstream_timeout_s}",
+            f"--upstream-negative-ttl={opts.upstream_negative_ttl_s}",
+        ]
+        if opts.upstream_username:
+            broker_args.append(f"--upstream-username={opts.upstream_username}")
     broker_env = {}
     ready_keys: dict = {}
     worker_curve: list = []
@@ -211,6 +222,8 @@ def main(argv=None) -> int:
         # The password reaches the broker in its environment, never in a command line.
         broker_args.append(f"--admin-user={opts.admin_user}")
         broker_env[options.ADMIN_PASSWORD.env] = opts.admin_password
+    if opts.upstream_password:  # likewise
+        broker_env[options.UPSTREAM_PASSWORD.env] = opts.upstream_password
 
     def broker_argv(binds: list) -> list:
         return _module_argv("hq.broker", [*broker_args, *(f"--bind={b}" for b in binds)])

@@ -99,6 +99,7 @@ class Handlers:
                 p.REFRESH_TOKEN: (us.parse_name, self.run_each(_json(users.refresh_token))),
                 p.DELETE_USER: (us.parse_name, self.run_each(_json(users.delete))),
                 p.ADMIN_BOOTSTRAP: (us.parse_bootstrap, self.run_each(_json(users.bootstrap))),
+                p.BACKFILL: (imp.parse_backfill, self.run_each(importer.backfill)),
             }
         )
 
@@ -123,7 +124,7 @@ class Handlers:
                 return [(job_id, *self._error(command, exc)) for job_id, _ in jobs]
         for job_id, body in jobs:
             try:
-                if command != p.ADMIN_BOOTSTRAP:  # the broker's own: no client shape
+                if command not in p.BROKER_ONLY_COMMANDS:  # the broker's own: no client shape
                     p.check_body_shape(command, body)
                 parsed.append((job_id, parse(body)))
             except Exception as exc:  # ProtocolError: its code; a parser bug: INTERNAL, logged

@@ -198,6 +198,35 @@ _CONVERTERS = {
 }
 
 
+def parse_backfill(body: list) -> tuple:
+    """``backfill`` (the broker's own, --upstream): one frame, a JSON list of what the
+    upstream answered: mappings (method, taskhash, unihash) and full rows (with an outhash
+    and its fields, from get-outhash or get with all), which are stored as an import's.
+    -> (mapping rows, outhash rows); a row hq cannot hold is left out."""
+    if len(body) != 1:
+        raise p.ProtocolError(p.E_BAD_REQUEST, "backfill takes 1 body frame")
+    try:
+        rows = json.loads(bytes(body[0]))
+    except (ValueError, RecursionError):
+        raise p.ProtocolError(p.E_BAD_REQUEST, "backfill is not JSON") from None
+    if not isinstance(rows, list):
+        raise p.ProtocolError(p.E_BAD_REQUEST, "backfill is not a JSON list")
+    mappings, outhashes = [], []
+    for row in rows:
+        try:
+            if not isinstance(row, dict):
+                raise _Invalid("row")
+            mappings.append(_mapping_row({**row, "gc_mark": ""}))  # the upstream's mark is not ours
+            if "outhash" in row:
+                outhashes.append(_outhash_row({name: row.get(name) for name in _OUTHASH_FIELDS}))
+        except (_Invalid, KeyError):
+            continue
+    return mappings, outhashes
+
+
+_OUTHASH_FIELDS = ("method", "taskhash", "outhash", "created", *p.REPORT_EXTRA_FIELDS)
+
+
 # --- run: write a parsed chunk -----------------------------------------------------------
 
 
@@ -218,6 +247,16 @@ class Importer:
                 (checkpoint_name(table, source), str(last_id)),
             )
         return {"imported": imported, "skipped": len(rows) - imported, "invalid": invalid}
+
+    def backfill(self, mappings: list, outhashes: list) -> list:
+        """Store what an upstream answered, first mapping wins, in one transaction; the
+        reply frame is the number of mappings stored."""
+        with self.store.write_transaction():
+            conn = self.store.db.connection()
+            stored = self._write_mappings(conn, mappings, "") if mappings else 0
+            if outhashes:
+                self._write_outhashes(conn, outhashes, "")
+        return [b"%d" % stored]
 
     def status(self, source: str) -> dict:
         """``{table: last source id imported}``, 0 for a table not imported from ``source``."""

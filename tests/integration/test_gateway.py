@@ -300,6 +300,16 @@ def test_a_unix_path_longer_than_sun_path(hashserv, served, tmp_path):
     assert not (folder / "hashserv.sock").exists()
 
 
+def test_backfill_wait_without_an_upstream_closes_as_the_references(hashserv, served):
+    stack, gateway = served
+    client = hashserv.create_client(gateway.tcp)
+    try:
+        with pytest.raises(ConnectionError):
+            client.backfill_wait()
+    finally:
+        client.close()
+
+
 def test_lookups_of_many_connections_go_to_the_broker_together(served):
     """20 BitBake connections with one get-stream line each, arriving together (the gateway
     is stopped while they are sent): one batched hq request, and every answer right."""

@@ -2,9 +2,10 @@
 
 core (hq)                      the foundation: imports nothing of the rest
 broker, workers, client        import only core (the client only protocol, permissions, curve,
-                               sockets, addresses: permissions imports only protocol)
+                               sockets, addresses: permissions imports only protocol); the
+                               broker also upstream, whose agent runs in its process
 gateway                        only core: it speaks the client protocol itself, over asyncio
-upstream                       only core: hq's clients of an upstream server (OEHASHEQUIV)
+upstream                       core, and the client for an upstream that is another hq
 admin, bench, server           on top: may import the layers below, never each other's
                                internals (bench runs hq-server as a program)
 """
@@ -35,14 +36,14 @@ PACKAGES = {
 #: workers' database code (peewee) or the broker.
 ALLOWED = {
     "core": {"core"},
-    "broker": {"core", "broker"},
+    "broker": {"core", "broker", "upstream"},
     "workers": {"core", "workers"},
     "client": {"client", "hq.protocol", "hq.sockets", "hq.addresses", "hq.permissions", "hq.curve"},
     "admin": {"core", "client", "admin"},
     "bench": {"core", "client", "workers", "bench"},
     "server": {"core", "client", "broker", "workers", "server"},
     "gateway": {"core", "gateway"},
-    "upstream": {"core", "upstream"},
+    "upstream": {"core", "client", "upstream"},
 }
 #: Modules of core that import nothing of hq at all.
 LEAVES = (

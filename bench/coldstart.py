@@ -1,0 +1,305 @@
+"""``hq-bench cold-start``: a local server with an empty database in front of an upstream that
+holds the farm burst's mappings, hq beside bitbake-hashserv, in one run (issue 14).
+
+The upstream is a bitbake-hashserv holding every mapping the burst asks about. In front of
+it, each on a fresh, empty database, one after the other in an order that rotates between
+repeats:
+
+* ``bitbake-hashserv --upstream``, with BitBake's own client (in separate processes);
+* ``hq --upstream`` through hq-gateway, with BitBake's own client (the same client path);
+* ``hq --upstream`` with hq's client;
+
+and, once per repeat, ``hq`` with the mappings already local (no upstream): the local-only
+time a cold hq is compared with. Each local server gets the burst twice: cold (everything
+comes from the upstream), then again (everything should be local by then: the upstream
+requests the second burst caused are counted, from the upstream's own statistics). With
+``--delay-ms D`` (default 20) the whole set runs again through a relay that adds D ms to
+every round trip to the upstream, as a WAN would. Targets: the cold burst ≥ 10× faster
+through hq than through bitbake-hashserv; the second burst (almost) no upstream request;
+with the delay, hq's cold burst within 2× of its local-only time.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import hq
+from hq.client import create_client
+from hq.numbers import fmt
+from hq.progress import Progress
+
+from . import machine, reference
+from .compare import workload_options
+from .metrics import min_median_max
+from .populate import populate
+from .runner import _finish_figures, _is_ok, _measure, hq_stack
+from .stack import GatewayStack, StackError, free_port
+from .table import grid
+from .workloads import WORKLOADS
+
+REF, GW, HQ, LOCAL = "bitbake-hashserv --upstream", "hq --upstream, gateway", "hq --upstream", "hq, all local"
+COLD_SIDES = (REF, GW, HQ)
+#: How long a local server may take to store what its upstream answered before the second burst.
+BACKFILL_WAIT_S = 120.0
+
+
+def add_parser(sub, common) -> None:
+    p = sub.add_parser(
+        "cold-start",
+        help="a local hq and a local bitbake-hashserv, empty, in front of one upstream (issue 14)",
+        description=__doc__.split("\n\n")[0],
+    )
+    p.add_argument("--bitbake", metavar="DIR", default=None, help="BitBake source tree (default $HQ_BITBAKE)")
+    p.add_argument(
+        "--scale", type=float, default=1.0, help="multiply the burst's clients and tasks by this (0 < F <= 1)"
+    )
+    p.add_argument(
+        "--delay-ms",
+        type=float,
+        default=20.0,
+        help="also run through a relay adding this to every round trip to the upstream (0: not)",
+    )
+    p.add_argument(
+        "--configs",
+        type=int,
+        default=0,
+        help="clients share this many configurations (default 0: each its own)",
+    )
+    common(p, transport="tcp", faults=False)
+
+
+def ask_oehashequiv(address: str, message: dict, timeout: float = BACKFILL_WAIT_S):
+    """One normal-mode request to an OEHASHEQUIV server over a plain socket; its answer."""
+    host, _, port = address.rpartition(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(b"OEHASHEQUIV 1.1\nneeds-headers: false\n\n" + json.dumps(message).encode() + b"\n")
+        return json.loads(sock.makefile("rb").readline())
+
+
+def upstream_requests(address: str) -> int:
+    """Requests the upstream has served, this get-stats included."""
+    return ask_oehashequiv(address, {"get-stats": None})["requests"]["num"]
+
+
+class Relay:
+    def __init__(self, target: str, delay_ms: float):
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        argv = [sys.executable, "-m", "hq.bench.relay", str(self.port), target, str(delay_ms)]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+        if self.proc.stdout.readline().strip() != "ready":
+            raise StackError("the delaying relay did not start")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def _wait_backfilled(side: str, server) -> None:
+    """Until the local server has stored what its upstream answered."""
+    if side == REF:
+        ask_oehashequiv(server.address, {"backfill-wait": None})
+        return
+    address = server.hq_address if side == GW else server.address
+    deadline = time.monotonic() + BACKFILL_WAIT_S
+    with create_client(address, timeout=30) as client:
+        while client.get_stats()["broker"]["upstream"]["backfill_pending"]:
+            if time.monotonic() > deadline:
+                raise StackError("the backfill did not finish in time")
+            time.sleep(0.1)
+
+
+def _run_side(side, workload, wopts, template, upstream_address, count_address, tree, n, progress) -> dict:
+    """One local server: the cold burst, its backfill, the second burst."""
+    workdir = tempfile.mkdtemp(prefix="hq-bench-cold-", dir=wopts.tmpdir)
+    args = [] if side == LOCAL else ["--upstream", upstream_address]
+    if side == REF:
+        server, connect = reference.ReferenceServer(workdir, tree, args), reference.connector(tree)
+    elif side == GW:
+        server, connect = (
+            GatewayStack(workdir, wopts.workers, [*wopts.server_arg, *args]),
+            reference.connector(tree),
+        )
+    else:
+        wopts.server_arg = [*wopts.base_server_arg, *args]
+        server, connect = hq_stack(wopts, workdir), create_client
+    out: dict = {"side": side, "repeat": n}
+    try:
+        shutil.copyfile(template, server.db)
+        server.start()
+        try:
+            for burst in ("cold", "second"):
+                if burst == "second":
+                    if side == LOCAL:
+                        break
+                    _wait_backfilled(side, server)
+                before = upstream_requests(count_address)
+                result: dict = {}
+                _measure(workload, wopts, server, progress, n, result, connect)
+                # less the get-stats that counted them, which counts itself
+                result["upstream_requests"] = upstream_requests(count_address) - before - 1
+                result["db"] = server.database_size()
+                _finish_figures(result)
+                result["ok"] = _is_ok(result)
+                out[burst] = result
+        finally:
+            server.stop(check=False)
+    except (StackError, OSError, ValueError) as exc:
+        out["error"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        progress.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+    out["ok"] = "error" not in out and all(out[b]["ok"] for b in ("cold", "second") if b in out)
+    return out
+
+
+def run(parser, opts) -> dict:
+    tree = reference.find_bitbake(opts.bitbake)
+    if tree is None:
+        parser.error("cold-start: no BitBake source tree: give --bitbake DIR or set HQ_BITBAKE")
+    if not 0 < opts.scale <= 1:
+        parser.error("cold-start: --scale must be more than 0 and at most 1")
+    opts.workloads, opts.keys = ["burst"], 0
+    wopts = workload_options(parser, "burst", opts)
+    wopts.base_server_arg = list(wopts.server_arg)
+    workload = WORKLOADS["burst"](wopts)
+    progress = Progress("cold-start", enabled=not opts.quiet, show_after_s=1.0)
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    base = tempfile.mkdtemp(prefix="hq-bench-cold-start-", dir=opts.tmpdir)
+    upstream = relay = None
+    raw: list = []
+    try:
+        progress.note(f"cold-start: {len(workload.rows):,} keys on the upstream")
+        empty_ref, empty_hq, full_hq = (os.path.join(base, name) for name in ("ref.db", "hq.db", "full.db"))
+        reference.populate(empty_ref, [], tree)
+        populate(empty_hq, [])
+        populate(full_hq, workload.rows.rows)
+        os.mkdir(os.path.join(base, "upstream"))
+        upstream = reference.ReferenceServer(os.path.join(base, "upstream"), tree)
+        reference.populate(upstream.db, workload.rows.rows, tree, corrupt=opts.corrupt_keys)
+        upstream.start()
+        progress.close()
+        delays = [0.0] + ([opts.delay_ms] if opts.delay_ms > 0 else [])
+        if opts.delay_ms > 0:
+            relay = Relay(upstream.address, opts.delay_ms)
+        for n in range(1, opts.repeats + 1):
+            raw.append(_run_side(LOCAL, workload, wopts, full_hq, "", upstream.address, tree, n, progress))
+            for delay in delays:
+                address = relay.address if delay else upstream.address
+                order = COLD_SIDES[(n - 1) % 3 :] + COLD_SIDES[: (n - 1) % 3]
+                for side in order:
+                    template = empty_ref if side == REF else empty_hq
+                    got = _run_side(
+                        side, workload, wopts, template, address, upstream.address, tree, n, progress
+                    )
+                    got["delay_ms"] = delay
+                    raw.append(got)
+    finally:
+        progress.close()
+        if relay is not None:
+            relay.stop()
+        if upstream is not None:
+            upstream.stop()
+        shutil.rmtree(base, ignore_errors=True)
+    result = {
+        "workload": "cold-start",
+        "title": workload.title(),
+        "config": {k: v for k, v in vars(opts).items() if k != "command"},
+        "machine": machine.describe(opts.tmpdir or tempfile.gettempdir()),
+        "hq_version": hq.__version__,
+        "bitbake_version": reference.version(tree),
+        "started_at": started,
+        "summary": summarize(raw),
+        "repeats": raw,
+        "ok": all(r["ok"] for r in raw),
+    }
+    print_report(result, quiet=opts.quiet)
+    return result
+
+
+def _wall(r: dict, burst: str):
+    return r.get(burst, {}).get("metrics", {}).get("wall_s")
+
+
+def summarize(raw: list) -> dict:
+    """Per delay and side: the cold and second bursts' wall time, the second's upstream
+    requests, and the ratios the targets are on (min/median/max over the repeats)."""
+    local = {r["repeat"]: _wall(r, "cold") for r in raw if r["side"] == LOCAL}
+    out: dict = {"local_wall_s": min_median_max(list(local.values())), "delays": {}}
+    for delay in sorted({r["delay_ms"] for r in raw if "delay_ms" in r}):
+        runs = [r for r in raw if r.get("delay_ms") == delay]
+        ref = {r["repeat"]: _wall(r, "cold") for r in runs if r["side"] == REF}
+        sides = {}
+        for side in COLD_SIDES:
+            mine = [r for r in runs if r["side"] == side]
+            speedups = [
+                ref[r["repeat"]] / _wall(r, "cold") for r in mine if ref.get(r["repeat"]) and _wall(r, "cold")
+            ]
+            over_local = [
+                _wall(r, "cold") / local[r["repeat"]]
+                for r in mine
+                if local.get(r["repeat"]) and _wall(r, "cold")
+            ]
+            sides[side] = {
+                "cold_wall_s": min_median_max([_wall(r, "cold") for r in mine]),
+                "second_wall_s": min_median_max([_wall(r, "second") for r in mine]),
+                "second_upstream_requests": min_median_max(
+                    [r.get("second", {}).get("upstream_requests") for r in mine]
+                ),
+                "cold_speedup_over_reference": min_median_max(speedups),
+                "cold_over_local_only": min_median_max(over_local),
+            }
+        out["delays"][str(delay)] = sides
+    return out
+
+
+def print_report(result: dict, quiet: bool = False) -> None:
+    ok = "OK: every answer was right" if result["ok"] else "FAILED: a wrong answer or an error (see the JSON)"
+    if quiet:
+        print(f"cold-start: {ok}")
+        return
+    s = result["summary"]
+    print(result["title"])
+    print(f"hq {result['hq_version']} vs bitbake-hashserv {result['bitbake_version']}; medians (min-max)")
+    print(f"hq with the mappings already local: {_mmm(s['local_wall_s'], 's')}")
+    rows = []
+    for delay, sides in s["delays"].items():
+        for side, v in sides.items():
+            rows.append(
+                [
+                    f"{float(delay):g} ms",
+                    side,
+                    _mmm(v["cold_wall_s"], "s"),
+                    _mmm(v["cold_speedup_over_reference"], "×"),
+                    _mmm(v["cold_over_local_only"], "×"),
+                    _mmm(v["second_wall_s"], "s"),
+                    _mmm(v["second_upstream_requests"], ""),
+                ]
+            )
+    headers = [
+        "delay",
+        "local server",
+        "cold burst",
+        "ref ÷ this",
+        "÷ local-only",
+        "second burst",
+        "its upstream reqs",
+    ]
+    print(grid(rows, headers))
+    print(f"cold-start: {ok}")
+
+
+def _mmm(v: dict, unit: str) -> str:
+    if v["median"] is None:
+        return "-"
+    if v["min"] == v["max"]:
+        return f"{fmt(v['median'])}{unit}"
+    return f"{fmt(v['median'])}{unit} ({fmt(v['min'])}-{fmt(v['max'])})"

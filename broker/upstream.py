@@ -1,0 +1,76 @@
+"""The broker's side of ``--upstream``, without sockets: questions for the upstream agent
+(:mod:`hq.upstream.agent`, a thread of this process) and their deadlines.
+
+The scheduler asks three things (bitbake-hashserv-protocol.md §7.10, §7.2 step 4):
+
+* after a lookup (``get``) is answered by the workers, its misses: what the upstream knows
+  is answered, and stored locally off the reply path (``backfill`` jobs);
+* after an ``exists``, its misses (nothing stored);
+* after a ``get`` with all or a ``get-outhash`` answered null, the row: the upstream's is
+  the answer, and is stored locally with its mapping;
+* before a ``report`` goes to a worker, ``get-outhash`` of its (method, outhash, taskhash):
+  if the upstream knows that output, its unihash takes the place of the submitted one, which
+  the report stores only when no local report of the same output has a mapping. Asked
+  before every report, not only the new ones (the reference asks only then): one round
+  trip that the agent shares between identical questions and skips for recent misses.
+
+Each question has a deadline, ``--upstream-timeout`` (never later than the request's own):
+past it the request goes on with local data only, and a late answer is dropped.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+GET, EXISTS, OUTHASH, ROW = b"get", b"exists", b"outhash", b"row"
+
+
+class UpstreamStage:
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
+        self.outbox: list = []  # [question id, kind, JSON] for the agent
+        self.waiting: dict = {}  # question id -> (deadline, asked at, callback), oldest first
+        self._ids = itertools.count(1)
+
+    def ask(self, kind: bytes, payload, now: float, callback, deadline: float = math.inf) -> None:
+        """``callback(result, error, now)`` once: the agent's answer (error None), or None and
+        the reason (an upstream error, garbage, the deadline)."""
+        qid = b"%x" % next(self._ids)
+        self.waiting[qid] = (min(now + self.timeout_s, deadline), now, callback)
+        self.outbox.append([qid, kind, json.dumps(payload).encode()])
+
+    def on_answer(self, frames: list, now: float):
+        """The agent's answer; returns (how long it took, error) or None if none waited."""
+        entry = self.waiting.pop(bytes(frames[0]), None) if frames else None
+        if entry is None:
+            return None  # late (timed out) or malformed
+        _, asked, callback = entry
+        result, error = None, "a malformed answer from the upstream agent"
+        if len(frames) == 3 and frames[1] == b"ok":
+            try:
+                result, error = json.loads(bytes(frames[2])), None
+            except ValueError:
+                pass
+        elif len(frames) == 3:
+            error = bytes(frames[2]).decode("utf-8", "replace")
+        callback(result, error, now)
+        return now - asked, error
+
+    def expire(self, now: float) -> int:
+        """Give up on the questions past their deadline; how many. In the order asked, which
+        is the order of the deadlines but for one cut short by its request's (that request
+        times out by itself meanwhile)."""
+        waiting, n = self.waiting, 0
+        while waiting:
+            qid, (deadline, _, callback) = next(iter(waiting.items()))
+            if deadline > now:
+                break
+            del waiting[qid]
+            callback(None, "timeout", now)
+            n += 1
+        return n
+
+    def next_deadline(self) -> float:
+        return next(iter(self.waiting.values()))[0] if self.waiting else math.inf

@@ -1,0 +1,55 @@
+"""``hq-bench cold-start`` end to end: a real upstream (bitbake-hashserv), local servers with
+empty databases, the delaying relay. Tiny runs: no speed is judged here. What must hold: every
+side really ran with every answer checked (a corrupted key on the upstream fails the run), hq
+made no upstream request in the second burst, and the table and JSON carry it all."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from helpers import script
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
+
+TINY = ["--scale", "0.02", "--repeats", "1", "--workers", "1", "--delay-ms", "10"]
+SIDES = ["bitbake-hashserv --upstream", "hq --upstream, gateway", "hq --upstream"]
+LOCAL = "hq, all local"
+
+
+def bench(*args) -> subprocess.CompletedProcess:
+    argv = [script("hq-bench"), "cold-start", *map(str, args)]
+    return subprocess.run(argv, check=False, capture_output=True, text=True, timeout=170)
+
+
+def test_every_side_runs_cold_then_warm_with_every_answer_right(bitbake, tmp_path):
+    path = tmp_path / "cold.json"
+    proc = bench("--bitbake", bitbake, *TINY, "--json", path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = json.loads(path.read_text())
+    assert data["ok"] is True
+    runs = {(r["side"], r.get("delay_ms")) for r in data["repeats"]}
+    assert runs == {(LOCAL, None)} | {(side, d) for side in SIDES for d in (0.0, 10.0)}
+    for run in data["repeats"]:
+        assert run["cold"]["metrics"]["bad_answers"] == 0
+        if run["side"] != LOCAL:
+            assert run["second"]["metrics"]["lookups"] == run["cold"]["metrics"]["lookups"] > 0
+        if run["side"].startswith("hq --upstream"):
+            assert run["second"]["upstream_requests"] == 0, run["side"]  # backfilled, misses kept
+    assert data["repeats"][1]["cold"]["upstream_requests"] > 0  # the cold burst did ask
+    for side in SIDES:
+        assert side in proc.stdout
+    assert "cold-start: OK" in proc.stdout
+
+
+def test_a_wrong_answer_from_the_upstream_fails_the_run(bitbake, tmp_path):
+    path = tmp_path / "cold.json"
+    args = [*TINY, "--delay-ms", "0", "--corrupt-keys", "5"]
+    proc = bench("--bitbake", bitbake, *args, "--json", path)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    data = json.loads(path.read_text())
+    assert data["ok"] is False
+    assert all(r["cold"]["metrics"]["bad_answers"] > 0 for r in data["repeats"] if r["side"] != LOCAL)
+    assert "FAILED" in proc.stdout

@@ -1,0 +1,171 @@
+"""The broker's side of --upstream without sockets: the scheduler's questions to the agent,
+their deadlines, what an answer changes, and what is backfilled (the agent's answers are
+given by hand here; the agent itself meets real upstreams in tests/integration)."""
+
+import json
+
+import pytest
+
+from hq import addresses, options
+from hq import protocol as p
+from hq.broker.scheduler import Scheduler
+from hq.broker.upstream import UpstreamStage
+
+M = b"TestMethod"
+T1, T2 = b"1" * 40, b"2" * 40
+U1, U2 = "d" * 64, "e" * 64
+
+
+def make(**kw):
+    kw.setdefault("heartbeat_interval_s", 1.0)
+    kw.setdefault("request_timeout_s", 10.0)
+    kw.setdefault("upstream", "127.0.0.1:1")
+    kw.setdefault("upstream_timeout_s", 2.0)
+    return Scheduler(options.namespace(options.BROKER, **kw))
+
+
+def ready(s, worker_id=b"w1", now=0.0):
+    s.on_worker([worker_id, *p.encode_ready({"name": worker_id.decode(), "pid": 1})], now)
+
+
+def jobs(s):
+    out = []
+    for frames in s.to_workers:
+        if frames[2] == p.REQUEST:
+            command, _, batch = p.decode_broker_message(frames[1:])[1]
+            out += [(command, job_id, body) for job_id, body in batch]
+    s.to_workers.clear()
+    return out
+
+
+def answer(s, job_id, body, now=0.0):
+    s.on_worker([b"w1", *p.encode_job_reply(job_id, p.OK, body)], now)
+
+
+def questions(s):
+    out = [(frames[0], frames[1], json.loads(frames[2])) for frames in s.upstream.outbox]
+    s.upstream.outbox.clear()
+    return out
+
+
+def replies(s):
+    out = [p.decode_reply(frames[1:]) for frames in s.to_clients]
+    s.to_clients.clear()
+    return out
+
+
+def lookup(s, taskhashes, now=0.0):
+    s.on_client([b"c1", *p.encode_request(b"r1", p.GET, [M, b"\n".join(taskhashes)])], now)
+    ((command, job_id, body),) = jobs(s)
+    assert command == p.GET
+    return job_id
+
+
+def test_only_misses_go_upstream_and_its_hits_are_answered_then_backfilled():
+    s = make()
+    ready(s)
+    job = lookup(s, [T1, T2])
+    answer(s, job, [b"\n" + U2.encode()])  # T1 a miss, T2 a hit
+    ((qid, kind, asked),) = questions(s)
+    assert kind == b"get" and asked == [[M.decode(), T1.decode()]]
+    s.on_upstream([qid, b"ok", json.dumps([U1]).encode()], 0.1)
+    (reply,) = replies(s)
+    assert reply.status == p.OK and p.unpack_unihashes(reply.body[0], 2) == [U1, U2]
+    s.tick(0.1)
+    ((command, _, body),) = jobs(s)  # the backfill, off the reply path
+    assert command == p.BACKFILL
+    assert json.loads(body[0]) == [{"method": M.decode(), "taskhash": T1.decode(), "unihash": U1}]
+    assert s.counters["upstream.hits"] == 1 and s.stats(0.2)["broker"]["upstream"]["backfill_pending"] == 1
+
+
+def test_no_miss_no_question():
+    s = make()
+    ready(s)
+    answer(s, lookup(s, [T1]), [U1.encode()])
+    assert questions(s) == [] and [r.status for r in replies(s)] == [p.OK]
+
+
+def test_an_upstream_that_times_out_or_errs_leaves_the_local_answer():
+    for outcome in ("timeout", "error", "garbage", "a wrong shape", "a bad unihash"):
+        s = make()
+        ready(s)
+        answer(s, lookup(s, [T1]), [b""])
+        ((qid, _, _),) = questions(s)
+        if outcome == "timeout":
+            s.tick(1.9)
+            assert replies(s) == []
+            s.tick(2.0)
+            s.on_upstream([qid, b"ok", json.dumps([U1]).encode()], 2.1)  # late: dropped
+        elif outcome == "error":
+            s.on_upstream([qid, b"error", b"refused"], 0.1)
+        elif outcome == "garbage":
+            s.on_upstream([qid, b"ok", b"{not json"], 0.1)
+        elif outcome == "a wrong shape":
+            s.on_upstream([qid, b"ok", json.dumps([U1, U2]).encode()], 0.1)
+        else:
+            s.on_upstream([qid, b"ok", json.dumps(["x" * 64]).encode()], 0.1)
+        (reply,) = replies(s)
+        assert reply.status == p.OK and p.unpack_unihashes(reply.body[0], 1) == [None], outcome
+        s.tick(2.2)
+        assert jobs(s) == [], f"{outcome}: nothing to backfill"
+
+
+def test_a_report_waits_for_the_upstream_and_takes_its_unihash():
+    s = make()
+    ready(s)
+    body = [M, T2, b"a" * 64, U2.encode()]
+    s.on_client([b"c1", *p.encode_request(b"r1", p.REPORT, body)], 0.0)
+    assert jobs(s) == []  # not before the upstream has answered
+    ((qid, kind, asked),) = questions(s)
+    assert kind == b"outhash" and asked == [M.decode(), "a" * 64, T2.decode()]
+    s.on_upstream([qid, b"ok", json.dumps({"unihash": U1, "outhash": "a" * 64}).encode()], 0.1)
+    s.tick(0.1)
+    ((command, _, job_body),) = jobs(s)
+    assert command == p.REPORT and job_body[3] == U1.encode() and job_body[:3] == body[:3]
+
+
+def test_a_report_goes_on_unchanged_when_the_upstream_does_not_know_or_does_not_answer():
+    for outcome in (b"null", None):
+        s = make()
+        ready(s)
+        body = [M, T2, b"a" * 64, U2.encode()]
+        s.on_client([b"c1", *p.encode_request(b"r1", p.REPORT, body)], 0.0)
+        ((qid, _, _),) = questions(s)
+        if outcome is None:
+            s.tick(2.0)
+        else:
+            s.on_upstream([qid, b"ok", outcome], 0.1)
+        s.tick(2.0)
+        ((command, _, job_body),) = jobs(s)
+        assert command == p.REPORT and job_body == body
+
+
+def test_with_an_upstream_the_cache_keeps_no_miss():
+    s = make(cache_entries=100)
+    ready(s)
+    job = lookup(s, [T1])
+    answer(s, job, [b""])
+    ((qid, _, _),) = questions(s)
+    s.on_upstream([qid, b"ok", b"[null]"], 0.1)
+    replies(s)
+    lookup(s, [T1], now=0.2)  # a job for a worker again (lookup() checks), not a cached miss
+
+
+def test_questions_expire_in_order_and_late_answers_are_dropped():
+    stage = UpstreamStage(1.0)
+    seen = []
+    stage.ask(b"get", [], 0.0, lambda r, e, now: seen.append(("a", r, e)))
+    stage.ask(b"get", [], 0.5, lambda r, e, now: seen.append(("b", r, e)))
+    assert stage.next_deadline() == 1.0
+    assert stage.expire(1.0) == 1 and seen == [("a", None, "timeout")]
+    (qa, _, _), (qb, _, _) = stage.outbox
+    assert stage.on_answer([qa, b"ok", b"[]"], 1.1) is None  # late
+    assert stage.on_answer([qb, b"ok", b"[]"], 1.2) == (pytest.approx(0.7), None)
+    assert seen[-1] == ("b", [], None)
+
+
+def test_an_upstream_address_with_a_password_is_not_shown():
+    assert addresses.redacted("wss://bob:secret@hash.example.com:443/x") == "wss://***@hash.example.com:443/x"
+    assert addresses.redacted("hash.example.com:8686") == "hash.example.com:8686"
+    s = make(upstream="ws://bob:secret@127.0.0.1:1")
+    assert "secret" not in json.dumps(s.stats(0.0))

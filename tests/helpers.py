@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 from hq.bench.stack import Stack as BenchStack
@@ -127,3 +129,49 @@ class Statements:
 
     def __exit__(self, *exc):
         self.db.connection().set_trace_callback(None)
+
+
+class LineServer:
+    """A stand-in for a bad OEHASHEQUIV server, on 127.0.0.1: it takes the handshake (three
+    lines), then answers each request line with ``reply(line)`` (bytes; None: nothing, and
+    hold the connection open until closed); with ``once``, it closes after one answer."""
+
+    def __init__(self, reply, once: bool = False):
+        self.reply, self.once = reply, once
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = "127.0.0.1:%d" % self.listener.getsockname()[1]
+        self.connections = 0
+        self.stopped = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        self.listener.settimeout(0.1)
+        while not self.stopped.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:  # closed
+                return
+            self.connections += 1
+            threading.Thread(target=self._talk, args=(conn,), daemon=True).start()
+
+    def _talk(self, conn) -> None:
+        with conn, conn.makefile("rb") as reader:
+            for _ in range(3):  # protocol line, needs-headers, the empty line
+                reader.readline()
+            while not self.stopped.is_set():
+                line = reader.readline()
+                if not line:
+                    return
+                answer = self.reply(line)
+                if answer is None:
+                    self.stopped.wait()
+                    return
+                conn.sendall(answer)
+                if self.once:
+                    return
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.listener.close()

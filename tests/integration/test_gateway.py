@@ -318,11 +318,7 @@ def test_lookups_of_many_connections_go_to_the_broker_together(served):
         client.report_unihash("5" * 40, M, "6" * 64, U2)
     socks = []
     try:
-        for _ in range(20):
-            sock = connect(gateway.tcp)
-            sock.sendall(b'OEHASHEQUIV 1.1\n\n{"get-stream": null}\n')
-            assert sock.makefile("rb").readline() == b'"ok"\n'
-            socks.append(sock)
+        socks += streams(gateway, 20)
         before = get_counters(stack.address)
         os.kill(gateway.proc.pid, signal.SIGSTOP)
         try:
@@ -353,11 +349,7 @@ def test_lookups_wait_while_two_requests_are_with_the_broker(served, tmp_path):
     broker = stack.children()["hq-broker"]
     socks = []
     try:
-        for _ in range(22):
-            sock = connect(gateway.tcp)
-            sock.sendall(b'OEHASHEQUIV 1.1\n\n{"get-stream": null}\n')
-            assert sock.makefile("rb").readline() == b'"ok"\n'
-            socks.append(sock)
+        socks += streams(gateway, 22)
         broker.suspend()
         try:
             wait_for(lambda: broker.status() == psutil.STATUS_STOPPED, what="the broker to stop")
@@ -386,11 +378,7 @@ def test_a_lookup_waiting_for_a_slot_keeps_its_own_deadline(served, tmp_path):
     workers = [process for name, process in stack.children().items() if name.startswith("hq-worker")]
     socks = []
     try:
-        for _ in range(3):
-            sock = connect(gateway.tcp)
-            sock.sendall(b'OEHASHEQUIV 1.1\n\n{"get-stream": null}\n')
-            assert sock.makefile("rb").readline() == b'"ok"\n'
-            socks.append(sock)
+        socks += streams(gateway, 3)
         for worker in workers:
             worker.suspend()
         try:
@@ -411,6 +399,17 @@ def test_a_lookup_waiting_for_a_slot_keeps_its_own_deadline(served, tmp_path):
         for sock in socks:
             sock.close()
         assert gateway.stop() == 0, gateway.log()
+
+
+def streams(gateway, n: int) -> list:
+    """``n`` raw TCP connections to the gateway, each in get-stream mode."""
+    socks = []
+    for _ in range(n):
+        sock = connect(gateway.tcp)
+        socks.append(sock)
+        sock.sendall(b'OEHASHEQUIV 1.1\n\n{"get-stream": null}\n')
+        assert sock.makefile("rb").readline() == b'"ok"\n'
+    return socks
 
 
 def turned(gateway) -> None:

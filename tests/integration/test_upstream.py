@@ -16,7 +16,7 @@ import urllib.request
 
 import pytest
 
-from helpers import Gateway, Stack, script, wait_for
+from helpers import Gateway, LineServer, Stack, script, wait_for
 from hq.client import create_client
 
 M = "TestMethod"
@@ -164,43 +164,14 @@ def test_an_upstream_restarted_in_the_middle_of_a_burst(tmp_path):
     assert wrong == []
 
 
-class BadUpstream:
-    """A TCP server on 127.0.0.1 that takes OEHASHEQUIV connections and then answers every
-    request line with ``reply`` (or never, when it is None)."""
-
-    def __init__(self, reply: bytes | None):
-        self.reply = reply
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.address = "127.0.0.1:%d" % self.listener.getsockname()[1]
-        self.stop = threading.Event()
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        self.listener.settimeout(0.1)
-        while not self.stop.is_set():
-            try:
-                conn, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:  # closed
-                return
-            threading.Thread(target=self._talk, args=(conn,), daemon=True).start()
-
-    def _talk(self, conn) -> None:
-        with conn, conn.makefile("rb") as reader:
-            while not self.stop.is_set() and reader.readline():
-                if self.reply is not None:
-                    conn.sendall(self.reply)
-
-    def close(self) -> None:
-        self.stop.set()
-        self.listener.close()
-
-
 @pytest.mark.parametrize("kind", ["garbage", "a wrong unihash", "silence"])
 def test_a_bad_upstream_is_never_an_answer(tmp_path, kind):
-    reply = {"garbage": b"no thanks\n", "a wrong unihash": b'"ok"\nxyz\n', "silence": None}[kind]
-    bad = BadUpstream(reply)
+    replies = {
+        "garbage": lambda line: b"no thanks\n",
+        "a wrong unihash": lambda line: b'"ok"\n' if b"-stream" in line else b"xyz\n",
+        "silence": lambda line: None,
+    }
+    bad = LineServer(replies[kind])
     hq = Stack(tmp_path, args=["--upstream", bad.address, "--upstream-timeout", "0.5"]).start()
     try:
         with create_client(hq.address, timeout=10) as client:
@@ -251,6 +222,41 @@ def test_a_chain_of_hq_hq_and_bitbake_hashserv(hashserv, bitbake, tmp_path):
         for server in (near, middle, far):
             if server is not None:
                 server.stop()
+
+
+def test_it_logs_in_to_an_upstream_that_wants_it_and_never_shows_the_token(hashserv, bitbake, tmp_path):
+    """The upstream lets no anonymous client read: with --upstream-username and the token
+    in HQ_UPSTREAM_PASSWORD the local hq gets its answers; the token is in no log line."""
+    token = "upstream-admin-token-s3cret"
+    (tmp_path / "up").mkdir()
+    from hq.bench.reference import ReferenceServer
+
+    upstream = ReferenceServer(
+        tmp_path / "up",
+        bitbake,
+        ["--anon-perms", "@none", "--admin-user", "admin"],
+        env={"HASHSERVER_ADMIN_PASSWORD": token},
+    ).start()
+    stacks = []
+    try:
+        with hashserv.create_client(upstream.address, username="admin", password=token) as client:
+            client.report_unihash(T1, M, O1, U1)
+        for name, login in (("anonymous", {}), ("admin", {"HQ_UPSTREAM_PASSWORD": token})):
+            (tmp_path / name).mkdir()
+            args = ["--upstream", upstream.address, *(["--upstream-username", "admin"] if login else [])]
+            stacks.append(Stack(tmp_path / name, args=args, env=login).start())
+        anonymous, admin = stacks
+        with create_client(admin.address) as client:
+            assert client.get_unihash_batch([(M, T1)]) == [U1]
+        with create_client(anonymous.address) as client:
+            assert client.get_unihash_batch([(M, T1)]) == [None]  # refused there: local data
+        assert counters(anonymous.address).get("upstream.errors", 0) >= 1
+    finally:
+        for stack in stacks:
+            stack.stop()
+        upstream.stop()
+    for stack in stacks:
+        assert token not in stack.log()
 
 
 @pytest.mark.parametrize("program", ["hq-server", "hq-broker"])

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import threading
 import time
 
 import pytest
 
-from helpers import Gateway, Stack
+from helpers import Gateway, LineServer, Stack
 from hq.upstream.oehashequiv import Upstream, UpstreamError, split_address
 
 M = "TestMethod"
@@ -92,42 +91,6 @@ def test_hq_behind_its_gateway(hashserv, tmp_path, transport):
         assert stack.stop() == 0, stack.log()
 
 
-class FakeServer:
-    """A TCP server on 127.0.0.1 that reads the handshake and a request, then answers what
-    ``answer(request_line)`` returns (bytes; None: nothing, and hold the connection open)."""
-
-    def __init__(self, answer):
-        self.answer = answer
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.address = "127.0.0.1:%d" % self.listener.getsockname()[1]
-        self.connections = 0
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        self.listener.settimeout(0.1)
-        while not self.stop.is_set():
-            try:
-                conn, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            self.connections += 1
-            with conn, conn.makefile("rb") as reader:
-                for _ in range(3):  # protocol line, needs-headers, the empty line
-                    reader.readline()
-                reply = self.answer(reader.readline())
-                if reply is None:
-                    self.stop.wait(5)
-                else:
-                    conn.sendall(reply)
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(5)
-        self.listener.close()
-
-
 BAD_ANSWERS = {
     "not JSON": (lambda line: b"hello there\n", "not JSON"),
     "a line too long": (lambda line: b"x" * 100_000 + b"\n", "over"),
@@ -146,7 +109,7 @@ BAD_ANSWERS = {
 @pytest.mark.parametrize("case", sorted(BAD_ANSWERS))
 def test_a_bad_upstream_is_an_upstream_error(case):
     answer, message = BAD_ANSWERS[case]
-    server = FakeServer(answer)
+    server = LineServer(answer, once=True)
 
     async def ask():
         upstream = Upstream(server.address, timeout_s=1.0)
@@ -169,7 +132,7 @@ def test_a_bad_upstream_is_an_upstream_error(case):
 def test_each_call_reconnects_after_a_failure():
     """A failed call drops the connection; the next call opens a new one."""
     answers = iter([b"garbage\n", b'{"taskhash": "1", "method": "m", "unihash": "u"}\n'])
-    server = FakeServer(lambda line: next(answers))
+    server = LineServer(lambda line: next(answers), once=True)
 
     async def twice():
         upstream = Upstream(server.address, timeout_s=2.0)

@@ -1,9 +1,11 @@
 """``hq-bench cold-start``: a local server with an empty database in front of an upstream that
 holds the farm burst's mappings, hq beside bitbake-hashserv, in one run (issue 14).
 
-The upstream is a bitbake-hashserv holding every mapping the burst asks about. In front of
-it, each on a fresh, empty database, one after the other in an order that rotates between
-repeats:
+The upstream holds every mapping the burst asks about: an hq (``--upstream-server hq``, the
+default; the local hq asks it over ZeroMQ, the local bitbake-hashserv through its gateway)
+or a bitbake-hashserv (``--upstream-server bitbake-hashserv``, which serves a cold burst at
+its own pace: then the upstream, not the local server, sets the time). In front of it, each
+on a fresh, empty database, one after the other in an order that rotates between repeats:
 
 * ``bitbake-hashserv --upstream``, with BitBake's own client (in separate processes);
 * ``hq --upstream`` through hq-gateway, with BitBake's own client (the same client path);
@@ -11,8 +13,9 @@ repeats:
 
 and, once per repeat, ``hq`` with the mappings already local (no upstream): the local-only
 time a cold hq is compared with. Each local server gets the burst twice: cold (everything
-comes from the upstream), then again (everything should be local by then: the upstream
-requests the second burst caused are counted, from the upstream's own statistics). With
+comes from the upstream), then again once what the upstream answered is stored (waited for
+up to a minute: bitbake-hashserv stores it one upstream round trip at a time), counting the
+lookups the second burst asked of the upstream, from the upstream's own statistics. With
 ``--delay-ms D`` (default 20) the whole set runs again through a relay that adds D ms to
 every round trip to the upstream, as a WAN would. Targets: the cold burst ≥ 10× faster
 through hq than through bitbake-hashserv; the second burst (almost) no upstream request;
@@ -47,8 +50,9 @@ from .workloads import WORKLOADS
 
 REF, GW, HQ, LOCAL = "bitbake-hashserv --upstream", "hq --upstream, gateway", "hq --upstream", "hq, all local"
 COLD_SIDES = (REF, GW, HQ)
-#: How long a local server may take to store what its upstream answered before the second burst.
-BACKFILL_WAIT_S = 120.0
+#: How long the second burst waits for a local server to store what its upstream answered.
+BACKFILL_WAIT_S = 60.0
+UPSTREAM_SERVERS = ("hq", "bitbake-hashserv")
 
 
 def add_parser(sub, common) -> None:
@@ -68,6 +72,12 @@ def add_parser(sub, common) -> None:
         help="also run through a relay adding this to every round trip to the upstream (0: not)",
     )
     p.add_argument(
+        "--upstream-server",
+        choices=UPSTREAM_SERVERS,
+        default="hq",
+        help="what holds the mappings: hq (default) or bitbake-hashserv",
+    )
+    p.add_argument(
         "--configs",
         type=int,
         default=0,
@@ -84,15 +94,46 @@ def ask_oehashequiv(address: str, message: dict, timeout: float = BACKFILL_WAIT_
         return json.loads(sock.makefile("rb").readline())
 
 
-def upstream_requests(address: str) -> int:
-    """Requests the upstream has served, this get-stats included."""
-    return ask_oehashequiv(address, {"get-stats": None})["requests"]["num"]
+class Upstream:
+    """The server holding the mappings, its addresses (for a local hq and for a local
+    bitbake-hashserv), and how many lookups it has answered."""
+
+    def __init__(self, kind: str, workdir: str, tree: str, wopts):
+        self.kind = kind
+        if kind == "hq":
+            self.server = GatewayStack(workdir, wopts.workers, wopts.base_server_arg)
+        else:
+            self.server = reference.ReferenceServer(workdir, tree)
+        self.db = self.server.db
+        self.stats_asked = 0
+
+    def start(self) -> None:
+        self.server.start()
+        if self.kind == "hq":  # the local hq asks over ZeroMQ; bitbake-hashserv the gateway
+            self.for_hq, self.for_ref = self.server.hq_address, self.server.address
+        else:
+            self.for_hq = self.for_ref = self.server.address
+
+    def lookups(self) -> int:
+        """Lookups answered so far (bitbake-hashserv: requests, a stream line each, less the
+        get-stats requests this made)."""
+        if self.kind == "hq":
+            with create_client(self.server.hq_address, timeout=30) as client:
+                counters = client.get_stats()["broker"]["counters"]
+            return sum(counters.get(f"items.{c}", 0) for c in ("get", "exists", "get-full", "get-outhash"))
+        self.stats_asked += 1  # each get-stats counts itself
+        return ask_oehashequiv(self.server.address, {"get-stats": None})["requests"]["num"] - self.stats_asked
+
+    def stop(self) -> None:
+        self.server.stop()
 
 
 class Relay:
     def __init__(self, target: str, delay_ms: float):
         self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
+        scheme = "tcp://" if target.startswith("tcp://") else ""
+        self.address = f"{scheme}127.0.0.1:{self.port}"
+        target = target[len(scheme) :]
         argv = [sys.executable, "-m", "hq.bench.relay", str(self.port), target, str(delay_ms)]
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
         if self.proc.stdout.readline().strip() != "ready":
@@ -103,21 +144,26 @@ class Relay:
         self.proc.wait(10)
 
 
-def _wait_backfilled(side: str, server) -> None:
-    """Until the local server has stored what its upstream answered."""
+def _wait_backfilled(side: str, server) -> float | None:
+    """Until the local server has stored what its upstream answered: how long that took,
+    or None if it had not within BACKFILL_WAIT_S."""
+    started = time.monotonic()
     if side == REF:
-        ask_oehashequiv(server.address, {"backfill-wait": None})
-        return
+        try:
+            ask_oehashequiv(server.address, {"backfill-wait": None}, timeout=BACKFILL_WAIT_S)
+        except TimeoutError:
+            return None
+        return time.monotonic() - started
     address = server.hq_address if side == GW else server.address
-    deadline = time.monotonic() + BACKFILL_WAIT_S
     with create_client(address, timeout=30) as client:
         while client.get_stats()["broker"]["upstream"]["backfill_pending"]:
-            if time.monotonic() > deadline:
-                raise StackError("the backfill did not finish in time")
+            if time.monotonic() - started > BACKFILL_WAIT_S:
+                return None
             time.sleep(0.1)
+    return time.monotonic() - started
 
 
-def _run_side(side, workload, wopts, template, upstream_address, count_address, tree, n, progress) -> dict:
+def _run_side(side, workload, wopts, template, upstream_address, upstream, tree, n, progress) -> dict:
     """One local server: the cold burst, its backfill, the second burst."""
     workdir = tempfile.mkdtemp(prefix="hq-bench-cold-", dir=wopts.tmpdir)
     args = [] if side == LOCAL else ["--upstream", upstream_address]
@@ -140,12 +186,11 @@ def _run_side(side, workload, wopts, template, upstream_address, count_address, 
                 if burst == "second":
                     if side == LOCAL:
                         break
-                    _wait_backfilled(side, server)
-                before = upstream_requests(count_address)
+                    out["backfill_s"] = _wait_backfilled(side, server)
+                before = upstream.lookups()
                 result: dict = {}
                 _measure(workload, wopts, server, progress, n, result, connect)
-                # less the get-stats that counted them, which counts itself
-                result["upstream_requests"] = upstream_requests(count_address) - before - 1
+                result["upstream_lookups"] = upstream.lookups() - before
                 result["db"] = server.database_size()
                 _finish_figures(result)
                 result["ok"] = _is_ok(result)
@@ -174,7 +219,7 @@ def run(parser, opts) -> dict:
     progress = Progress("cold-start", enabled=not opts.quiet, show_after_s=1.0)
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     base = tempfile.mkdtemp(prefix="hq-bench-cold-start-", dir=opts.tmpdir)
-    upstream = relay = None
+    upstream, relays = None, []
     raw: list = []
     try:
         progress.note(f"cold-start: {len(workload.rows):,} keys on the upstream")
@@ -183,28 +228,32 @@ def run(parser, opts) -> dict:
         populate(empty_hq, [])
         populate(full_hq, workload.rows.rows)
         os.mkdir(os.path.join(base, "upstream"))
-        upstream = reference.ReferenceServer(os.path.join(base, "upstream"), tree)
-        reference.populate(upstream.db, workload.rows.rows, tree, corrupt=opts.corrupt_keys)
+        upstream = Upstream(opts.upstream_server, os.path.join(base, "upstream"), tree, wopts)
+        if opts.upstream_server == "hq":
+            populate(upstream.db, workload.rows.rows, corrupt=opts.corrupt_keys)
+        else:
+            reference.populate(upstream.db, workload.rows.rows, tree, corrupt=opts.corrupt_keys)
         upstream.start()
         progress.close()
-        delays = [0.0] + ([opts.delay_ms] if opts.delay_ms > 0 else [])
+        # (delay, address for a local hq, address for a local bitbake-hashserv)
+        routes = [(0.0, upstream.for_hq, upstream.for_ref)]
         if opts.delay_ms > 0:
-            relay = Relay(upstream.address, opts.delay_ms)
+            relays.append(Relay(upstream.for_hq, opts.delay_ms))
+            if upstream.for_ref != upstream.for_hq:
+                relays.append(Relay(upstream.for_ref, opts.delay_ms))
+            routes.append((opts.delay_ms, relays[0].address, relays[-1].address))
         for n in range(1, opts.repeats + 1):
-            raw.append(_run_side(LOCAL, workload, wopts, full_hq, "", upstream.address, tree, n, progress))
-            for delay in delays:
-                address = relay.address if delay else upstream.address
+            raw.append(_run_side(LOCAL, workload, wopts, full_hq, "", upstream, tree, n, progress))
+            for delay, for_hq, for_ref in routes:
                 order = COLD_SIDES[(n - 1) % 3 :] + COLD_SIDES[: (n - 1) % 3]
                 for side in order:
-                    template = empty_ref if side == REF else empty_hq
-                    got = _run_side(
-                        side, workload, wopts, template, address, upstream.address, tree, n, progress
-                    )
+                    template, address = (empty_ref, for_ref) if side == REF else (empty_hq, for_hq)
+                    got = _run_side(side, workload, wopts, template, address, upstream, tree, n, progress)
                     got["delay_ms"] = delay
                     raw.append(got)
     finally:
         progress.close()
-        if relay is not None:
+        for relay in relays:
             relay.stop()
         if upstream is not None:
             upstream.stop()
@@ -251,8 +300,8 @@ def summarize(raw: list) -> dict:
             sides[side] = {
                 "cold_wall_s": min_median_max([_wall(r, "cold") for r in mine]),
                 "second_wall_s": min_median_max([_wall(r, "second") for r in mine]),
-                "second_upstream_requests": min_median_max(
-                    [r.get("second", {}).get("upstream_requests") for r in mine]
+                "second_upstream_lookups": min_median_max(
+                    [r.get("second", {}).get("upstream_lookups") for r in mine]
                 ),
                 "cold_speedup_over_reference": min_median_max(speedups),
                 "cold_over_local_only": min_median_max(over_local),
@@ -268,7 +317,10 @@ def print_report(result: dict, quiet: bool = False) -> None:
         return
     s = result["summary"]
     print(result["title"])
-    print(f"hq {result['hq_version']} vs bitbake-hashserv {result['bitbake_version']}; medians (min-max)")
+    print(
+        f"hq {result['hq_version']} vs bitbake-hashserv {result['bitbake_version']}; upstream: "
+        f"{result['config']['upstream_server']}; medians (min-max)"
+    )
     print(f"hq with the mappings already local: {_mmm(s['local_wall_s'], 's')}")
     rows = []
     for delay, sides in s["delays"].items():
@@ -281,7 +333,7 @@ def print_report(result: dict, quiet: bool = False) -> None:
                     _mmm(v["cold_speedup_over_reference"], "×"),
                     _mmm(v["cold_over_local_only"], "×"),
                     _mmm(v["second_wall_s"], "s"),
-                    _mmm(v["second_upstream_requests"], ""),
+                    _mmm(v["second_upstream_lookups"], ""),
                 ]
             )
     headers = [
@@ -291,7 +343,7 @@ def print_report(result: dict, quiet: bool = False) -> None:
         "ref ÷ this",
         "÷ local-only",
         "second burst",
-        "its upstream reqs",
+        "its upstream lookups",
     ]
     print(grid(rows, headers))
     print(f"cold-start: {ok}")

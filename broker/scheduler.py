@@ -292,7 +292,8 @@ class Scheduler:
         self.counters[name] = self.counters.get(name, 0) + n
 
     def _reply(self, client_id, frames):
-        self.to_clients.append([client_id, *frames])
+        if client_id is not None:  # None: the broker's own request (backfill, bootstrap)
+            self.to_clients.append([client_id, *frames])
 
     def _error(self, client_id, request_id, code, message):
         self.count(f"errors.{code}")
@@ -861,9 +862,10 @@ class Scheduler:
 
     def _backfill_hook(self, pending, frames, now):
         self.backfills -= 1
-        if int(frames[2]) == p.OK and len(frames) > 3:
-            self.count("upstream.backfilled", int(bytes(frames[3])))
-        else:
+        stored = bytes(frames[3]) if int(frames[2]) == p.OK and len(frames) > 3 else b""
+        if stored.isdigit():
+            self.count("upstream.backfilled", int(stored))
+        else:  # an error, or a worker's malformed answer: never the broker's crash
             self.count("upstream.backfill_failed")
         return None  # nobody to answer
 

@@ -243,7 +243,7 @@ UPSTREAM_TIMEOUT = Option(
 )
 UPSTREAM_NEGATIVE_TTL = Option(
     "upstream-negative-ttl",
-    10.0,
+    60.0,
     "seconds a miss of the upstream is remembered and not asked again (0: always ask)",
     NON_NEGATIVE_FLOAT,
     attr="upstream_negative_ttl_s",

@@ -20,7 +20,9 @@ What makes a cold local server in front of a distant upstream cheap:
 * **Recent misses are not asked again** for ``--upstream-negative-ttl`` seconds (bounded).
 * **A failing upstream costs little:** after a failure, questions fail at once for
   :data:`RETRY_S` (the broker answers from local data), then the agent tries again, on a
-  new connection.
+  new connection; after each further failure in a row it waits twice as long, up to
+  :data:`RETRY_MAX_S`, so an upstream that swallows connections (each attempt waits out the
+  timeout) holds up few requests.
 * **Garbage is an error, never an answer:** a unihash that is not 64 hex digits, a reply of
   the wrong length or shape, fails the call.
 """
@@ -47,13 +49,14 @@ MAX_BATCH = 20000
 OUTHASH_CONNECTIONS = 4
 #: How long questions fail at once after the upstream failed.
 RETRY_S = 1.0
+RETRY_MAX_S = 30.0
 #: Misses remembered at most (the oldest go first).
 MAX_NEGATIVES = 200_000
 STOP = b"stop"
 
 
 class Backoff(UpstreamError):
-    """The upstream failed less than RETRY_S ago: not asked now."""
+    """The upstream failed a moment ago: not asked now."""
 
 
 def connect(address: str, timeout_s: float, username: str | None, token: str | None):
@@ -72,6 +75,7 @@ class Agent:
         self.credentials = tuple(login) or (None, None)  # (username, token) for the upstream
         self.thread = threading.Thread(target=self._run, name="hq-upstream", daemon=True)
         self.failed_until = 0.0  # after a failure: fail at once until then
+        self.failures = 0  # in a row: the back-off doubles with each
         # Per kind: keys waiting for the next call, the futures of keys asked or waiting,
         # remembered misses (key -> until when), whether a call is under way.
         self.want: dict = {"get": [], "exists": []}
@@ -155,11 +159,16 @@ class Agent:
     # --- questions ------------------------------------------------------------------------
     def _check_up(self) -> None:
         if time.monotonic() < self.failed_until:
-            raise Backoff(f"{self.address} failed less than {RETRY_S:g} s ago")
+            raise Backoff(f"{self.address} failed {self.failures} time(s) in a row; not asked for now")
 
     def _failed(self, exc: Exception) -> None:
-        self.failed_until = time.monotonic() + RETRY_S
-        log.warning("upstream %s: %s", self.address, exc)
+        backoff = min(RETRY_S * 2**self.failures, RETRY_MAX_S)
+        self.failures += 1
+        self.failed_until = time.monotonic() + backoff
+        log.warning("upstream %s: %s (not asked for %g s)", self.address, exc, backoff)
+
+    def _succeeded(self) -> None:
+        self.failures = 0
 
     async def _get(self, pairs) -> list:
         keys = [(str(method), str(taskhash)) for method, taskhash in pairs]
@@ -218,6 +227,7 @@ class Agent:
                         if future is not None and not future.done():
                             future.set_exception(UpstreamError(str(exc)))
                     continue
+                self._succeeded()
                 self._remember(kind, [k for k, a in zip(batch, answers) if a is None])
                 for key, answer in zip(batch, answers):
                     future = inflight.pop(key, None)
@@ -261,6 +271,7 @@ class Agent:
             row = await fetch(client)
             if row is not None and not (isinstance(row, dict) and p.is_unihash(row.get("unihash"))):
                 raise UpstreamError(f"{self.address} answered a row without a valid unihash")
+            self._succeeded()
             if row is None:
                 self._remember(kind, [key])
             future.set_result(row)

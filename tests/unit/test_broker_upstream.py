@@ -169,3 +169,37 @@ def test_an_upstream_address_with_a_password_is_not_shown():
     assert addresses.redacted("hash.example.com:8686") == "hash.example.com:8686"
     s = make(upstream="ws://bob:secret@127.0.0.1:1")
     assert "secret" not in json.dumps(s.stats(0.0))
+
+
+def test_a_backfill_refused_for_a_full_queue_answers_nobody():
+    """The broker's own backfill requests have no client: a BUSY for one must not become a
+    message to a client id None (the socket loop could not send it)."""
+    s = make(max_client_jobs=1)
+    ready(s)
+    asked = []
+    for n, taskhash in enumerate((T1, T2)):
+        s.on_client([b"c1", *p.encode_request(b"r%d" % n, p.GET, [M, taskhash])], 0.0)
+        ((_, job_id, _),) = jobs(s)
+        answer(s, job_id, [b""])
+        ((qid, _, _),) = questions(s)
+        asked.append(qid)
+    for qid in asked:  # two backfills before the loop comes round: the second is refused
+        s.on_upstream([qid, b"ok", json.dumps([U1]).encode()], 0.1)
+    assert all(frames[0] is not None for frames in s.to_clients)
+    assert [r.status for r in replies(s)] == [p.OK, p.OK]
+    assert s.stats(0.2)["broker"]["upstream"]["backfill_pending"] == 1
+
+
+def test_a_malformed_answer_to_a_backfill_is_counted_not_fatal():
+    s = make()
+    ready(s)
+    answer(s, lookup(s, [T1]), [b""])
+    ((qid, _, _),) = questions(s)
+    s.on_upstream([qid, b"ok", json.dumps([U1]).encode()], 0.1)
+    replies(s)
+    s.tick(0.1)
+    ((command, job_id, _),) = jobs(s)
+    assert command == p.BACKFILL
+    answer(s, job_id, [b"lots"], now=0.2)
+    assert s.counters["upstream.backfill_failed"] == 1
+    assert s.stats(0.3)["broker"]["upstream"]["backfill_pending"] == 0

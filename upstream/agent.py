@@ -76,9 +76,10 @@ class Agent:
         self.thread = threading.Thread(target=self._run, name="hq-upstream", daemon=True)
         self.failed_until = 0.0  # after a failure: fail at once until then
         self.failures = 0  # in a row: the back-off doubles with each
-        # Per kind: keys waiting for the next call, the futures of keys asked or waiting,
-        # remembered misses (key -> until when), whether a call is under way.
-        self.want: dict = {"get": [], "exists": []}
+        # Per kind: the batch the next call asks, where each key asked or waiting is (its
+        # batch and position; for outhash and row questions, its future), remembered misses
+        # (key -> until when), whether a call is under way.
+        self.want: dict = {"get": None, "exists": None}  # the _Batch the next call asks
         self.inflight: dict = {"get": {}, "exists": {}, "outhash": {}, "row": {}}
         self.negative: dict = {"get": {}, "exists": {}, "outhash": {}, "row": {}}
         self.calling = {"get": False, "exists": False}
@@ -179,62 +180,74 @@ class Agent:
         return [bool(a) for a in answers]
 
     async def _batched(self, kind: str, keys: list) -> list:
-        """Each key's answer (None: a miss), each asked once however many ask it at once."""
+        """Each key's answer (None: a miss), each asked once however many ask it at once.
+        A key waiting or asked is found in ``inflight`` as (its batch, its position): one
+        future per upstream call, not per key (a cold burst is 360,000 keys)."""
         self._check_up()
         now = time.monotonic()
-        negative, inflight, want = self.negative[kind], self.inflight[kind], self.want[kind]
-        futures = []
+        negative, inflight = self.negative[kind], self.inflight[kind]
+        slots, batches = [], set()
         for key in keys:
             until = negative.get(key)
             if until is not None and until > now:
-                futures.append(None)
+                slots.append(None)
                 continue
-            future = inflight.get(key)
-            if future is None:
-                future = inflight[key] = self.loop.create_future()
-                future.add_done_callback(_retrieved)
-                want.append(key)
-            futures.append(future)
-        if want and not self.calling[kind]:
+            slot = inflight.get(key)
+            if slot is None:
+                batch = self.want[kind]
+                if batch is None:
+                    batch = self.want[kind] = _Batch(self.loop)
+                slot = inflight[key] = (batch, len(batch.keys))
+                batch.keys.append(key)
+            slots.append(slot)
+            batches.add(slot[0])
+        if self.want[kind] is not None and not self.calling[kind]:
             task = self.loop.create_task(self._call(kind))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
-        return [None if future is None else await asyncio.shield(future) for future in futures]
+        for batch in batches:
+            await asyncio.shield(batch.done)  # its failure is this question's
+        return [None if slot is None else slot[0].answers[slot[1]] for slot in slots]
 
     async def _call(self, kind: str) -> None:
         """Ask the upstream for what waits, batch after batch, one call at a time."""
         self.calling[kind] = True
-        inflight, want = self.inflight[kind], self.want[kind]
+        inflight = self.inflight[kind]
         try:
-            while want:
-                batch = want[:MAX_BATCH]
-                del want[:MAX_BATCH]
+            while self.want[kind] is not None:
+                batch, self.want[kind] = self.want[kind], None
                 try:
-                    self._check_up()
-                    if kind == "get":
-                        answers = await self.lookups.get_unihashes(batch)
-                        if any(a is not None and not p.is_unihash(a) for a in answers):
-                            raise UpstreamError(f"{self.address} answered a malformed unihash")
-                    else:
-                        answers = [True if a else None for a in await self.checks.exists(batch)]
-                    if len(answers) != len(batch):
-                        raise UpstreamError(f"{self.address} answered {len(answers)} of {len(batch)}")
+                    batch.answers = await self._ask_batch(kind, batch.keys)
                 except (UpstreamError, ValueError) as exc:
                     if not isinstance(exc, Backoff):
                         self._failed(exc)
-                    for key in batch:
-                        future = inflight.pop(key, None)
-                        if future is not None and not future.done():
-                            future.set_exception(UpstreamError(str(exc)))
-                    continue
-                self._succeeded()
-                self._remember(kind, [k for k, a in zip(batch, answers) if a is None])
-                for key, answer in zip(batch, answers):
-                    future = inflight.pop(key, None)
-                    if future is not None and not future.done():
-                        future.set_result(answer)
+                    batch.done.set_exception(UpstreamError(str(exc)))
+                else:
+                    self._succeeded()
+                    self._remember(kind, [k for k, a in zip(batch.keys, batch.answers) if a is None])
+                    batch.done.set_result(None)
+                finally:
+                    for key in batch.keys:
+                        del inflight[key]
         finally:
             self.calling[kind] = False
+
+    async def _ask_batch(self, kind: str, keys: list) -> list:
+        """The upstream's answer to each key, MAX_BATCH keys per call; None for a miss."""
+        self._check_up()
+        answers: list = []
+        for start in range(0, len(keys), MAX_BATCH):
+            part = keys[start : start + MAX_BATCH]
+            if kind == "get":
+                got = await self.lookups.get_unihashes(part)
+                if any(a is not None and not p.is_unihash(a) for a in got):
+                    raise UpstreamError(f"{self.address} answered a malformed unihash")
+            else:
+                got = [True if a else None for a in await self.checks.exists(part)]
+            if len(got) != len(part):
+                raise UpstreamError(f"{self.address} answered {len(got)} of {len(part)}")
+            answers += got
+        return answers
 
     async def _outhash(self, question):
         """get-outhash (with the unihash): the oldest report of the output, or None."""
@@ -294,6 +307,19 @@ class Agent:
         if excess > 0:
             for key in list(_first(negative, excess)):
                 del negative[key]
+
+
+class _Batch:
+    """Keys for one upstream call, their answers once it is back, and a future that is done
+    then (or failed, for every key)."""
+
+    __slots__ = ("keys", "answers", "done")
+
+    def __init__(self, loop):
+        self.keys: list = []
+        self.answers: list = []
+        self.done = loop.create_future()
+        self.done.add_done_callback(_retrieved)
 
 
 def _retrieved(future) -> None:

@@ -88,11 +88,14 @@ def test_answers_equal_a_local_bitbake_hashserv_with_the_same_upstream(hashserv,
 
 
 def test_backfill_survives_a_restart_and_a_dead_upstream_costs_nothing(hashserv, bitbake, tmp_path):
-    upstream = reference(tmp_path, bitbake, "upstream")
+    from hq.bench import reference as ref
+
     known = {f"{n:040x}": f"{n:064x}" for n in range(1, 2001)}
-    with hashserv.create_client(upstream.address) as client:
-        for taskhash, unihash in known.items():
-            client.report_unihash_equiv(taskhash, M, unihash)
+    (tmp_path / "upstream").mkdir()
+    upstream = ref.ReferenceServer(tmp_path / "upstream", bitbake)
+    rows = [(taskhash, f"{n:064x}", unihash) for n, (taskhash, unihash) in enumerate(known.items())]
+    ref.populate(upstream.db, rows, bitbake, method=M)  # written as 2,000 reports would
+    upstream.start()
     (tmp_path / "hq").mkdir()
     hq = Stack(tmp_path / "hq", args=["--upstream", upstream.address, "--upstream-timeout", "5"]).start()
     try:
@@ -102,7 +105,7 @@ def test_backfill_survives_a_restart_and_a_dead_upstream_costs_nothing(hashserv,
             wait_for(
                 lambda: counters(hq.address).get("upstream.backfilled", 0) == len(known), what="backfill"
             )
-        upstream.stop()
+        upstream.proc.kill()  # dead (bitbake-hashserv would not stop on SIGTERM while asked)
         assert hq.stop() == 0, hq.log()
         hq.start()
         with create_client(hq.address, timeout=10) as client:
@@ -188,6 +191,46 @@ def test_a_bad_upstream_is_never_an_answer(tmp_path, kind):
     finally:
         hq.stop()
         bad.close()
+
+
+def test_identical_lookups_in_flight_are_asked_once(tmp_path):
+    """12 clients ask the same 300 taskhashes at once, misses not remembered: while the first
+    batch is with a slow upstream, the others' identical keys join it, so the upstream is
+    asked each key once, not once per client."""
+    asked, release = [], threading.Event()
+
+    def reply(line):
+        if line.startswith(b"{"):  # entering get-stream
+            return b'"ok"\n'
+        asked.append(line)
+        release.wait(20)  # the first batch stays with the upstream until every client asked
+        return b"\n"
+
+    slow = LineServer(reply)
+    args = ["--upstream", slow.address, "--upstream-negative-ttl", "0", "--upstream-timeout", "5"]
+    hq = Stack(tmp_path, args=args).start()
+    keys = [(M, f"{n:040x}") for n in range(300)]
+    results = []
+
+    def client():
+        with create_client(hq.address, timeout=20) as c:
+            results.append(c.get_unihash_batch(keys))
+
+    threads = [threading.Thread(target=client) for _ in range(12)]
+    try:
+        for thread in threads:
+            thread.start()
+        everyone = 12 * len(keys)  # what the broker has handed its agent
+        wait_for(lambda: counters(hq.address).get("upstream.asked", 0) == everyone, what="every question")
+        release.set()
+        for thread in threads:
+            thread.join(30)
+        assert results == [[None] * 300] * 12
+        assert len(asked) == 300, len(asked)
+    finally:
+        release.set()
+        hq.stop()
+        slow.close()
 
 
 def test_a_chain_of_hq_hq_and_bitbake_hashserv(hashserv, bitbake, tmp_path):

@@ -9,6 +9,7 @@ With ``--metrics`` the same loop also answers HTTP scrapes on a ZMQ_STREAM socke
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import sys
@@ -16,7 +17,7 @@ import time
 
 import zmq
 
-from hq import addresses, config, curve, logs, options, permissions, proctitle
+from hq import addresses, config, curve, extras, logs, options, permissions, proctitle
 from hq import protocol as p
 from hq.notify import notify
 from hq.signals import StopFlag
@@ -285,6 +286,13 @@ def main(argv=None) -> int:
     proctitle.set_title("hq-broker", " ".join(opts.bind))
     if opts.upstream and opts.read_only:  # as bitbake-hashserv refuses it
         log.error("--upstream and --read-only together: a read-only server cannot store what it learns")
+        return 2
+    if opts.upstream.startswith(("ws://", "wss://")) and importlib.util.find_spec("websockets") is None:
+        log.error(
+            "a ws:// upstream needs the [gateway] extra (websockets is not installed): "
+            "pip install '%s[gateway]'",
+            extras.DISTRIBUTION,
+        )
         return 2
     stop = StopFlag().install()
     try:

@@ -218,7 +218,9 @@ class Agent:
                 batch, self.want[kind] = self.want[kind], None
                 try:
                     batch.answers = await self._ask_batch(kind, batch.keys)
-                except (UpstreamError, ValueError) as exc:
+                except Exception as exc:  # a bug too fails the batch, never leaves it waiting
+                    if not isinstance(exc, (UpstreamError, ValueError)):
+                        log.exception("asking the upstream failed")
                     if not isinstance(exc, Backoff):
                         self._failed(exc)
                     batch.done.set_exception(UpstreamError(str(exc)))
@@ -288,7 +290,9 @@ class Agent:
             if row is None:
                 self._remember(kind, [key])
             future.set_result(row)
-        except (UpstreamError, ValueError) as exc:
+        except Exception as exc:  # a bug too fails the question, never leaves it waiting
+            if not isinstance(exc, (UpstreamError, ValueError)):
+                log.exception("asking the upstream failed")
             self._failed(exc)
             future.set_exception(UpstreamError(str(exc)))
         finally:

@@ -78,6 +78,7 @@ def test_the_plain_client_talks_to_a_full_server(plain_venv, stack):
         ("hq-admin", ["stats"], "admin"),
         ("hq-bench", ["burst"], "bench"),
         ("hq-gateway", ["--listen", "ws://127.0.0.1:0", "--broker", "tcp://127.0.0.1:1"], "gateway"),
+        ("hq-broker", ["--upstream", "ws://127.0.0.1:1"], "gateway"),
     ],
 )
 def test_a_program_without_its_extra_says_which_in_one_line(plain_venv, program, args, extra):

@@ -102,3 +102,20 @@ def decode(line: str):
 
 def is_chunk_start(value) -> bool:
     return isinstance(value, dict) and CHUNK_STREAM in value
+
+
+def split_address(address: str) -> tuple:
+    """``unix://PATH`` -> ("unix", PATH); ``HOST:PORT`` or ``[V6]:PORT`` -> ("tcp", (host,
+    port)); ``ws://``/``wss://`` -> ("ws", address). Anything else is a ValueError."""
+    if address.startswith("unix://"):
+        path = address[len("unix://") :]
+        if not path:
+            raise ValueError(f"{address!r}: no socket path")
+        return "unix", path
+    ws = address.startswith(("ws://", "wss://"))
+    rest = address.split("://", 1)[1] if ws else address
+    host, sep, port = rest.partition("/")[0].rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or "://" in rest or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{address!r} is not unix://PATH, HOST:PORT, ws:// or wss://")
+    return ("ws", address) if ws else ("tcp", (host, int(port)))

@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from hq import addresses
+from hq import addresses, oehashequiv
 from hq import permissions as perms
 from hq.logs import LEVELS
 
@@ -215,14 +215,7 @@ def upstream_address(text: str) -> str:
     ``HOST:PORT``, ``ws://``, ``wss://``), as bitbake-hashserv's ``--upstream``."""
     if not text or text.startswith(("tcp://", "ipc://")):
         return addresses.connect_address(text) if text else text
-    if text.startswith("unix://"):
-        if not text[len("unix://") :]:
-            raise ValueError("unix:// needs a path")
-        return text
-    rest = text.split("://", 1)[1] if text.startswith(("ws://", "wss://")) else text
-    host, sep, port = rest.partition("/")[0].rpartition(":")
-    if "://" in rest or not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError("use tcp://, ipc:// (another hq), unix://PATH, HOST:PORT, ws:// or wss://")
+    oehashequiv.split_address(text)  # raises ValueError naming the forms
     return text
 
 

@@ -27,26 +27,9 @@ class UpstreamError(ConnectionError):
     """The upstream did not answer as the protocol says, or not in time."""
 
 
-def split_address(address: str) -> tuple:
-    """``unix://PATH`` -> ("unix", PATH); ``HOST:PORT`` or ``[V6]:PORT`` -> ("tcp", (host,
-    port)); ``ws://``/``wss://`` -> ("ws", address). Anything else is a ValueError."""
-    if address.startswith("unix://"):
-        path = address[len("unix://") :]
-        if not path:
-            raise ValueError(f"{address!r}: no socket path")
-        return "unix", path
-    if address.startswith(("ws://", "wss://")):
-        return "ws", address
-    host, sep, port = address.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not sep or not host or "/" in host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"{address!r} is not unix://PATH, HOST:PORT, ws:// or wss://")
-    return "tcp", (host, int(port))
-
-
 class Upstream:
     def __init__(self, address: str, timeout_s: float, username: str | None = None, token: str | None = None):
-        self.kind, self.target = split_address(address)
+        self.kind, self.target = wire.split_address(address)
         self.address = address
         self.timeout_s = timeout_s
         self.login = (username, token) if username else None

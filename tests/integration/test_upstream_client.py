@@ -11,7 +11,8 @@ import time
 import pytest
 
 from helpers import Gateway, LineServer, Stack
-from hq.upstream.oehashequiv import Upstream, UpstreamError, split_address
+from hq.oehashequiv import split_address
+from hq.upstream.oehashequiv import Upstream, UpstreamError
 
 M = "TestMethod"
 T1, T2, T3 = "1" * 40, "2" * 40, "3" * 40

@@ -81,14 +81,14 @@ def freshest_db(data: dict) -> dict:
 
 
 def settings_problems(data: dict) -> list:
-    """SQLite settings that differ between workers or from what hq sets (WAL)."""
+    """Database settings that differ between workers, or from what hq sets (WAL on SQLite)."""
     problems = []
     seen = {}
     for w in data.get("workers", []):
         s = w.get("settings") or {}
-        if s and s.get("journal_mode") != "wal":
+        if s and s.get("engine", "sqlite") == "sqlite" and s.get("journal_mode") != "wal":
             problems.append(f"{w['name']}: journal_mode={s.get('journal_mode')} (hq sets wal)")
-        for key in ("journal_mode", "synchronous", "busy_timeout"):
+        for key in ("engine", "journal_mode", "synchronous", "busy_timeout", "synchronous_commit"):
             if key in s:
                 seen.setdefault(key, set()).add(str(s[key]))
     for key, values in seen.items():
@@ -148,18 +148,35 @@ def summary_rows(data: dict, usage: dict | None = None) -> list:
         ("errors", output.fmt(errors)),
         ("queued / in-flight jobs", f"{broker['queued_jobs']} / {broker['inflight_jobs']}"),
         ("workers (restarts)", f"{len(data['workers'])} ({counters.get('workers.restarted', 0)})"),
-        ("database", f"{_mib(db.get('file_bytes'))} + WAL {_mib(db.get('wal_bytes'))}"),
+        *_database_rows(db, settings, problems),
         (
             "mappings / outhash rows",
             f"{output.fmt(rows.get('unihashes'))} / {output.fmt(rows.get('outhashes'))}"
             + ("" if age is None else f" (counted {age:.0f} s ago)"),
         ),
+    ]
+
+
+def _database_rows(db: dict, settings: dict, problems: list) -> list:
+    """What the database is and how it is set, per engine."""
+    warning = "  WARNING: " + "; ".join(problems) if problems else ""
+    if settings.get("engine") == "postgresql":
+        return [
+            ("database", f"{db.get('path', '-')} ({_mib(db.get('file_bytes'))})"),
+            (
+                "postgresql",
+                f"server {settings.get('server_version', '-')} "
+                f"synchronous_commit={settings.get('synchronous_commit', '-')} "
+                f"lock_timeout={settings.get('lock_timeout', '-')}" + warning,
+            ),
+        ]
+    return [
+        ("database", f"{_mib(db.get('file_bytes'))} + WAL {_mib(db.get('wal_bytes'))}"),
         (
             "sqlite",
             f"journal_mode={settings.get('journal_mode', '-')} "
             f"synchronous={settings.get('synchronous', '-')} "
-            f"busy_timeout={settings.get('busy_timeout', '-')}ms"
-            + ("  WARNING: " + "; ".join(problems) if problems else ""),
+            f"busy_timeout={settings.get('busy_timeout', '-')}ms" + warning,
         ),
     ]
 

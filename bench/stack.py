@@ -36,7 +36,8 @@ def script(name: str) -> str:
 
 
 class Stack:
-    """``hq-server --workers N`` on ``workdir/hq.db``, listening on ``bind``.
+    """``hq-server --workers N`` on ``workdir/hq.db`` (or ``db``: a file or a PostgreSQL URL),
+    listening on ``bind``.
 
     ``env`` is added to the environment (``inherit_env=False``: the HQ_* variables of this
     process are left out, so a benchmark runs with hq's defaults). hq-server reports ready
@@ -52,9 +53,10 @@ class Stack:
         env=None,
         log_level: str = "INFO",
         inherit_env: bool = True,
+        db: str | None = None,
     ):
         self.workdir = str(workdir)
-        self.db = os.path.join(self.workdir, "hq.db")
+        self.db = db or os.path.join(self.workdir, "hq.db")
         self.workers = workers
         self.endpoint_file = os.path.join(self.workdir, "endpoints")
         self.log_path = os.path.join(self.workdir, "hq-server.log")

@@ -11,7 +11,8 @@ act). Actions:
 ``exit(CODE)``
     leave the process at once with ``os._exit(CODE)``, as a crash at that point would.
 
-Failpoints in hq: ``worker.request`` (a worker got a REQUEST, before running it).
+Failpoints in hq: ``worker.request`` (a worker got a REQUEST, before running it);
+``store.report`` (inside a report's write transaction, before its hash locks).
 
 Example: ``HQ_FAILPOINTS='worker.request=sleep(10)*1' hq-worker ...``. With the variable
 unset, :func:`hit` is a function that does nothing.

@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from hq import addresses, oehashequiv
+from hq import addresses, databases, oehashequiv
 from hq import permissions as perms
 from hq.logs import LEVELS
 
@@ -133,7 +133,12 @@ HEARTBEAT_LIVENESS = Option(
     "missed heartbeats before the other side counts as gone (a worker is dropped, a worker reconnects)",
     POSITIVE_INT,
 )
-DB = Option("db", "hq.db", "SQLite database file")
+DB = Option(
+    "db",
+    "hq.db",
+    "the database: an SQLite file, or postgresql://USER@HOST[:PORT]/DBNAME",
+    databases.check,
+)
 SYNCHRONOUS = Option(
     "synchronous",
     "normal",

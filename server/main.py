@@ -1,7 +1,7 @@
 """hq-server: a whole local stack in the foreground, for the quick start and for tests.
 
 It checks the database, starts ``hq-broker`` and N ``hq-worker`` processes on one SQLite
-file (passing on ``--config``, so its ``[hq-broker]`` and ``[hq-worker]`` sections tune
+file or PostgreSQL database (passing on ``--config``, so its ``[hq-broker]`` and ``[hq-worker]`` sections tune
 them), reports ready once every worker has registered and a real request has gone through,
 and on SIGTERM/SIGINT stops them all, workers first. Once the stack has been ready, a child
 that exits is restarted (with backoff); before that, a child that exits ends hq-server with
@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 
-from hq import config, curve, logs, options, proctitle
+from hq import config, curve, databases, logs, options, proctitle
 from hq.notify import environ_for_children, notify
 from hq.signals import StopFlag
 from hq.workers.schema import open_database
@@ -145,7 +145,7 @@ def prepare_database(opts) -> bool:
     try:
         open_database(opts.db, synchronous=opts.synchronous).close()
     except Exception as exc:  # bad path, not a database, permissions: a configuration error
-        log.error("cannot open database %r: %s", opts.db, exc)
+        log.error("cannot open database %r: %s", databases.redacted(opts.db), exc)
         return False
     return True
 
@@ -153,12 +153,12 @@ def prepare_database(opts) -> bool:
 def main(argv=None) -> int:
     opts = config.parse(
         "hq-server",
-        "Run a whole local hq stack: one broker and N workers on one SQLite file.",
+        "Run a whole local hq stack: one broker and N workers on one database.",
         options.SERVER,
         argv,
     )
     logs.setup("hq-server", opts.log_level)
-    proctitle.set_title("hq-server", opts.db)
+    proctitle.set_title("hq-server", databases.redacted(opts.db))
     if opts.upstream and opts.read_only:  # as bitbake-hashserv refuses it
         log.error("--upstream and --read-only together: a read-only server cannot store what it learns")
         return 2
@@ -311,7 +311,7 @@ def main(argv=None) -> int:
                         "hq ready on %s (%d workers, database %s)%s",
                         ", ".join(endpoints),
                         opts.workers,
-                        opts.db,
+                        databases.redacted(opts.db),
                         gateway_text,
                     )
                     if opts.endpoint_file:

@@ -4,7 +4,57 @@ import sys
 import psutil
 import pytest
 
-from helpers import Stack, bitbake_missing, find_bitbake
+from helpers import (
+    PostgresqlServer,
+    Stack,
+    bitbake_missing,
+    find_bitbake,
+    find_postgresql,
+    postgresql_missing,
+)
+
+ENGINES = ("sqlite", "postgresql")
+
+
+def pytest_generate_tests(metafunc):
+    """A test that takes ``engine`` runs once per database engine; one marked
+    ``sqlite_only`` (it is about SQLite's file, pragmas or trace) runs on SQLite alone."""
+    if "engine" in metafunc.fixturenames:
+        only = metafunc.definition.get_closest_marker("sqlite_only")
+        metafunc.parametrize("engine", ENGINES[:1] if only else ENGINES)
+
+
+@pytest.fixture(scope="session")
+def postgresql_server():
+    """The tests' own database on a real PostgreSQL server. Without a server the test is
+    skipped, saying how to give one; with HQ_REQUIRE_POSTGRESQL=1 (set by .ci/run where a
+    server answers at the usual place) it fails instead."""
+    url = find_postgresql()
+    if url is None:
+        postgresql_missing(
+            "needs PostgreSQL: set HQ_POSTGRESQL to postgresql://USER@HOST[:PORT]/DBNAME of a server "
+            "where USER may create databases, or run one at 127.0.0.1:5432 (and install hq's "
+            "[postgresql] extra)"
+        )
+    server = PostgresqlServer(url)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def postgresql_url(postgresql_server):
+    """A fresh, empty schema of the tests' database, as a --db URL."""
+    url = postgresql_server.new_url()
+    yield url
+    postgresql_server.drop_schema(url)
+
+
+@pytest.fixture
+def db_spec(engine, tmp_path, request):
+    """A fresh database as ``--db`` takes it: an SQLite file, or a PostgreSQL schema."""
+    if engine == "sqlite":
+        return str(tmp_path / "hq.db")
+    return request.getfixturevalue("postgresql_url")
 
 
 @pytest.fixture

@@ -39,8 +39,10 @@ class Stack(BenchStack):
     """hq-bench's stack (``hq-server`` on a temporary SQLite file) with the tests' settings:
     quick heartbeats, so a lost worker is noticed in 0.6 s."""
 
-    def __init__(self, tmp_path, workers: int = 2, bind: str = "tcp://127.0.0.1:*", args=(), env=None):
-        super().__init__(tmp_path, workers, bind, ["--heartbeat-interval", "0.2", *args], env)
+    def __init__(
+        self, tmp_path, workers: int = 2, bind: str = "tcp://127.0.0.1:*", args=(), env=None, db=None
+    ):
+        super().__init__(tmp_path, workers, bind, ["--heartbeat-interval", "0.2", *args], env, db=db)
         self.tmp_path = tmp_path
 
 
@@ -102,6 +104,73 @@ def bitbake_missing(message: str) -> None:
     if os.environ.get("HQ_REQUIRE_BITBAKE"):
         pytest.fail(message + " (HQ_REQUIRE_BITBAKE is set)")
     pytest.skip(message)
+
+
+#: Where the tests look for PostgreSQL when HQ_POSTGRESQL does not say: its usual place.
+POSTGRESQL_DEFAULT = "postgresql://127.0.0.1:5432/postgres"
+
+
+def find_postgresql() -> str | None:
+    """A URL of a PostgreSQL database whose user may create databases: ``$HQ_POSTGRESQL``,
+    else the usual place (127.0.0.1:5432, as the OS user) if a server answers there; None
+    when none does (or psycopg is missing)."""
+    url = os.environ.get("HQ_POSTGRESQL") or POSTGRESQL_DEFAULT
+    try:
+        import psycopg
+
+        psycopg.connect(url, connect_timeout=3).close()
+    except Exception:
+        return None
+    return url
+
+
+def postgresql_missing(message: str) -> None:
+    """Skip, saying ``message``; fail instead under HQ_REQUIRE_POSTGRESQL (.ci/run sets it
+    where a server answers, so the PostgreSQL tests never pass there by skipping)."""
+    import pytest
+
+    if os.environ.get("HQ_REQUIRE_POSTGRESQL"):
+        pytest.fail(message + " (HQ_REQUIRE_POSTGRESQL is set)")
+    pytest.skip(message)
+
+
+class PostgresqlServer:
+    """One database of the tests' own on a real PostgreSQL server, made at the start of the
+    session and dropped at its end; each test gets a fresh schema in it (:meth:`new_url`)."""
+
+    def __init__(self, admin_url: str):
+        import psycopg
+
+        self.admin_url = admin_url
+        self.name = f"hq_test_{os.getpid()}_{random.getrandbits(24):06x}"
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {self.name}")
+        base = admin_url.split("?", 1)[0].rsplit("/", 1)[0]
+        self.url = f"{base}/{self.name}"
+        self._schemas = 0
+
+    def sql(self, statement: str) -> None:
+        import psycopg
+
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            conn.execute(statement)
+
+    def new_url(self) -> str:
+        """A URL whose connections use a new, empty schema (their search_path)."""
+        self._schemas += 1
+        schema = f"t{self._schemas}"
+        self.sql(f"CREATE SCHEMA {schema}")
+        return f"{self.url}?options=-csearch_path%3D{schema}"
+
+    def drop_schema(self, url: str) -> None:
+        schema = url.rsplit("%3D", 1)[1]
+        self.sql(f"DROP SCHEMA {schema} CASCADE")
+
+    def close(self) -> None:
+        import psycopg
+
+        with psycopg.connect(self.admin_url, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {self.name} WITH (FORCE)")
 
 
 def seed_known(address: str, n: int, seed: int, method: str = "TestMethod") -> dict:

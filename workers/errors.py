@@ -1,8 +1,9 @@
-"""SQLite's failures, told apart in one place.
+"""The database's failures, told apart in one place.
 
 sqlite3 raises ``OperationalError`` for most of them, and peewee re-raises its own class over
 it; Python 3.11+ carries SQLite's result code (``sqlite_errorcode``), older Pythons only the
-message text. :func:`kind` uses the code where there is one and the text otherwise."""
+message text. psycopg (PostgreSQL) carries the SQLSTATE (``sqlstate``). :func:`kind` uses a
+code where there is one and the text otherwise."""
 
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ NOT_A_DATABASE = "not-a-database"  # the file is not SQLite (SQLITE_NOTADB)
 OTHER = "other"
 
 _CODES = {5: BUSY, 6: BUSY, 8: READ_ONLY, 13: FULL, 14: CANNOT_OPEN, 26: NOT_A_DATABASE}
+#: PostgreSQL: lock_timeout, a deadlock, a serialization failure are BUSY (retry); a full
+#: disk, a read-only server (a standby, default_transaction_read_only) are STORAGE.
+_SQLSTATES = {"55P03": BUSY, "40P01": BUSY, "40001": BUSY, "53100": FULL, "25006": READ_ONLY}
 _TEXTS = (
     (("locked", "busy"), BUSY),
     (("readonly", "read-only"), READ_ONLY),
@@ -30,6 +34,9 @@ def kind(exc: BaseException) -> str:
         code = getattr(candidate, "sqlite_errorcode", None)
         if isinstance(code, int) and code & 0xFF in _CODES:
             return _CODES[code & 0xFF]
+        state = getattr(candidate, "sqlstate", None)
+        if state in _SQLSTATES:
+            return _SQLSTATES[state]
     text = str(exc).lower()
     for needles, name in _TEXTS:
         if any(n in text for n in needles):

@@ -7,7 +7,7 @@ interned, hashes as keys, unihashes as 32-byte blobs, ``created`` as microsecond
 the epoch) and inserted in ONE write transaction together with the checkpoint
 ``import:<table>:<source>`` = the chunk's last source id, in hq's ``config`` table. So an
 import that is interrupted resumes exactly after the last committed chunk, and running a
-chunk twice (a re-dispatch, a resend) changes nothing: mappings are ``INSERT OR IGNORE``
+chunk twice (a re-dispatch, a resend) changes nothing: mappings are ``ON CONFLICT DO NOTHING``
 (first mapping wins), an outhash row already present is skipped.
 
 Rows hq cannot hold (a unihash that is not 64 lower-case hex, a hash hq's protocol cannot
@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 from hq import protocol as p
 
-from .schema import to_key
+from .schema import from_key, to_key
 from .store import GC_MARK_KEY, Store, current_gc_mark
 from .timestamps import parse_created
 
@@ -240,28 +240,23 @@ class Importer:
         """Insert a parsed :class:`Chunk`'s rows and its checkpoint in one transaction;
         return ``{"imported", "skipped", "invalid"}``, which add up to the chunk's rows."""
         with self.store.write_transaction():
-            conn = self.store.db.connection()
-            imported = _WRITERS[table](self, conn, rows, source)
-            conn.execute(
-                "INSERT OR REPLACE INTO config (name, value) VALUES (?, ?)",
-                (checkpoint_name(table, source), str(last_id)),
-            )
+            imported = _WRITERS[table](self, rows, source)
+            self._set_config(checkpoint_name(table, source), str(last_id))
         return {"imported": imported, "skipped": len(rows) - imported, "invalid": invalid}
 
     def backfill(self, mappings: list, outhashes: list) -> list:
         """Store what an upstream answered, first mapping wins, in one transaction; the
         reply frame is the number of mappings stored."""
         with self.store.write_transaction():
-            conn = self.store.db.connection()
-            stored = self._write_mappings(conn, mappings, "") if mappings else 0
+            stored = self._write_mappings(mappings, "") if mappings else 0
             if outhashes:
-                self._write_outhashes(conn, outhashes, "")
+                self._write_outhashes(outhashes, "")
         return [b"%d" % stored]
 
     def status(self, source: str) -> dict:
         """``{table: last source id imported}``, 0 for a table not imported from ``source``."""
         names = {checkpoint_name(t, source): t for t in p.IMPORT_TABLES}
-        cursor = self.store.db.execute_sql(
+        cursor = self.store._sql(
             "SELECT name, value FROM config WHERE name IN (%s)" % ",".join("?" * len(names)), list(names)
         )
         out = dict.fromkeys(p.IMPORT_TABLES, 0)
@@ -275,42 +270,61 @@ class Importer:
     def _method_ids(self, rows: list) -> dict:
         return {m: self.store.method_id(m, create=True) for m in {row[0] for row in rows}}
 
-    def _write_mappings(self, conn, rows: list, source: str) -> int:
+    def _sql(self, sql: str, params=()):
+        return self.store._sql(sql, params)
+
+    def _set_config(self, name: str, value: str) -> None:
+        self._sql(
+            "INSERT INTO config (name, value) VALUES (?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+            (name, value),
+        )
+
+    def _adopted(self, rows: list, hashes: int) -> list:
+        """Rows whose first ``hashes`` columns after the method are keys, as this engine
+        stores them; their (method, taskhash) pairs locked against concurrent reports."""
+        adopt = self.store.adopt_key
+        if adopt is not Store.adopt_key:
+            rows = [(m, *(adopt(k) for k in row[:hashes]), *row[hashes:]) for m, *row in rows]
+        self.store.lock_hashes([(row[0], from_key(row[1])) for row in rows])
+        return rows
+
+    def _write_mappings(self, rows: list, source: str) -> int:
         """First mapping wins. While hq has a current gc mark an imported mapping gets it,
         as a mapping reported now would (so the next sweep keeps it); without one, or when
         the current mark is the one taken from this same source (a gc cycle in progress
         there), it keeps the source's mark, so the cycle goes on as it would have there."""
-        mark = current_gc_mark(conn.execute)
-        if mark and conn.execute("SELECT 1 FROM config WHERE name = ?", (_mark_from(source),)).fetchone():
+        mark = current_gc_mark(self._sql)
+        if mark and self._sql("SELECT 1 FROM config WHERE name = ?", (_mark_from(source),)).fetchone():
             mark = ""
+        rows = self._adopted(rows, 1)
         ids = self._method_ids(rows)
-        cursor = conn.executemany(
-            "INSERT OR IGNORE INTO unihashes (method, taskhash, unihash, gc_mark) VALUES (?, ?, ?, ?)",
+        return self.store.executemany(
+            "INSERT INTO unihashes (method, taskhash, unihash, gc_mark) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT DO NOTHING",
             [(ids[m], t, u, mark or g) for m, t, u, g in rows],
         )
-        return cursor.rowcount
 
-    def _write_outhashes(self, conn, rows: list, source: str) -> int:
+    def _write_outhashes(self, rows: list, source: str) -> int:
         """The row unless (method, taskhash, outhash) is present: the statement of report."""
+        rows = self._adopted(rows, 2)
         ids = self._method_ids(rows)
-        cursor = conn.executemany(
+        return self.store.executemany(
             "INSERT INTO outhashes (method, taskhash, outhash, created, owner, PN, PV, PR, task, "
             "outhash_siginfo) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM "
             "outhashes WHERE method = ? AND substr(taskhash, 1, 8) = substr(?, 1, 8) "
             "AND taskhash = ? AND outhash = ?)",
             [(ids[m], t, o, *rest, ids[m], t, t, o) for m, t, o, *rest in rows],
         )
-        return cursor.rowcount
 
-    def _write_users(self, conn, rows: list, source: str) -> int:
+    def _write_users(self, rows: list, source: str) -> int:
         """Users as they are (the token column holds BitBake's salted token hash); a user
         name hq already has is kept."""
-        cursor = conn.executemany(
-            "INSERT OR IGNORE INTO users (username, token, permissions) VALUES (?, ?, ?)", rows
+        return self.store.executemany(
+            "INSERT INTO users (username, token, permissions) VALUES (?, ?, ?) ON CONFLICT DO NOTHING", rows
         )
-        return cursor.rowcount
 
-    def _write_config(self, conn, rows: list, source: str) -> int:
+    def _write_config(self, rows: list, source: str) -> int:
         """Only ``gc-mark``, and only into an hq with no mark and no mappings yet: a mark
         taken over in the middle of hq's own data would make hq's unmarked mappings
         candidates for the next sweep."""
@@ -318,12 +332,10 @@ class Importer:
         for name, value in rows:
             if name not in IMPORTED_CONFIG or not value:
                 continue
-            if current_gc_mark(conn.execute) or conn.execute("SELECT 1 FROM unihashes LIMIT 1").fetchone():
+            if current_gc_mark(self._sql) or self._sql("SELECT 1 FROM unihashes LIMIT 1").fetchone():
                 continue
-            conn.execute("INSERT OR REPLACE INTO config (name, value) VALUES (?, ?)", (name, value))
-            conn.execute(
-                "INSERT OR REPLACE INTO config (name, value) VALUES (?, ?)", (_mark_from(source), value)
-            )
+            self._set_config(name, value)
+            self._set_config(_mark_from(source), value)
             imported += 1
         return imported
 

@@ -14,7 +14,7 @@ import time
 
 import zmq
 
-from hq import config, curve, failpoints, logs, options, proctitle
+from hq import config, curve, databases, failpoints, logs, options, proctitle
 from hq import protocol as p
 from hq.notify import notify
 from hq.signals import StopFlag
@@ -23,7 +23,7 @@ from hq.sockets import readable, recv_frames, send_frames
 from .handlers import Handlers
 from .schema import open_database, settings_in_force
 from .stats import WorkerStats
-from .store import Store
+from .store import store_for
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ def main(argv=None) -> int:
     )
     name = opts.name or f"hq-worker-{os.getpid()}"
     logs.setup(name if opts.name else "hq-worker", opts.log_level)
-    proctitle.set_title(name, opts.db)
+    proctitle.set_title(name, databases.redacted(opts.db))
     stop = StopFlag().install()
     if failpoints.ACTIVE:
         log.warning("failpoints active (HQ_FAILPOINTS): %s", ", ".join(failpoints.ACTIVE))
@@ -173,6 +173,7 @@ def main(argv=None) -> int:
             busy_timeout_ms=opts.busy_timeout_ms,
             cache_size_kib=opts.cache_size_kib,
             mmap_size=opts.mmap_size,
+            lock_wait_s=opts.lock_wait_s,
         )
 
     keys = None
@@ -187,10 +188,10 @@ def main(argv=None) -> int:
     try:
         db = open_db()
     except Exception as exc:  # bad path, not a database, permissions: a configuration error
-        log.error("cannot open database %r: %s", opts.db, exc)
+        log.error("cannot open database %r: %s", databases.redacted(opts.db), exc)
         return 2
     info = {"name": name, "pid": os.getpid(), "settings": settings_in_force(db)}
-    store = Store(db, lock_wait_s=opts.lock_wait_s)
+    store = store_for(db, lock_wait_s=opts.lock_wait_s)
     store.reopen = open_db
     stats = WorkerStats(store, rows_interval_s=opts.stats_rows_interval_s)
     loop = WorkerLoop(
@@ -199,7 +200,7 @@ def main(argv=None) -> int:
     loop.curve = keys
     store.on_wait = loop.heartbeat_if_due
     loop.serve(stop)
-    db.close()
+    store.db.close()
     loop.ctx.term()
     return 0
 

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 
 from hq import protocol as p
 
-from .schema import OUTHASH_COLUMNS, TABLE_NAMES, UNIHASH_COLUMNS, to_key
+from .schema import OUTHASH_COLUMNS, TABLE_NAMES, UNIHASH_COLUMNS
 from .store import GC_MARK_KEY, Store, _padded, _placeholders, current_gc_mark
 from .timestamps import now_us, parse_created
 
@@ -157,7 +157,7 @@ class Maintenance:
             try:
                 yield
             finally:
-                if self.store.db.connection().in_transaction:
+                if self.store.in_transaction():
                     self._sql("ROLLBACK")
 
     def current_mark(self):
@@ -179,7 +179,7 @@ class Maintenance:
                     return NEVER
                 parts.append("method = ?")
             elif column in ("taskhash", "outhash"):
-                value = to_key(value)
+                value = self.store.key(value)
                 parts.append(f"substr({column}, 1, 8) = substr(?, 1, 8) AND {column} = ?")
                 params.append(value)  # the prefix lets SQLite use the 8-byte prefix indexes
             elif column == "unihash":

@@ -33,6 +33,8 @@ from peewee import (
     BlobField,
     CompositeKey,
     DatabaseError,
+    DatabaseProxy,
+    Field,
     IntegerField,
     Model,
     SqliteDatabase,
@@ -40,6 +42,7 @@ from peewee import (
 )
 from playhouse.migrate import SchemaMigrator
 
+from hq import databases
 from hq import protocol as p
 from hq.options import SYNCHRONOUS_MODES
 
@@ -61,8 +64,18 @@ VERSION_ROW = "schema-version"
 #: is fixed: it does not follow SCHEMA_VERSION.
 HQ_APPLICATION_ID = 0x68710001
 
-#: Deferred: each worker process calls :func:`open_database` itself (never across fork).
-database = SqliteDatabase(None)
+
+class HashKeyField(Field):
+    """A hash as stored (see :func:`to_key`). The column type is the engine's: BLOB on SQLite
+    (raw bytes or text); on PostgreSQL, TEXT compared byte by byte (the string itself)."""
+
+    field_type = "HASHKEY"
+
+
+#: Deferred: each worker process calls :func:`open_database` itself (never across fork),
+#: which points the proxy at this SQLite database or at :mod:`.postgresql`'s.
+database = DatabaseProxy()
+sqlite_database = SqliteDatabase(None, field_types={"HASHKEY": "BLOB"})
 
 
 class BaseModel(Model):
@@ -82,7 +95,7 @@ class UnihashMapping(BaseModel):
     """(method, taskhash) -> unihash. The first mapping wins and never changes."""
 
     method = IntegerField()
-    taskhash = BlobField()  # hash key, see to_key
+    taskhash = HashKeyField()  # hash key, see to_key
     unihash = BlobField()  # always 32 bytes: unihashes are validated 64-char hex
     gc_mark = TextField(default="")
 
@@ -102,8 +115,8 @@ class OuthashReport(BaseModel):
 
     id = AutoField()
     method = IntegerField()
-    taskhash = BlobField()
-    outhash = BlobField()
+    taskhash = HashKeyField()
+    outhash = HashKeyField()
     created = BigIntegerField()  # microseconds since the epoch, UTC
     owner = TextField(null=True)
     PN = TextField(null=True, column_name="PN")
@@ -200,20 +213,27 @@ def open_database(
     cache_size_kib: int = 16384,
     mmap_size: int = 0,
     startup_timeout_s: float = 30.0,
-) -> SqliteDatabase:
+    lock_wait_s: float = 5.0,
+):
     """Open (creating if needed) the database in this process and return it.
 
-    What the file holds decides what happens (:func:`_schema_of`): a fresh file gets the
-    schema; a file at an older schema version is migrated (:data:`MIGRATIONS`); one at
-    this version is opened as it is; a newer one, or a file that is not hq's, is refused
-    with ValueError and nothing is written into it.
+    ``path`` is an SQLite file, or a ``postgresql://`` URL (:mod:`.postgresql`, which takes
+    only ``startup_timeout_s`` and ``lock_wait_s`` of these settings). What the database holds decides what
+    happens (:func:`_schema_of`): an empty one gets the schema; one at an older schema
+    version is migrated (:data:`MIGRATIONS`); one at this version is opened as it is; a
+    newer one, or one that is not hq's, is refused with ValueError and nothing is written
+    into it.
 
-    Creating and migrating take one ``BEGIN IMMEDIATE`` transaction. Several workers may
-    start at once on one file (supervisord starts a pool together): lock contention while
-    switching to WAL or setting up the schema is retried until ``startup_timeout_s``, so a
-    worker does not die (and supervisord does not mark it FATAL) because a sibling held the
-    lock. That is normal, so it is logged at DEBUG.
+    Creating and migrating take one write transaction (on SQLite ``BEGIN IMMEDIATE``).
+    Several workers may start at once on one file (supervisord starts a pool together):
+    lock contention while switching to WAL or setting up the schema is retried until
+    ``startup_timeout_s``, so a worker does not die (and supervisord does not mark it
+    FATAL) because a sibling held the lock. That is normal, so it is logged at DEBUG.
     """
+    if databases.is_postgresql(path):
+        from . import postgresql  # psycopg is needed only here: the [postgresql] extra
+
+        return postgresql.open_database(path, startup_timeout_s, lock_wait_s)
     if sqlite3.sqlite_version_info < (3, 35, 0):
         raise RuntimeError(
             f"hq needs SQLite 3.35 or newer (RETURNING); this Python has {sqlite3.sqlite_version}"
@@ -221,19 +241,20 @@ def open_database(
     if synchronous not in SYNCHRONOUS_MODES:
         raise ValueError(f"synchronous must be one of {', '.join(SYNCHRONOUS_MODES)}")
     check_path(path)
-    database.init(
+    sqlite_database.init(
         path,
         pragmas=pragmas(synchronous, busy_timeout_ms, cache_size_kib, mmap_size),
         timeout=busy_timeout_ms / 1000.0,
         check_same_thread=False,
     )
+    database.initialize(sqlite_database)
     try:
         _open_until(path, time.monotonic() + startup_timeout_s)
     except BaseException:
         if not database.is_closed():  # a refused file is not left open (nor its WAL behind)
             database.close()
         raise
-    return database
+    return sqlite_database
 
 
 def _open_until(path: str, deadline: float) -> None:
@@ -241,7 +262,7 @@ def _open_until(path: str, deadline: float) -> None:
     while True:
         try:
             database.connect(reuse_if_open=True)
-            _bring_up_to_date(path)
+            bring_up_to_date(path, SQLITE)
             return
         except DatabaseError as exc:  # OperationalError included
             kind = errors.kind(exc)
@@ -259,16 +280,55 @@ def _open_until(path: str, deadline: float) -> None:
             time.sleep(0.05)
 
 
-def _bring_up_to_date(path: str) -> None:
-    """Create or migrate the schema as the file needs; refuse a file that is not hq's.
+class Engine:
+    """What opening a database needs from its engine; SQLite's here, PostgreSQL's in
+    :mod:`.postgresql`."""
 
-    The first look is a read, so workers opening a ready file never queue for the write
-    lock. A file that needs work is looked at again once the lock is held: a sibling may
-    have done the work while this worker waited, and must not be redone (each migration
-    step runs, and is logged, exactly once).
+    def look(self) -> FileContents:
+        """Read (never write) what decides how to open the database."""
+        raise NotImplementedError
+
+    def prepare(self) -> None:
+        """Settings the database keeps, made once it is known to be hq's (or empty)."""
+
+    def setup_transaction(self):
+        """The transaction that creates or migrates the schema, one process at a time."""
+        raise NotImplementedError
+
+    def create_tables(self) -> None:
+        database.create_tables(MODELS, safe=True)
+
+    def mark_as_hq(self) -> None:
+        """Mark the database as hq's where the engine has a place for it."""
+
+
+class SqliteEngine(Engine):
+    def look(self) -> FileContents:
+        return _look_at_file()
+
+    def prepare(self) -> None:
+        database.execute_sql("PRAGMA journal_mode = wal")  # stays set in the file
+
+    def setup_transaction(self):
+        return database.atomic("IMMEDIATE")
+
+    def mark_as_hq(self) -> None:
+        _mark_as_hq()
+
+
+SQLITE = SqliteEngine()
+
+
+def bring_up_to_date(path: str, engine: Engine) -> None:
+    """Create or migrate the schema as the database needs; refuse one that is not hq's.
+
+    The first look is a read, so workers opening a ready database never queue for the
+    write lock. A database that needs work is looked at again once the lock is held: a
+    sibling may have done the work while this worker waited, and must not be redone (each
+    migration step runs, and is logged, exactly once).
     """
-    version = _schema_of(_look_at_file())  # refuses before anything is written
-    database.execute_sql("PRAGMA journal_mode = wal")  # stays set in the file
+    version = _schema_of(engine.look())  # refuses before anything is written
+    engine.prepare()
     if version == SCHEMA_VERSION:
         return
     log.debug(
@@ -277,12 +337,12 @@ def _bring_up_to_date(path: str) -> None:
         version or "none",
         SCHEMA_VERSION,
     )
-    with database.atomic("IMMEDIATE"):
-        version = _schema_of(_look_at_file())
+    with engine.setup_transaction():
+        version = _schema_of(engine.look())
         if version == SCHEMA_VERSION:
             log.debug("database %s was brought to schema %s by another process meanwhile", path, version)
             return
-        migrated = _create_schema() if version == 0 else _migrate(version)
+        migrated = _create_schema(engine) if version == 0 else _migrate(version, engine)
     for old in migrated:  # once committed
         log.info("migrated database %s from schema %s to %s", path, old, old + 1)
 
@@ -369,38 +429,39 @@ def _not_hq_reason(tables: tuple) -> str:
 # --- creating and migrating, inside the caller's BEGIN IMMEDIATE transaction --------------
 
 
-def _create_schema() -> list:
-    """A fresh file gets the current schema at once: there is nothing to migrate."""
-    database.create_tables(MODELS, safe=True)
+def _create_schema(engine: Engine) -> list:
+    """A fresh database gets the current schema at once: there is nothing to migrate."""
+    engine.create_tables()
     Config.insert(name=VERSION_ROW, value=str(SCHEMA_VERSION)).execute()
-    _mark_as_hq()
+    engine.mark_as_hq()
     return []
 
 
-def _migrate(version: int) -> list:
+def _migrate(version: int, engine: Engine) -> list:
     """Step the file from ``version`` up to SCHEMA_VERSION; the versions it stepped from."""
     migrator = SchemaMigrator.from_database(database)
     stepped = []
     for old in range(version, SCHEMA_VERSION):
-        MIGRATIONS[old](migrator)
+        MIGRATIONS[old](migrator, engine)
         stepped.append(old)
     Config.update(value=str(SCHEMA_VERSION)).where(Config.name == VERSION_ROW).execute()
     return stepped
 
 
-def _migrate_1_to_2(migrator: SchemaMigrator) -> None:
+def _migrate_1_to_2(migrator: SchemaMigrator, engine: Engine) -> None:
     """Schema 2: the file carries hq's application_id. No table changes."""
-    _mark_as_hq()
+    engine.mark_as_hq()
 
 
 #: version -> the step that takes a file at that version to the next one. Each step gets a
-#: playhouse.migrate migrator for table changes (``migrate(migrator.add_column(...))``), runs
+#: playhouse.migrate migrator for table changes (``migrate(migrator.add_column(...))``) and
+#: the engine (for what only one engine has), runs
 #: inside the caller's transaction and never commits; the caller writes the new version.
 MIGRATIONS = {1: _migrate_1_to_2}
 
 
 # --- SQLite only: application_id is a field of SQLite's file header. PostgreSQL has no such
-# thing: there the first would return 0 and the second do nothing, and the version row decides.
+# thing: there the version row decides.
 
 
 def _application_id() -> int:
@@ -411,9 +472,13 @@ def _mark_as_hq() -> None:
     database.execute_sql(f"PRAGMA application_id = {HQ_APPLICATION_ID}")  # transactional, like a row
 
 
-def settings_in_force(db: SqliteDatabase) -> dict:
-    """The SQLite settings this connection really has (guards against silent regressions)."""
-    out = {}
+def settings_in_force(db) -> dict:
+    """The settings this connection really has (guards against silent regressions)."""
+    if not isinstance(db, SqliteDatabase):
+        from . import postgresql
+
+        return postgresql.settings_in_force(db)
+    out = {"engine": "sqlite"}
     for name in ("journal_mode", "synchronous", "busy_timeout", "cache_size", "mmap_size"):
         out[name] = db.execute_sql(f"PRAGMA {name}").fetchone()[0]
     out["synchronous"] = (

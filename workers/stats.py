@@ -16,14 +16,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import pathlib
-import sqlite3
 import time
 
 from hq import protocol as p
 
-from .schema import TABLE_NAMES, settings_in_force
+from .schema import settings_in_force
 
 #: A build's traffic. Row counts wait until a worker has had none of it for a while; the
 #: statistics and admin reads (ping, db-usage, gc-status, ...) do not count as traffic, or
@@ -128,35 +125,17 @@ class WorkerStats:
         return out
 
     def db_facts(self) -> dict:
-        db = self.store.db
-        path = db.database
-        facts = {"path": path, "file_bytes": _size(path), "wal_bytes": _size(path + "-wal")}
+        facts, version = self.store.facts()
         facts["id"] = self.store.identity()
-        for pragma in ("page_size", "page_count", "freelist_count"):
-            facts[pragma] = db.execute_sql(f"PRAGMA {pragma}").fetchone()[0]
         now = self.clock()
-        version = (db.execute_sql("PRAGMA data_version").fetchone()[0], db.connection().total_changes)
         if self.row_counts.due(now, version):
             started = now
-            self._rows = self._count_rows(path)
+            self._rows = self.store.count_rows()
             now = self.clock()
             self.row_counts.counted(now, version, now - started)
         facts["rows"] = self._rows
         facts["rows_age_s"] = self.row_counts.age_s(now)
         return facts
-
-    def _count_rows(self, path: str) -> dict:
-        """Rows per table, counted on a short-lived read-only connection with a small page
-        cache: the scan neither evicts the lookups' hot pages from the worker's cache nor
-        grows the worker's memory (measured: +16 MiB RSS when counted on the main
-        connection). The worker heartbeats during the scan (35 ms per million rows)."""
-        conn = sqlite3.connect(pathlib.Path(path).resolve().as_uri() + "?mode=ro", uri=True, timeout=1.0)
-        try:
-            conn.execute("PRAGMA cache_size = -256")
-            with self.store.heartbeating(conn):
-                return {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in TABLE_NAMES}
-        finally:
-            conn.close()
 
     def snapshot(self) -> dict:
         return {
@@ -165,10 +144,3 @@ class WorkerStats:
             "settings": settings_in_force(self.store.db),
             "db": self.db_facts(),
         }
-
-
-def _size(path: str):
-    try:
-        return os.stat(path).st_size
-    except OSError:
-        return None

@@ -112,7 +112,7 @@ class Users:
     def new(self, username: str, permissions: list) -> dict:
         token = perms.new_token()
         inserted = self._write(
-            "INSERT OR IGNORE INTO users (username, token, permissions) VALUES (?, ?, ?)",
+            "INSERT INTO users (username, token, permissions) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
             (username, perms.hash_token(token), perms.to_column(permissions)),
         )
         if not inserted:
@@ -143,7 +143,7 @@ class Users:
         given password (as the reference does at every start)."""
         with self.store.write_transaction():
             created = self.store._sql(
-                "INSERT OR IGNORE INTO users (username, token, permissions) VALUES (?, ?, ?)",
+                "INSERT INTO users (username, token, permissions) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
                 (username, token_hash, perms.ALL),
             ).rowcount
             if not created:

@@ -1,5 +1,7 @@
 """A worker REQUEST's jobs run together: one query per method, one transaction for reports."""
 
+import pytest
+
 from helpers import Statements
 from hq import protocol as p
 
@@ -12,6 +14,7 @@ def report_body(taskhash, outhash, unihash):
     return [M, taskhash.encode(), outhash.encode(), unihash.encode()]
 
 
+@pytest.mark.sqlite_only
 def test_reports_of_one_request_share_one_transaction(handlers):
     jobs = [
         (b"1", report_body("1" * 64, "a" * 64, U1)),
@@ -29,6 +32,7 @@ def test_reports_of_one_request_share_one_transaction(handlers):
     assert sum(s.startswith("COMMIT") for s in sql) == 1
 
 
+@pytest.mark.sqlite_only
 def test_lookups_of_one_request_are_one_query_per_method(handlers):
     handlers.store.report_equiv("TestMethod", "1" * 64, U1)
     handlers.store.report_equiv("Other", "2" * 64, U2)
@@ -50,6 +54,7 @@ def test_lookups_of_one_request_are_one_query_per_method(handlers):
     assert len([s for s in sql if s.startswith("SELECT")]) == 2
 
 
+@pytest.mark.sqlite_only
 def test_exists_jobs_share_one_query(handlers):
     handlers.store.report_equiv("TestMethod", "1" * 64, U1)
     jobs = [(b"a", [U1.encode()]), (b"b", [(U2 + "\n" + U1).encode()]), (b"c", [b"zz"])]
@@ -59,6 +64,7 @@ def test_exists_jobs_share_one_query(handlers):
     assert len(sql) == 1
 
 
+@pytest.mark.sqlite_only
 def test_a_refused_write_fails_every_report_of_the_request(handlers):
     handlers.store.db.execute_sql("PRAGMA query_only = 1")  # SQLite refuses every write
     try:
@@ -76,6 +82,7 @@ def test_a_refused_write_fails_every_report_of_the_request(handlers):
     assert results == [(b"1", p.OK, [U1.encode()])]
 
 
+@pytest.mark.sqlite_only
 def test_a_new_method_rolled_back_is_not_cached(handlers):
     store = handlers.store
     store.db.execute_sql("PRAGMA query_only = 1")

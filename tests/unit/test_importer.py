@@ -67,10 +67,10 @@ def test_rows_are_stored_as_a_report_would_store_them(handlers):
         "unihash": U1,
         "gc_mark": "",
     }
-    # Hex hashes are stored as binary keys, the unihash as 32 bytes, the method interned.
-    raw = store.db.execute_sql("SELECT method, taskhash, unihash FROM unihashes").fetchone()
-    assert raw[1] == bytes.fromhex(T1) and raw[2] == bytes.fromhex(U1)
-    assert store.db.execute_sql("SELECT name FROM methods WHERE id = ?", (raw[0],)).fetchone() == (M,)
+    # Hex hashes are stored as the engine's keys, the unihash as 32 bytes, the method interned.
+    raw = store._sql("SELECT method, taskhash, unihash FROM unihashes").fetchone()
+    assert raw[1] == store.key(T1) and raw[2] == bytes.fromhex(U1)
+    assert store._sql("SELECT name FROM methods WHERE id = ?", (raw[0],)).fetchone() == (M,)
     # The imported outhash row takes part in equivalence: a new taskhash with this outhash
     # gets the imported unihash.
     assert store.report(M, "9" * 64, O1, U2) == U1
@@ -142,7 +142,7 @@ def test_a_mapping_hq_cannot_hold_is_skipped_and_counted(handlers, row):
 )
 def test_an_outhash_row_hq_cannot_hold_is_skipped_and_counted(handlers, row):
     assert run_import(handlers, "outhashes_v2", [row]) == {"imported": 0, "skipped": 0, "invalid": 1}
-    assert handlers.store.db.execute_sql("SELECT count(*) FROM outhashes").fetchone() == (0,)
+    assert handlers.store._sql("SELECT count(*) FROM outhashes").fetchone() == (0,)
 
 
 def test_non_text_extras_are_stored_as_text_like_report(handlers):
@@ -166,9 +166,10 @@ def test_an_existing_hq_mapping_wins_and_the_row_counts_as_skipped(handlers):
         handlers, "outhashes_v2", [outhash(T1, O1), outhash(T1, "ab" * 32), outhash(T1, "ab" * 32)]
     )
     assert reply == {"imported": 1, "skipped": 2, "invalid": 0}
-    assert store.db.execute_sql("SELECT count(*) FROM outhashes").fetchone() == (2,)
+    assert store._sql("SELECT count(*) FROM outhashes").fetchone() == (2,)
 
 
+@pytest.mark.sqlite_only
 def test_running_a_chunk_twice_changes_nothing(handlers, tmp_path):
     rows = [mapping("%040x" % i, "%064x" % (i % 7 + 1)) for i in range(50)]
     assert run_import(handlers, "unihashes_v3", rows, last_id=50)["imported"] == 50
@@ -183,9 +184,9 @@ def test_running_a_chunk_twice_changes_nothing(handlers, tmp_path):
 
 def test_imported_mappings_take_hqs_current_gc_mark(handlers):
     run_import(handlers, "unihashes_v3", [mapping(T1, U1, gc_mark="old")])
-    handlers.store.db.execute_sql("INSERT INTO config (name, value) VALUES ('gc-mark', 'hq-mark')")
+    handlers.store._sql("INSERT INTO config (name, value) VALUES ('gc-mark', 'hq-mark')")
     run_import(handlers, "unihashes_v3", [mapping(T2, U2, gc_mark="old")])
-    marks = dict(handlers.store.db.execute_sql("SELECT unihash, gc_mark FROM unihashes").fetchall())
+    marks = dict(handlers.store._sql("SELECT unihash, gc_mark FROM unihashes").fetchall())
     # Without a current mark the source's is kept; with one, a new mapping gets it (as a
     # report would), so the next sweep keeps what was just imported.
     assert marks == {bytes.fromhex(U1): "old", bytes.fromhex(U2): "hq-mark"}
@@ -226,9 +227,7 @@ def test_a_gc_cycle_in_progress_at_the_source_goes_on_in_hq(handlers):
 
 def config_rows(handlers):
     return dict(
-        handlers.store.db.execute_sql(
-            "SELECT name, value FROM config WHERE name NOT LIKE 'import:%'"
-        ).fetchall()
+        handlers.store._sql("SELECT name, value FROM config WHERE name NOT LIKE 'import:%'").fetchall()
     )
 
 
@@ -247,7 +246,7 @@ def test_config_takes_only_the_gc_mark_and_never_hqs_own_rows(handlers):
 @pytest.mark.parametrize("setup", ["hq has a mark", "hq has mappings"])
 def test_config_gc_mark_is_not_taken_into_an_hq_with_gc_state(handlers, setup):
     if setup == "hq has a mark":
-        handlers.store.db.execute_sql("INSERT INTO config (name, value) VALUES ('gc-mark', 'mine')")
+        handlers.store._sql("INSERT INTO config (name, value) VALUES ('gc-mark', 'mine')")
     else:
         handlers.store.report_equiv(M, T1, U1)
     reply = run_import(handlers, "config", [{"id": 1, "name": "gc-mark", "value": "ABC"}])
@@ -270,11 +269,10 @@ def test_import_status_reports_each_tables_checkpoint_per_source(handlers):
     assert status_of(handlers) == {"users": 0, "config": 0, "unihashes_v3": 41, "outhashes_v2": 0}
     assert status_of(handlers, "/other/file.db")["outhashes_v2"] == 7
     name = imp.checkpoint_name("unihashes_v3", "src")
-    assert handlers.store.db.execute_sql("SELECT value FROM config WHERE name = ?", (name,)).fetchone() == (
-        "41",
-    )
+    assert handlers.store._sql("SELECT value FROM config WHERE name = ?", (name,)).fetchone() == ("41",)
 
 
+@pytest.mark.sqlite_only
 @pytest.mark.parametrize("failing", ["config", "unihashes"])
 def test_the_checkpoint_commits_with_the_rows_or_neither_does(handlers, failing):
     """A real SQLite failure part-way through the transaction (a trigger aborting the
@@ -293,6 +291,7 @@ def test_the_checkpoint_commits_with_the_rows_or_neither_does(handlers, failing)
     assert status_of(handlers)["unihashes_v3"] == 20
 
 
+@pytest.mark.sqlite_only
 def test_a_chunk_is_one_write_transaction(handlers):
     sql = []
     handlers.store.db.connection().set_trace_callback(sql.append)
@@ -306,6 +305,7 @@ def test_a_chunk_is_one_write_transaction(handlers):
     assert any("import:outhashes_v2:src" in s for s in writes)
 
 
+@pytest.mark.sqlite_only
 def test_a_database_file_moved_away_refuses_the_import_with_storage(handlers, tmp_path):
     path = tmp_path / "hq.db"
     path.rename(tmp_path / "away.db")
@@ -357,6 +357,7 @@ def test_import_status_checks_its_source(handlers):
 # --- a whole file, chunk by chunk, as hq-admin sends it ---------------------------------------
 
 
+@pytest.mark.sqlite_only
 def test_a_whole_hashserv_file_imports_to_the_same_equivalences(handlers, tmp_path):
     source = tmp_path / "hashserv.db"
     facts = populate(source, tasks=400, big_siginfo=2)
@@ -373,8 +374,8 @@ def test_a_whole_hashserv_file_imports_to_the_same_equivalences(handlers, tmp_pa
     # Equivalent taskhashes keep sharing their unihash, and a new one joins them.
     for method, out, unihash in facts["equivalent"][:20]:
         assert handlers.store.report(method, "f" * 64, out, U2) == unihash
-        handlers.store.db.execute_sql("DELETE FROM unihashes WHERE taskhash = ?", (bytes.fromhex("f" * 64),))
-        handlers.store.db.execute_sql("DELETE FROM outhashes WHERE taskhash = ?", (bytes.fromhex("f" * 64),))
+        handlers.store._sql("DELETE FROM unihashes WHERE taskhash = ?", (bytes.fromhex("f" * 64),))
+        handlers.store._sql("DELETE FROM outhashes WHERE taskhash = ?", (bytes.fromhex("f" * 64),))
 
 
 # --- hq-admin's side: reading the source file ----------------------------------------------

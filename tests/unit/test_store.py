@@ -1,4 +1,5 @@
-"""Worker semantics against a real temporary SQLite file (reference §7.2-7.4)."""
+"""Worker semantics against a real temporary SQLite file and a real PostgreSQL schema
+(reference §7.2-7.4)."""
 
 import os
 import sqlite3
@@ -6,7 +7,7 @@ import sqlite3
 import pytest
 
 from hq.workers.schema import from_key, open_database, settings_in_force, to_key
-from hq.workers.store import Store
+from hq.workers.store import store_for
 
 M = "TestMethod"
 T1 = "35788efcb8dfb0a02659d81cf2bfd695fb30faf9"
@@ -20,10 +21,10 @@ U3 = "9217a7d6c5c6a47d1b8e6fd1b3d0b87a3c6a2f5b3e6e2b0b4e1e1c9a8f7d6e5c"
 
 
 @pytest.fixture
-def store(tmp_path):
-    db = open_database(str(tmp_path / "hq.db"))
-    yield Store(db)
-    db.close()
+def store(db_spec):
+    store = store_for(open_database(db_spec))
+    yield store
+    store.db.close()
 
 
 def test_create_hash(store):
@@ -73,7 +74,7 @@ def test_equivalence_goes_to_the_oldest_report(store):
 
 def test_equivalence_needs_a_mapping(store):
     store.report(M, T1, O1, U1)
-    store.db.execute_sql("DELETE FROM unihashes")  # T1's report has no mapping now
+    store._sql("DELETE FROM unihashes")  # T1's report has no mapping now
     assert store.report(M, T2, O1, U2) == U2
     # Reference §13.6: an existing triple whose mapping was removed answers the submitted unihash.
     assert store.report(M, T1, O1, U3) == U3
@@ -190,6 +191,7 @@ def test_upper_and_lower_case_are_different_keys(store):
     assert store.get_unihashes(M, ["ABCD", "abcd"]) == [None, U1]
 
 
+@pytest.mark.sqlite_only
 def test_canonical_hex_is_stored_as_blob(store):
     store.report(M, T1, O1, U1)
     kinds = store.db.execute_sql(
@@ -198,6 +200,7 @@ def test_canonical_hex_is_stored_as_blob(store):
     assert kinds == [("blob", "blob", 32)]
 
 
+@pytest.mark.sqlite_only
 def test_one_query_per_chunk(store):
     store.report(M, T1, O1, U1)
     store.get_unihashes(M, [T1])  # caches the method id
@@ -210,6 +213,7 @@ def test_one_query_per_chunk(store):
     assert len(statements) == 1, statements[:3]
 
 
+@pytest.mark.sqlite_only
 def test_settings_in_force(store):
     s = settings_in_force(store.db)
     assert s["journal_mode"] == "wal"
@@ -225,6 +229,7 @@ def test_synchronous_full(tmp_path):
         db.close()
 
 
+@pytest.mark.sqlite_only
 def test_two_connections_see_each_others_writes(tmp_path, store):
     store.report(M, T1, O1, U1)
     other = sqlite3.connect(store.db.database)
@@ -234,6 +239,7 @@ def test_two_connections_see_each_others_writes(tmp_path, store):
         other.close()
 
 
+@pytest.mark.sqlite_only
 @pytest.mark.parametrize(
     "sql, index",
     [
@@ -257,6 +263,7 @@ def test_queries_use_the_prefix_indexes(store, sql, index):
     assert index in plan, plan
 
 
+@pytest.mark.sqlite_only
 def test_a_write_waits_for_the_lock_and_heartbeats_meanwhile(store):
     holder = sqlite3.connect(store.db.database, isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")  # another worker holds the write lock
@@ -275,6 +282,7 @@ def test_a_write_waits_for_the_lock_and_heartbeats_meanwhile(store):
     assert len(waits) == 2
 
 
+@pytest.mark.sqlite_only
 def test_a_write_gives_up_after_lock_wait(store):
     holder = sqlite3.connect(store.db.database, isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")
@@ -305,6 +313,7 @@ def test_batch_keys_match_one_by_one_keys(store, batch):
     assert store.get_unihashes(M, batch) == ["%064x" % (i + 1) for i in range(len(batch))]
 
 
+@pytest.mark.sqlite_only
 def test_writes_stop_while_the_file_is_away_and_resume_when_back(store):
     from hq.workers.store import StorageUnavailable
 

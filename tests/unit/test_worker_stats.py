@@ -108,7 +108,7 @@ def test_an_unchanged_database_is_not_counted_again(worker, clock, monkeypatch):
     clock.now += 10
     assert rows(stats)["unihashes"] == 0
     scans = []
-    monkeypatch.setattr(stats, "_count_rows", lambda path: scans.append(path) or {"unihashes": -1})
+    monkeypatch.setattr(stats.store, "count_rows", lambda: scans.append(1) or {"unihashes": -1})
     for _ in range(10):
         clock.now += 10
         assert rows(stats)["unihashes"] == 0

@@ -1,0 +1,291 @@
+"""hq on a real PostgreSQL server (``--db postgresql://...``): the same answers as on SQLite
+under real concurrency (several worker processes writing at once), the schema's life cycle,
+import-hashserv, lost connections, and users' mistakes. Each test has its own schema in the
+tests' own database (see ``postgresql_url``)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+
+import psycopg
+import pytest
+
+from hashserv_db import IMPORTER, IMPORTER_PASSWORD, populate, source_mappings
+from helpers import Stack, script, wait_for
+from hq import protocol as p
+from hq.client import create_client
+from hq.workers import errors
+from hq.workers.handlers import Handlers
+from hq.workers.postgresql import _lock_key
+from hq.workers.schema import SCHEMA_VERSION, open_database
+from hq.workers.store import store_for
+
+M = "TestMethod"
+
+
+def h(*parts) -> str:
+    return "%064x" % (hash(parts) & (2**256 - 1) | 1 << 255)
+
+
+def in_transaction(url: str) -> int:
+    """hq's connections (any worker) that are inside a transaction now."""
+    with psycopg.connect(url.split("?", 1)[0], autocommit=True) as conn:
+        return conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'hq' "
+            "AND state IN ('idle in transaction', 'active') AND xact_start IS NOT NULL "
+            "AND datname = current_database()"
+        ).fetchone()[0]
+
+
+@pytest.fixture
+def pg_stack(tmp_path, postgresql_url):
+    """hq-server, 4 workers, on a fresh PostgreSQL schema; every report's transaction held
+    open 0.15 s before it takes its hash locks, so writers overlap for certain."""
+    s = Stack(
+        tmp_path, workers=4, db=postgresql_url, env={"HQ_FAILPOINTS": "store.report=sleep(0.15)"}
+    ).start()
+    s.url = postgresql_url
+    yield s
+    assert s.stop() == 0, s.log()
+
+
+def race(address: str, clients: int, work) -> list:
+    """Run ``work(client, i)`` in ``clients`` threads at once, each with its own client."""
+    results = [None] * clients
+    failures = []
+    start = threading.Barrier(clients)
+
+    def run(i):
+        try:
+            with create_client(address, timeout=60) as client:
+                start.wait()
+                results[i] = work(client, i)
+        except Exception as exc:  # reported below, with the thread's index
+            failures.append((i, exc))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not failures, failures
+    return results
+
+
+def test_concurrent_reports_of_one_outhash_from_many_workers_agree(pg_stack):
+    """12 clients report, at once, different taskhashes with the same 6 outhashes; 4 worker
+    processes write them in overlapping transactions (seen in pg_stat_activity). Every
+    answer for one outhash is one unihash, the first report's, and lookups agree."""
+    clients, outhashes = 12, 6
+    overlap = []
+    done = threading.Event()
+
+    def watch():
+        while not done.is_set():
+            overlap.append(in_transaction(pg_stack.url))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+
+        def work(client, i):
+            return [
+                client.report_unihash(h("t", i, k), M, h("o", k), h("u", i, k))["unihash"]
+                for k in range(outhashes)
+            ]
+
+        answers = race(pg_stack.address, clients, work)
+    finally:
+        done.set()
+        watcher.join()
+    assert max(overlap) >= 2, "the workers' write transactions never overlapped: the test proves nothing"
+    for k in range(outhashes):
+        given = {answers[i][k] for i in range(clients)}
+        assert len(given) == 1, f"outhash {k}: {len(given)} different unihashes"
+        (unihash,) = given
+        assert unihash in {h("u", i, k) for i in range(clients)}
+    with create_client(pg_stack.address) as client:
+        looked_up = client.get_unihash_batch(
+            [(M, h("t", i, k)) for i in range(clients) for k in range(outhashes)]
+        )
+        assert looked_up == [answers[i][k] for i in range(clients) for k in range(outhashes)]
+        # The oldest report gives the unihash (ref. §7.2), as get-outhash shows.
+        for k in range(outhashes):
+            assert client.get_outhash(M, h("o", k), h("x"))["unihash"] == answers[0][k]
+
+
+def test_concurrent_first_mappings_of_one_taskhash_agree(pg_stack):
+    """12 clients map the same taskhashes to their own unihashes at once: one wins for
+    each, and every client is told the winner."""
+
+    def work(client, i):
+        return [client.report_unihash_equiv(h("t", k), M, h("u", i, k))["unihash"] for k in range(20)]
+
+    answers = race(pg_stack.address, 12, work)
+    for k in range(20):
+        assert len({a[k] for a in answers}) == 1
+    with create_client(pg_stack.address) as client:
+        assert client.get_unihash_batch([(M, h("t", k)) for k in range(20)]) == answers[0]
+
+
+def test_maintenance_and_statistics_on_postgresql(pg_stack):
+    with create_client(pg_stack.address) as client:
+        for k in range(10):
+            client.report_unihash(h("t", k), M, h("o", k), h("u", k), {"PN": "pn%d" % (k % 2)})
+        assert client.get_taskhash(M, h("t", 3), all_properties=True)["PN"] == "pn1"
+        assert client.remove({"PN": "pn1"}) == {"count": 5}
+        assert client.clean_unused(0) == {"count": 0}
+        assert client.gc_mark("m1", {"unihash": h("u", 0)}) == {"count": 1}
+        assert client.gc_status() == {"keep": 1, "remove": 9, "mark": "m1"}
+        assert client.gc_sweep("m1") == {"count": 9}
+        assert client.get_unihash(M, h("t", 0)) == h("u", 0)
+        assert client.get_unihash(M, h("t", 2)) is None
+        usage = client.get_db_usage()
+        assert usage["unihashes"]["rows"] == 1 and usage["outhashes"]["rows"] == 5
+        stats = client.get_stats()
+    worker = stats["workers"][0]
+    assert worker["settings"]["engine"] == "postgresql"
+    assert worker["db"]["path"] == pg_stack.url
+    assert worker["db"]["id"].startswith("postgresql:")
+    shown = subprocess.run(
+        [script("hq-admin"), "stats", "--address", pg_stack.address],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert "postgresql" in shown.stdout
+
+
+def test_a_worker_whose_connection_is_killed_connects_again(pg_stack):
+    with create_client(pg_stack.address) as client:
+        client.report_unihash_equiv(h("t"), M, h("u"))
+        with psycopg.connect(pg_stack.url.split("?", 1)[0], autocommit=True) as conn:
+            killed = conn.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE application_name = 'hq' AND datname = current_database()"
+            ).fetchone()[0]
+        assert killed == 4
+
+        def answers():
+            try:
+                return client.get_unihash_batch([(M, h("t"))] * 8) == [h("u")] * 8
+            except Exception:  # a storage error for a request on a dead connection
+                return False
+
+        wait_for(answers, timeout=20, what="every worker to connect again")
+        assert client.report_unihash(h("t2"), M, h("o2"), h("u2"))["unihash"] == h("u2")
+
+
+def test_import_hashserv_into_postgresql(tmp_path, postgresql_url, monkeypatch):
+    source = tmp_path / "hashserv.db"
+    facts = populate(source, tasks=400, big_siginfo=0)
+    stack = Stack(
+        tmp_path,
+        db=postgresql_url,
+        args=["--admin-user", IMPORTER],
+        env={"HQ_ADMIN_PASSWORD": IMPORTER_PASSWORD},
+    ).start()
+    try:
+        monkeypatch.setenv("BB_HASHSERVE_USERNAME", IMPORTER)
+        monkeypatch.setenv("BB_HASHSERVE_PASSWORD", IMPORTER_PASSWORD)
+        done = subprocess.run(
+            [
+                script("hq-admin"),
+                "import-hashserv",
+                "--address",
+                stack.address,
+                str(source),
+                "--format",
+                "json",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["complete"]
+        mappings = source_mappings(source)
+        with create_client(stack.address, timeout=30) as client:
+            keys = list(mappings)
+            for key, answer in zip(keys, client.get_unihash_batch(keys)):
+                assert answer == (None if key[1] == facts["bad_taskhash"] else mappings[key]), key
+            assert {u["username"] for u in client.get_all_users()} >= {IMPORTER}
+    finally:
+        assert stack.stop() == 0, stack.log()
+
+
+def test_schema_versions_on_postgresql(postgresql_url):
+    db = open_database(postgresql_url)
+    db.execute_sql("UPDATE config SET value = '1' WHERE name = 'schema-version'")
+    db.close()
+    db = open_database(postgresql_url)  # migrated
+    assert db.execute_sql("SELECT value FROM config WHERE name = 'schema-version'").fetchone() == (
+        str(SCHEMA_VERSION),
+    )
+    db.execute_sql("UPDATE config SET value = %s WHERE name = 'schema-version'", (str(SCHEMA_VERSION + 1),))
+    db.close()
+    with pytest.raises(ValueError, match="newer than this hq"):
+        open_database(postgresql_url)
+
+
+def test_a_hashserv_schema_is_refused(postgresql_url):
+    with psycopg.connect(postgresql_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE unihashes_v3 (id integer)")
+    with pytest.raises(ValueError, match="bitbake-hashserv database"):
+        open_database(postgresql_url)
+
+
+def test_a_lock_not_had_in_time_is_busy(postgresql_url):
+    store = store_for(open_database(postgresql_url, lock_wait_s=0.2), lock_wait_s=0.2)
+    try:
+        with psycopg.connect(postgresql_url) as holder:  # another writer of this outhash, in a transaction
+            holder.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key(M, h("o")),))
+            with pytest.raises(Exception) as caught:
+                store.report(M, h("t"), h("o"), h("u"))
+            assert errors.kind(caught.value) == errors.BUSY
+            status, _ = Handlers(store).handle(
+                p.REPORT, b"", [M.encode(), h("t2").encode(), h("o").encode(), h("u").encode()]
+            )
+            assert status == p.E_BUSY
+        assert store.report(M, h("t"), h("o"), h("u")) == h("u")  # free again
+    finally:
+        store.db.close()
+
+
+@pytest.mark.parametrize(
+    "db, says",
+    [
+        ("postgresql://127.0.0.1/", "name the database"),
+        ("postgresql://127.0.0.1:notaport/x", "not a PostgreSQL URL"),
+        ("mysql://127.0.0.1/x", "not a database hq knows"),
+    ],
+)
+def test_a_bad_url_is_one_line(tmp_path, db, says):
+    done = subprocess.run([script("hq-server"), "--db", db], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    assert says in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_missing_database_is_one_line_without_the_password(tmp_path, postgresql_server):
+    url = (
+        postgresql_server.url.replace("://", "://root:sekrit@", 1)
+        if "@" not in postgresql_server.url
+        else None
+    )
+    if url is None:
+        pytest.skip("HQ_POSTGRESQL names a user already")
+    url = url.rsplit("/", 1)[0] + "/hq_no_such_database"
+    done = subprocess.run(
+        [script("hq-server"), "--db", url, "--bind", f"ipc://{tmp_path}/x.ipc"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0
+    errors_shown = [line for line in done.stderr.splitlines() if "ERROR" in line]
+    assert len(errors_shown) == 1 and "hq_no_such_database" in errors_shown[0], done.stderr
+    assert "sekrit" not in done.stderr and "root:***@" in errors_shown[0]
+    assert "Traceback" not in done.stderr

@@ -29,8 +29,8 @@ def _add_common(parser: argparse.ArgumentParser, defaults: bool) -> None:
     parser.add_argument(
         "--address",
         default=default(None),
-        help="broker address, tcp://HOST:PORT or ipc://PATH "
-        f"(env HQ_ADDRESS; default {addresses.DEFAULT_ADDRESS})",
+        help="broker address, tcp://HOST:PORT or ipc://PATH; several brokers of one database "
+        f"separated by commas (env HQ_ADDRESS; default {addresses.DEFAULT_ADDRESS})",
     )
     parser.add_argument(
         "--timeout",
@@ -92,7 +92,7 @@ def _resolve_environment(args, top: argparse.ArgumentParser) -> None:
         source = "HQ_ADDRESS" if os.environ.get("HQ_ADDRESS") else "the default"
         args.address = os.environ.get("HQ_ADDRESS") or addresses.DEFAULT_ADDRESS
     try:
-        addresses.check(args.address)
+        addresses.split(args.address)
     except ValueError as exc:
         top.error(f"bad address {args.address!r} from {source}: {exc}")
     if args.timeout is None:

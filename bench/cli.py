@@ -26,7 +26,7 @@ import sys
 import tempfile
 
 import hq
-from hq import config, options
+from hq import config, databases, options
 from hq.progress import Progress
 
 from . import coldstart, compare, machine, secure, summary
@@ -54,6 +54,15 @@ def _directory(text):
     if not os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a directory")
     return text
+
+
+def _database(text: str) -> str:
+    if not databases.is_postgresql(text):
+        raise argparse.ArgumentTypeError("give postgresql://USER@HOST[:PORT]/DBNAME (SQLite is the default)")
+    try:
+        return databases.check_postgresql(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _common(parser: argparse.ArgumentParser, transport: str = "ipc", faults: bool = True) -> None:
@@ -115,6 +124,14 @@ def _common(parser: argparse.ArgumentParser, transport: str = "ipc", faults: boo
     )
     if not faults:
         return
+    g.add_argument(
+        "--db",
+        type=_database,
+        default=None,
+        metavar="URL",
+        help="run on PostgreSQL: each repeat gets a fresh schema in this database (dropped after), "
+        "pre-populated like the SQLite file of the default",
+    )
     g.add_argument(
         "--kill-workers-every",
         type=_POSITIVE_FLOAT,
@@ -287,7 +304,8 @@ def main(argv=None) -> int:
     try:
         progress.note(f"{opts.command}: pre-populating {len(workload.rows):,} keys")
         template = os.path.join(base, "template.db")
-        populate(template, workload.rows.rows, corrupt=opts.corrupt_keys)
+        if not opts.db:  # on PostgreSQL each repeat fills its own schema
+            populate(template, workload.rows.rows, corrupt=opts.corrupt_keys)
         progress.close()
         repeats = [run_repeat(workload, opts, template, n, progress) for n in range(1, opts.repeats + 1)]
     finally:

@@ -17,16 +17,18 @@ from hq.client import create_client
 from hq.progress import Progress
 
 from .clients import ClientFailure, ClientPool
+from .populate import drop_schema, fresh_schema, populate_postgresql
 from .stack import Stack, StackError
 
 #: Per-result counters that must all be zero for a run to be correct.
 FAILURE_COUNTS = ("wrong", "missing", "derailed", "unanswered")
 
 
-def hq_stack(opts, workdir: str) -> Stack:
-    """The server under test by default: ``hq-server`` with the run's options."""
+def hq_stack(opts, workdir: str, db: str | None = None) -> Stack:
+    """The server under test by default: ``hq-server`` with the run's options (on ``db``,
+    a PostgreSQL URL, instead of a file in ``workdir``)."""
     bind = f"ipc://{workdir}/hq.ipc" if opts.transport == "ipc" else "tcp://127.0.0.1:*"
-    return Stack(workdir, opts.workers, bind, opts.server_arg, log_level="WARNING", inherit_env=False)
+    return Stack(workdir, opts.workers, bind, opts.server_arg, log_level="WARNING", inherit_env=False, db=db)
 
 
 def run_repeat(
@@ -43,9 +45,18 @@ def run_repeat(
     """
     workdir = tempfile.mkdtemp(prefix="hq-bench-", dir=opts.tmpdir)
     result: dict = {"repeat": number, "ok": False, "load_average_before": list(os.getloadavg())}
-    stack = server(opts, workdir)
+    postgresql = getattr(opts, "db", None)
+    schema_name = f"hq_bench_{os.getpid()}_{number}"
+    if postgresql:
+        progress.note(f"repeat {number}/{opts.repeats}: pre-populating schema {schema_name}")
+        url = fresh_schema(postgresql, schema_name)
+        populate_postgresql(url, workload.rows.rows, corrupt=opts.corrupt_keys)
+        stack = server(opts, workdir, db=url)
+    else:
+        stack = server(opts, workdir)
     try:
-        shutil.copyfile(template_db, stack.db)
+        if not postgresql:
+            shutil.copyfile(template_db, stack.db)
         progress.note(f"repeat {number}/{opts.repeats}: starting hq-server")
         try:
             stack.start()
@@ -64,6 +75,8 @@ def run_repeat(
             result["workdir"] = workdir
         else:
             shutil.rmtree(workdir, ignore_errors=True)
+            if postgresql:
+                drop_schema(postgresql, schema_name)
     result["ok"] = _is_ok(result)
     return result
 

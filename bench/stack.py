@@ -20,6 +20,8 @@ import time
 
 import psutil
 
+from hq import databases
+
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 20.0
 POLL_S = 0.02
@@ -54,6 +56,7 @@ class Stack:
         log_level: str = "INFO",
         inherit_env: bool = True,
         db: str | None = None,
+        prefix=(),
     ):
         self.workdir = str(workdir)
         self.db = db or os.path.join(self.workdir, "hq.db")
@@ -61,6 +64,7 @@ class Stack:
         self.endpoint_file = os.path.join(self.workdir, "endpoints")
         self.log_path = os.path.join(self.workdir, "hq-server.log")
         self.argv = [
+            *prefix,  # e.g. ip netns exec NAME: the stack on another "host"
             script("hq-server"),
             "--bind",
             bind,
@@ -228,10 +232,21 @@ def rss_bytes(processes: dict) -> dict:
 def database_size(db: str, tables: tuple = ("unihashes", "outhashes")) -> dict:
     """After the server stopped: checkpoint the WAL into the file, then measure and count.
 
-    ``bytes`` is the database file plus whatever WAL is left (none after TRUNCATE);
-    ``tables`` are the mapping and outhash tables (hq's by default).
+    ``bytes`` is the database file plus whatever WAL is left (none after TRUNCATE), or on
+    PostgreSQL the two tables with their indexes; ``tables`` are the mapping and outhash
+    tables (hq's by default).
     """
     mappings, outhash_rows = tables
+    if databases.is_postgresql(db):
+        import psycopg
+
+        with psycopg.connect(db, autocommit=True) as conn:
+            counted = [
+                conn.execute(f"SELECT count(*), pg_total_relation_size('{t}') FROM {t}").fetchone()
+                for t in tables
+            ]
+        (unihashes, size_u), (outhashes, size_o) = counted
+        return {"bytes": size_u + size_o, "unihash_rows": unihashes, "outhash_rows": outhashes}
     conn = sqlite3.connect(db)
     try:
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")

@@ -52,6 +52,8 @@ MERGE_COMMANDS = frozenset({p.GET, p.EXISTS, p.REPORT, p.REPORT_EQUIV})
 INSERT_COMMANDS = frozenset({p.REPORT, p.REPORT_EQUIV, p.BACKFILL})
 #: Commands that write: at most one REQUEST of them is in flight at a time (see dispatch).
 WRITE_COMMANDS = INSERT_COMMANDS | p.ADMIN_WRITE_COMMANDS | p.USER_WRITE_COMMANDS
+#: How a worker's database identity (``Store.identity``) starts when it is a database server.
+SHARED_DB_PREFIX = "postgresql:"
 #: Lookups whose local misses are asked of the upstream (--upstream) before the answer.
 READ_THROUGH = frozenset({p.GET, p.EXISTS, p.GET_FULL, p.GET_OUTHASH})
 #: The latency histogram of the upstream agent's answers (--upstream), beside the commands'.
@@ -249,9 +251,14 @@ class Scheduler:
         self.workers: dict = {}  # worker_id -> Worker
         self.free_slots: deque = deque()  # worker ids, one entry per free credit
         self.queue = FairQueue()
-        self.writer = None  # worker id holding the one write REQUEST allowed in flight
+        # worker id -> write REQUESTs it holds. SQLite has one writer, so one write REQUEST is
+        # in flight at a time; a database server (PostgreSQL) takes one per worker.
+        self.writers: dict = {}
+        self.max_writers = 1
         # A read-only broker is a mirror: others write its database, unseen, so no cache.
-        self.cache = MappingCache(0 if settings.read_only else settings.cache_entries)
+        self._cache_entries = 0 if settings.read_only else settings.cache_entries
+        self.cache = MappingCache(self._cache_entries)
+        self.shared_db = False  # the workers answer from a database server other brokers may use
         # --upstream: lookups' misses go on to the upstream agent, reports ask it first. A
         # miss is then never cached: the upstream may learn that mapping any time.
         self.upstream = None
@@ -600,12 +607,13 @@ class Scheduler:
                 self.to_workers.append([worker_id, *p.DISCONNECT_MESSAGE])
             return
         elif kind == p.REPLY:
-            held = False
+            held = wrote = False
             for job_id, status, body in fields:
                 job = worker.jobs.get(job_id)
-                if job is not None and job.command in WRITE_COMMANDS and self.writer == worker_id:
-                    self.writer = None
+                wrote |= job is not None and job.command in WRITE_COMMANDS
                 held |= self._job_done(worker, job_id, status, body, now)
+            if wrote:  # one write REQUEST answered
+                self._write_ended(worker_id)
             if worker.long_until and not any(j.command in p.LONG_COMMANDS for j in worker.jobs.values()):
                 worker.long_until = 0.0
             worker.expiry = self._worker_expiry(worker, now)
@@ -654,19 +662,40 @@ class Scheduler:
     def _databases_changed(self):
         """A worker joined, or one's database identity changed (a file replaced under hq):
         what the cache holds may come from another file, and it learns only while every
-        worker answers from the same one."""
+        worker answers from the same one.
+
+        A database server (a PostgreSQL identity) may be shared by other brokers, whose
+        writes and deletions this broker never sees: no cache then, and writes in parallel,
+        one REQUEST per worker (the database serialises what must be, per hash)."""
         ids = {w.db_id for w in self.workers.values()}
         self.same_db = len(ids) <= 1
         if len(ids) > 1 or (ids and ids != {self._db_id}):  # not the one the cache learned from
             self.cache.invalidate()
             if self.same_db:
                 (self._db_id,) = ids
+        shared = any(str(i).startswith(SHARED_DB_PREFIX) for i in ids)
+        if shared != self.shared_db:
+            self.shared_db = shared
+            self.cache.invalidate()
+            self.cache.max_entries = 0 if shared else self._cache_entries
+            log.info(
+                "workers answer from %s: %s",
+                "a database server" if shared else "a database file",
+                "writes in parallel, no broker cache" if shared else "one writer, broker cache on",
+            )
+        self.max_writers = max(1, len(self.workers)) if shared else 1
+
+    def _write_ended(self, worker_id) -> None:
+        held = self.writers.get(worker_id, 0) - 1
+        if held > 0:
+            self.writers[worker_id] = held
+        else:
+            self.writers.pop(worker_id, None)
 
     def _drop_worker(self, worker: Worker, why: str, now: float):
         del self.workers[worker.worker_id]
         self._databases_changed()
-        if self.writer == worker.worker_id:
-            self.writer = None
+        self.writers.pop(worker.worker_id, None)
         jobs = list(worker.jobs.values())
         worker.jobs.clear()
         lost_admin_writes = sum(1 for job in jobs if job.command in p.ADMIN_WRITE_COMMANDS)
@@ -917,7 +946,8 @@ class Scheduler:
         --merge-items 1: single lookups 2.9k -> 6.8k/s with a quarter of the worker CPU,
         reports 1.5k -> 3.7k/s).
 
-        Writes go to one worker at a time: SQLite lets one connection write anyway, and a
+        Writes go to one worker at a time (on SQLite; see :meth:`_databases_changed`): SQLite
+        lets one connection write anyway, and a
         second writer would sleep in SQLite's busy handler (1, 2, 5, 10 ms...) while holding
         its worker. Meanwhile the other workers serve lookups, and the reports that queue
         up behind the write in flight make the next group commit bigger (measured, hq-bench
@@ -936,7 +966,7 @@ class Scheduler:
                 break
             job = batch[0]
             if job.command in WRITE_COMMANDS:
-                self.writer = worker.worker_id
+                self.writers[worker.worker_id] = self.writers.get(worker.worker_id, 0) + 1
             if job.command in p.LONG_COMMANDS:
                 # A sweep of millions of rows ends in a COMMIT that can take seconds without a
                 # heartbeat: do not take the worker for dead (and run the sweep twice) meanwhile.
@@ -975,7 +1005,7 @@ class Scheduler:
             )
 
     def _eligible(self, job: Job) -> bool:
-        return self.writer is None or job.command not in WRITE_COMMANDS
+        return job.command not in WRITE_COMMANDS or sum(self.writers.values()) < self.max_writers
 
     def tick(self, now: float):
         """Heartbeats, worker expiry and request timeouts. Call at least every interval."""

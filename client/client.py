@@ -27,7 +27,15 @@ _MAX_CHUNKS = (p.MAX_FRAMES - 4) // 2
 
 
 class Client:
-    """A connection to an hq broker. Not thread-safe; fork-safe (rebuilt in a child)."""
+    """A connection to an hq broker. Not thread-safe; fork-safe (rebuilt in a child).
+
+    ``address`` may name several brokers of one database, separated by commas
+    (``tcp://a:8686,tcp://b:8686``). The client then connects to one of them, picked at
+    random in each process (so a farm's clients spread over the brokers), and fails over to
+    the next when its broker cannot be reached, drops the connection or stops answering:
+    the requests it held are sent again there, within the same deadline. Lookups and
+    reports are idempotent, so a request answered twice gives the same answer.
+    """
 
     def __init__(
         self,
@@ -42,14 +50,14 @@ class Client:
         client_key: str | None = None,
     ):
         try:
-            addresses.check(address)
+            self.addresses = addresses.split(address)
         except ValueError as exc:
             raise ValueError(f"bad hq address {address!r}: {exc}") from None
         if not 1 <= chunk_items <= p.MAX_CHUNK_ITEMS:
             raise ValueError(f"chunk_items must be 1-{p.MAX_CHUNK_ITEMS}")
         self.address = address
         # As BitBake: the arguments, else BB_HASHSERVE_USERNAME/_PASSWORD, else ~/.netrc.
-        self.username, self.password = perms.find_credentials(address, username, password)
+        self.username, self.password = perms.find_credentials(self.addresses[0], username, password)
         self.timeout = float(timeout)
         self.chunk_items = chunk_items
         self.request_items = max(chunk_items, min(request_items, p.MAX_BATCH_ITEMS))
@@ -68,7 +76,9 @@ class Client:
         self._socket = None
         self._poller = None
         self._monitor = None
-        self._link = Link()
+        self._current = 0  # index in self.addresses of the broker this process uses
+        self._links = [Link() for _ in self.addresses]
+        self._unreachable: dict = {}  # index -> why, brokers found unreachable in this call
         self._policy = RetryPolicy()  # deadlines, resends, error mapping; its id counter
         self._session = b""  # the broker's session key once logged in (the credentials frame)
         self._become = None  # the user become-user made this connection act as
@@ -93,16 +103,18 @@ class Client:
             self._socket = None
             # The child may live elsewhere: BitBake runs a task in a network namespace of
             # its own, where the server the parent reached cannot be reached at all.
-            self._link = Link()
+            self._links = [Link() for _ in self.addresses]
+            # Each process its own broker: a build's forked workers spread over them too.
+            self._current = int.from_bytes(os.urandom(2), "big") % len(self.addresses)
         if self._socket is None:
             sock = dealer(self._ctx, p.MAX_FRAME_BYTES, reconnect_max_ms=1000)
             if self._curve is not None:
                 curve.connect_as(sock, *self._curve)
             try:
-                sock.connect(self.address)
+                sock.connect(self.broker)
             except zmq.ZMQError as exc:
                 sock.close()
-                raise ConnectionError(f"cannot connect to {self.address}: {exc}") from None
+                raise ConnectionError(f"cannot connect to {self.broker}: {exc}") from None
             self._socket = sock
             # Kept: Socket.poll() builds a new Poller every call. With int flags and
             # ZMQ_EVENTS (hq.sockets) this cut a get_unihash from 173 to ~110-135 us of CPU.
@@ -115,6 +127,32 @@ class Client:
             self._poller.register(self._monitor, zmq.POLLIN)
             self._link.new_socket()
         return self._socket
+
+    @property
+    def broker(self) -> str:
+        """The address of the broker this client uses now."""
+        return self.addresses[self._current]
+
+    @property
+    def _link(self):
+        return self._links[self._current]
+
+    def _fail_over(self, why: str | None = None) -> bool:
+        """With several brokers, leave this one for the next (its socket, and what was queued
+        on it, go); ``why``: it was found unreachable, and is not tried again in this call
+        unless all were. False with one broker, or when every one was found unreachable."""
+        if len(self.addresses) == 1:
+            return False
+        if why is not None:
+            self._unreachable[self._current] = why
+            if len(self._unreachable) == len(self.addresses):
+                return False
+        self._reset_socket()
+        for _ in self.addresses:
+            self._current = (self._current + 1) % len(self.addresses)
+            if self._current not in self._unreachable:
+                break
+        return True
 
     def _reset_socket(self) -> None:
         """Drop the socket and everything queued on it (Lazy Pirate): stale replies go too.
@@ -160,7 +198,7 @@ class Client:
         except zmq.Again:
             pass  # pipe full: the attempt deadline will resend
         except zmq.ZMQError as exc:
-            raise ConnectionError(f"send to {self.address} failed: {exc}") from None
+            raise ConnectionError(f"send to {self.broker} failed: {exc}") from None
 
     def _resend(self, resends: list) -> None:
         if resends and self.username is not None and not self._session:
@@ -178,6 +216,7 @@ class Client:
         """
         policy = self._policy
         policy.start(self.timeout)
+        self._unreachable = {}
         if self.username is not None and not self._session:
             self._login(time.monotonic() + self.timeout)
         results: list = []
@@ -202,11 +241,14 @@ class Client:
                 raise ConnectionError(f"poll failed: {exc}") from None
             if ready:
                 self._receive(sock, policy, results)
-                if self._connection_events() == Link.BACK:
+                event = self._connection_events()
+                if event == Link.BACK:
                     resends = policy.on_reconnect(time.monotonic())
                     if self.username is not None:  # a new connection: its session is gone
                         self._reset_socket()
                     self._resend(resends)
+                elif event == FAILED_OVER:  # what the last broker held is sent to this one
+                    self._resend(policy.resend_all(time.monotonic()))
                 if policy.login_needed:  # 440: the broker restarted or dropped the session
                     policy.login_needed = False
                     if self.username is None:
@@ -222,10 +264,13 @@ class Client:
             now = time.monotonic()
             if policy.deadline_passed(now):
                 self._reset_socket()
-                raise ConnectionError(f"no answer from hq at {self.address} within {self.timeout:g} s")
+                raise ConnectionError(f"no answer from hq at {self.broker} within {self.timeout:g} s")
             self._resend(policy.due(now))
             if policy.attempt_expired(now):
-                self._reset_socket()  # Lazy Pirate: late replies to the old attempts go with it
+                # Lazy Pirate: late replies to the old attempts go with the socket; with
+                # several brokers, the next one is asked (this one may hang).
+                if not self._fail_over():
+                    self._reset_socket()
                 self._resend(policy.resend_all(now))
 
     def _login(self, deadline: float) -> None:
@@ -246,16 +291,17 @@ class Client:
         while True:
             request_id = b"login-%d" % self._logins
             self._send(request_id, command, body)
-            while True:
+            reply = None
+            while reply is None:
                 now = time.monotonic()
                 if now >= deadline:
                     self._reset_socket()
-                    raise ConnectionError(f"no answer from hq at {self.address} to the log-in in time")
+                    raise ConnectionError(f"no answer from hq at {self.broker} to the log-in in time")
                 if not self._poller.poll(max(1, int((deadline - now) * 1000))):
                     continue
-                self._connection_events()
+                if self._connection_events() == FAILED_OVER:
+                    break  # ask the next broker
                 sock = self._sock()
-                reply = None
                 while readable(sock):
                     try:
                         got = p.decode_reply(recv_frames(sock))
@@ -264,8 +310,9 @@ class Client:
                     if got.request_id == request_id:
                         reply = got
                         break
-                if reply is not None:
-                    break
+            if reply is None:
+                self._logins += 1
+                continue
             if reply.status == p.OK:
                 return reply.body
             if reply.status in p.RETRYABLE_STATUSES and time.monotonic() + backoff < deadline:
@@ -283,13 +330,22 @@ class Client:
         refused (or could not be reached) ``Link.ATTEMPTS`` times: waiting out the deadline
         would not help, and BitBake falls back to the taskhash at once."""
         result = None
+        link = self._link
         while readable(self._monitor):
-            result = self._link.on_event(recv_monitor_message(self._monitor)["event"]) or result
-        if self._link.unreachable():
+            result = link.on_event(recv_monitor_message(self._monitor)["event"]) or result
+        if link.unreachable() or (len(self.addresses) > 1 and link.dead_here()):
+            why = link.why(self.broker, self._curve is not None)
+            if self._fail_over(why):
+                return FAILED_OVER
             self._reset_socket()
-            raise ConnectionError(
-                f"cannot reach hq at {self.address}: {self._link.why(self.address, self._curve is not None)}"
-            )
+            if len(self.addresses) > 1:
+                raise ConnectionError(
+                    "cannot reach any hq broker: "
+                    + "; ".join(f"{self.addresses[i]}: {w}" for i, w in sorted(self._unreachable.items()))
+                )
+            raise ConnectionError(f"cannot reach hq at {self.broker}: {why}")
+        if len(self.addresses) > 1 and link.lost and self._fail_over():
+            return FAILED_OVER  # it went away: what it held is gone, the next broker gets it
         return result
 
     def _receive(self, sock, policy: RetryPolicy, results: list) -> None:
@@ -502,6 +558,10 @@ class Client:
         return result
 
 
+#: What _connection_events returns when it left the broker for the next one.
+FAILED_OVER = "failed over"
+
+
 class Link:
     """What the socket monitor has told of the connection to the broker. Events only, no
     clock: libzmq retries a failed connect after 0.1, 0.2, 0.4 s ... so ``ATTEMPTS`` failures
@@ -529,14 +589,21 @@ class Link:
         self.not_zmtp = False  # something answered, but not a ZeroMQ peer
         self.refused = False  # the server's ZAP handler refused this client's CURVE key
         self.protocol_failed = False  # a handshake failed in a way libzmq does not retry
+        self.failures_here = 0  # connects of the current socket that failed, none succeeding
 
     def new_socket(self) -> None:
         self.lost = False
+        self.failures_here = 0
+
+    def dead_here(self) -> bool:
+        """The current socket never got through, ``ATTEMPTS`` times: with other brokers to
+        go to, this one counts as gone even if it answered once (a host that went down)."""
+        return self.failures_here >= self.ATTEMPTS
 
     def on_event(self, event: int):
         if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             self.established = True
-            self.failures = 0
+            self.failures = self.failures_here = 0
             if self.lost:
                 self.lost = False
                 return self.BACK
@@ -551,8 +618,10 @@ class Link:
             self.not_zmtp = True
             if not self.established:
                 self.failures += 1
-        elif event == zmq.EVENT_CONNECT_RETRIED and not self.established:
-            self.failures += 1
+        elif event == zmq.EVENT_CONNECT_RETRIED:
+            self.failures_here += 1
+            if not self.established:
+                self.failures += 1
         return None
 
     def unreachable(self) -> bool:
@@ -669,5 +738,6 @@ def _list_decoder(unpack, counts: list):
 def create_client(
     address: str, username=None, password=None, timeout: float = DEFAULT_TIMEOUT_S, **kwargs
 ) -> Client:
-    """The client for an hq broker at ``tcp://HOST:PORT`` or ``ipc://PATH``."""
+    """The client for an hq broker at ``tcp://HOST:PORT`` or ``ipc://PATH``, or for any of
+    several separated by commas."""
     return Client(address, username=username, password=password, timeout=timeout, **kwargs)

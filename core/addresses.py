@@ -63,6 +63,29 @@ def _suggest(rest: str, scheme: str = "") -> str:
     return "use tcp://HOST:PORT or ipc://PATH"
 
 
+def split(text: str) -> list:
+    """The brokers a client may use, from one string: addresses separated by commas (one
+    string fits BitBake's BB_HASHSERVE and every option). ValueError as :func:`check`'s,
+    naming the address at fault when there are several."""
+    parts = [part.strip() for part in str(text).split(",")]
+    if len(parts) == 1:
+        return [check(text)]
+    for part in parts:
+        try:
+            check(part)
+        except ValueError as exc:
+            raise ValueError(f"{part!r}: {exc}" if part else "an empty address between commas") from None
+    if len(set(parts)) != len(parts):
+        raise ValueError("an address given twice")
+    return parts
+
+
+def connect_addresses(text: str) -> str:
+    """An option type: one address to connect to, or several separated by commas."""
+    split(text)
+    return text
+
+
 def bind_address(text: str) -> str:
     """An option type: an address to bind (port ``*`` allowed)."""
     return check(text, bind=True)

@@ -216,10 +216,11 @@ CURVE_BROKER = (CURVE_SECRET_KEY, CURVE_CLIENTS, CURVE_WORKERS)
 
 
 def upstream_address(text: str) -> str:
-    """Another hq (``tcp://``, ``ipc://``) or an OEHASHEQUIV server (``unix://PATH``,
+    """Another hq (``tcp://``, ``ipc://``; several brokers of one, separated by commas) or an
+    OEHASHEQUIV server (``unix://PATH``,
     ``HOST:PORT``, ``ws://``, ``wss://``), as bitbake-hashserv's ``--upstream``."""
     if not text or text.startswith(("tcp://", "ipc://")):
-        return addresses.connect_address(text) if text else text
+        return addresses.connect_addresses(text) if text else text
     oehashequiv.split_address(text)  # raises ValueError naming the forms
     return text
 
@@ -400,7 +401,10 @@ OEHASHEQUIV_LISTEN = Option(
 GATEWAY = (
     OEHASHEQUIV_LISTEN,
     Option(
-        "broker", addresses.DEFAULT_ADDRESS, "the hq broker to send requests to", addresses.connect_address
+        "broker",
+        addresses.DEFAULT_ADDRESS,
+        "the hq broker to send requests to (several of one database: separated by commas)",
+        addresses.connect_addresses,
     ),
     Option(
         "timeout",

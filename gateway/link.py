@@ -7,18 +7,24 @@ backoff; an attempt without an answer is sent again on a fresh socket (a broker 
 loses what it held); a log-in is replayed on every new socket. When the deadline passes,
 :class:`BrokerDown` is raised and the connection is closed without a reply: BitBake's client
 then retries and, failing, falls back to the taskhash.
+
+``--broker`` may name several brokers of one database, separated by commas: each link
+starts on one picked at random (so a gateway's links spread over them) and moves to the
+next when its broker drops the connection, cannot be reached within CONNECT_GRACE_S, or
+lets an attempt go unanswered; what it was waiting for is sent again there.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import time
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from hq import curve
+from hq import addresses, curve
 from hq import protocol as p
 from hq.sockets import dealer, recv_frames, send_frames
 
@@ -37,7 +43,8 @@ class BrokerDown(ConnectionError):
 class Link:
     def __init__(self, ctx: zmq.Context, address: str, timeout_s: float, keys=None):
         self.ctx = ctx
-        self.address = address
+        self.addresses = addresses.split(address)
+        self._current = int.from_bytes(os.urandom(2), "big") % len(self.addresses)
         self.timeout_s = timeout_s
         self.attempt_s = max(timeout_s / 3.0, min(timeout_s, 1.0))
         self.keys = keys  # (server public key, client secret file or None) for CURVE
@@ -52,6 +59,24 @@ class Link:
         self.batcher = None  # hq.gateway.batching.Batcher of this link's lookups, on first use
         self._ids = itertools.count(1)
         self._generation = 0
+
+    @property
+    def address(self) -> str:
+        """The broker this link uses now."""
+        return self.addresses[self._current]
+
+    def _fail_over(self) -> bool:
+        """Leave this broker for the next one (False with only one); the calls waiting on it
+        are sent again there."""
+        if len(self.addresses) == 1:
+            return False
+        self.reset()
+        self._generation += 1  # the calls waiting on it retry here, not fail over again
+        self._current = (self._current + 1) % len(self.addresses)
+        self.down = False
+        for future in list(self._waiting.values()):
+            _expire(future)
+        return True
 
     # --- socket ---------------------------------------------------------------------------
     # Plain ZeroMQ sockets read through the event loop (add_reader on ZMQ_FD): cheaper per
@@ -99,6 +124,9 @@ class Link:
                     self.down = False
                 elif event == zmq.EVENT_DISCONNECTED:
                     self._up.clear()
+                    if len(self.addresses) > 1:  # it went away: the next broker, now
+                        asyncio.get_running_loop().call_soon(self._fail_over)
+                        return
         except zmq.ZMQError:  # closed meanwhile (reset)
             return
 
@@ -123,23 +151,29 @@ class Link:
         Retryable statuses are retried; any other status is the caller's to map."""
         deadline = deadline or time.monotonic() + self.timeout_s
         backoff = BACKOFF_START_S
+        others = len(self.addresses) - 1  # brokers this call may still move to when one is down
         while True:
             if self.sock is None:
                 self._open()
             if not self._up.is_set():
+                if not self.down:
+                    try:
+                        await asyncio.wait_for(
+                            self._up.wait(), min(CONNECT_GRACE_S, deadline - time.monotonic())
+                        )
+                    except (asyncio.TimeoutError, ValueError):
+                        self.down = True
                 if self.down:  # known down: close at once (libzmq keeps reconnecting meanwhile)
+                    if others and time.monotonic() < deadline and self._fail_over():
+                        others -= 1
+                        continue
                     raise BrokerDown(f"hq's broker at {self.address} is not reachable")
-                try:
-                    await asyncio.wait_for(self._up.wait(), min(CONNECT_GRACE_S, deadline - time.monotonic()))
-                except (asyncio.TimeoutError, ValueError):
-                    self.down = True
-                    raise BrokerDown(f"hq's broker at {self.address} is not reachable") from None
             if self.login is not None and not self.session and command != p.AUTH:
                 await self._log_in(deadline)
             generation = self._generation
             status, reply = await self._attempt(command, list(body), deadline)
-            if status is None:  # no answer in this attempt: a fresh socket, then again
-                if self._generation == generation:
+            if status is None:  # no answer in this attempt: a fresh socket (the next broker), again
+                if self._generation == generation and not self._fail_over():
                     self.reset()
                 continue
             if status == p.E_SESSION:

@@ -40,9 +40,17 @@ class Stack(BenchStack):
     quick heartbeats, so a lost worker is noticed in 0.6 s."""
 
     def __init__(
-        self, tmp_path, workers: int = 2, bind: str = "tcp://127.0.0.1:*", args=(), env=None, db=None
+        self,
+        tmp_path,
+        workers: int = 2,
+        bind: str = "tcp://127.0.0.1:*",
+        args=(),
+        env=None,
+        db=None,
+        prefix=(),
     ):
-        super().__init__(tmp_path, workers, bind, ["--heartbeat-interval", "0.2", *args], env, db=db)
+        args = ["--heartbeat-interval", "0.2", *args]
+        super().__init__(tmp_path, workers, bind, args, env, db=db, prefix=prefix)
         self.tmp_path = tmp_path
 
 
@@ -171,6 +179,79 @@ class PostgresqlServer:
 
         with psycopg.connect(self.admin_url, autocommit=True) as conn:
             conn.execute(f"DROP DATABASE IF EXISTS {self.name} WITH (FORCE)")
+
+
+class Hosts:
+    """Separate "hosts" on this machine: one network namespace each (``ip netns``), joined
+    to this one by a veth pair (host i is 10.X.i.2, this side 10.X.i.1, X a free /16), as
+    root. Where namespaces cannot be made (not root, no ``ip``), distinct loopback
+    addresses (127.0.0.2, 127.0.0.3, ...) stand in, and :attr:`why_not` says why.
+
+    A host's programs reach PostgreSQL through its Unix socket (:meth:`database_url`): a
+    namespace has its own 127.0.0.1, but the file system is shared."""
+
+    def __init__(self, n: int):
+        self.names: list = []
+        self.addresses: list = []
+        self.why_not = ""
+        try:
+            self._make(n)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            self.close()
+            self.why_not = getattr(exc, "stderr", b"") or str(exc)
+            if isinstance(self.why_not, bytes):
+                self.why_not = self.why_not.decode(errors="replace").strip()
+            self.addresses = [f"127.0.0.{i + 2}" for i in range(n)]
+
+    def _make(self, n: int) -> None:
+        if os.geteuid() != 0:
+            raise OSError("not root")
+        used = subprocess.run(["ip", "-4", "addr"], capture_output=True, text=True, check=True).stdout
+        second = next(x for x in range(231, 250) if f"10.{x}." not in used)
+        tag = f"{os.getpid() % 100000}"
+        for i in range(n):
+            name, veth = f"hq{tag}h{i}", f"hq{tag}v{i}"
+            run = lambda *argv: subprocess.run(argv, capture_output=True, check=True)  # noqa: E731
+            run("ip", "netns", "add", name)
+            self.names.append(name)
+            run("ip", "link", "add", veth, "type", "veth", "peer", "name", veth + "n")
+            run("ip", "link", "set", veth + "n", "netns", name)
+            run("ip", "addr", "add", f"10.{second}.{i}.1/30", "dev", veth)
+            run("ip", "link", "set", veth, "up")
+            run("ip", "netns", "exec", name, "ip", "addr", "add", f"10.{second}.{i}.2/30", "dev", veth + "n")
+            run("ip", "netns", "exec", name, "ip", "link", "set", veth + "n", "up")
+            run("ip", "netns", "exec", name, "ip", "link", "set", "lo", "up")
+            self.addresses.append(f"10.{second}.{i}.2")
+
+    @property
+    def namespaces(self) -> bool:
+        return not self.why_not
+
+    def argv(self, i: int, argv: list) -> list:
+        """``argv`` run on host i."""
+        return ["ip", "netns", "exec", self.names[i], *argv] if self.namespaces else list(argv)
+
+    @staticmethod
+    def database_url(url: str) -> str | None:
+        """``url`` (a PostgreSQL server on 127.0.0.1 or localhost) through its Unix socket,
+        or None where there is none."""
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url)
+        if parts.hostname not in ("127.0.0.1", "localhost"):
+            return None
+        port = parts.port or 5432
+        for directory in ("/var/run/postgresql", "/run/postgresql", "/tmp"):
+            if os.path.exists(f"{directory}/.s.PGSQL.{port}"):
+                user = f"{parts.username}@" if parts.username else ""
+                query = f"host={directory}&port={port}" + (f"&{parts.query}" if parts.query else "")
+                return f"postgresql://{user}{parts.path}?{query}"
+        return None
+
+    def close(self) -> None:
+        for name in self.names:
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        self.names = []
 
 
 def seed_known(address: str, n: int, seed: int, method: str = "TestMethod") -> dict:

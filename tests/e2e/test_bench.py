@@ -233,3 +233,21 @@ def test_burst_with_a_worker_kill_every_2s_keeps_half_the_throughput(tmp_path):
             assert all(r["metrics"]["worker_kills"] >= 1 for r in data["repeats"])
     print("median lookups/s:", rates)
     assert rates["kills"] >= 0.5 * rates["calm"]
+
+
+@pytest.mark.parametrize("workload,corrupt", [("burst", 0), ("report", 0), ("single", 1)])
+def test_a_run_on_postgresql(tmp_path, postgresql_server, workload, corrupt):
+    """--db: each repeat on a fresh schema of that database, filled as the SQLite file would
+    be (a corrupted key is caught there too), and dropped after."""
+    extra = ["--db", postgresql_server.url, "--corrupt-keys", corrupt]
+    proc, data = run_tiny(workload, tmp_path / "pg.json", *extra)
+    assert proc.returncode == (1 if corrupt else 0), proc.stdout + proc.stderr
+    assert data["config"]["db"] == postgresql_server.url
+    assert data["repeats"][0]["counts"]["wrong"] == corrupt
+    if not corrupt:
+        assert data["repeats"][0]["db"]["unihash_rows"] > 0
+    import psycopg
+
+    with psycopg.connect(postgresql_server.url) as conn:
+        left = conn.execute("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'hq_bench_%'").fetchone()
+    assert left == (0,)

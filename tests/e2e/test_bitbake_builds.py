@@ -198,15 +198,17 @@ def through_the_gateway(bitbake: str, tmp_path) -> None:
 
 
 def through_meta_hq(bitbake: str, tmp_path) -> None:
-    """BB_HASHSERVE = "tcp://..." and "ipc://..." with meta-hq in BBLAYERS (no gateway: BitBake's
+    """BB_HASHSERVE = "tcp://...,ipc://..." (two addresses of one broker, as a list of
+    brokers is written) and "ipc://..." with meta-hq in BBLAYERS (no gateway: BitBake's
     own client cannot even parse a tcp:// address): the first build, a second build
     directory; then BitBake's own "auto" server in front of that hq, through a gateway."""
     (tmp_path / "hq").mkdir(parents=True)
     ipc = f"ipc://{tmp_path}/hq.ipc"
     sock = f"unix://{tmp_path}/hashserv.sock"
     layers = [f"{REPO}/meta-hq"]
-    with Stack(tmp_path / "hq", bind="tcp://127.0.0.1:*") as stack:
-        conf = {"BB_SIGNATURE_HANDLER": "TestEquivHash", "BB_HASHSERVE": stack.address}
+    also = f"ipc://{tmp_path}/first.ipc"  # a second address: BB_HASHSERVE may list several brokers
+    with Stack(tmp_path / "hq", bind="tcp://127.0.0.1:*", args=["--bind", also]) as stack:
+        conf = {"BB_SIGNATURE_HANDLER": "TestEquivHash", "BB_HASHSERVE": f"{stack.address},{also}"}
         first = BuildDir(bitbake, tmp_path / "first", conf, layers)
         assert first.run("a1", "b1") == everything("a1", "b1")
         assert outhash_rows(stack.address) == REPORTS

@@ -1,8 +1,11 @@
-"""The client's reading of its connection events (hq.client.client.Link), without sockets."""
+"""The client's reading of its connection events (hq.client.client.Link), without sockets,
+and its list of brokers."""
 
+import pytest
 import zmq
 
-from hq.client.client import Link
+from hq import addresses
+from hq.client.client import Client, Link
 
 RETRIED, UP, DOWN = zmq.EVENT_CONNECT_RETRIED, zmq.EVENT_HANDSHAKE_SUCCEEDED, zmq.EVENT_DISCONNECTED
 
@@ -59,3 +62,39 @@ def test_a_wrong_server_key_fails_after_the_attempts():
     assert not link.unreachable()
     feed(link, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
     assert link.unreachable()
+
+
+def test_a_broker_that_answered_once_but_not_this_socket_is_dead_here():
+    """With other brokers to go to, a broker reached before that now refuses every connect
+    of the current socket counts as gone (the client fails over)."""
+    link = Link()
+    link.on_event(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+    link.new_socket()
+    for _ in range(Link.ATTEMPTS - 1):
+        link.on_event(zmq.EVENT_CONNECT_RETRIED)
+    assert not link.dead_here() and not link.unreachable()
+    link.on_event(zmq.EVENT_CONNECT_RETRIED)
+    assert link.dead_here() and not link.unreachable()  # alone, it is waited for
+    link.new_socket()
+    assert not link.dead_here()
+
+
+@pytest.mark.parametrize(
+    "text, says",
+    [
+        ("tcp://a:1,tcp://b:2", None),
+        ("tcp://a:1, ipc:///run/hq.ipc", None),
+        ("tcp://a:1,", "empty address"),
+        ("tcp://a:1,b:2", "did you mean tcp://b:2"),
+        ("tcp://a:1,tcp://a:1", "given twice"),
+    ],
+)
+def test_several_broker_addresses(text, says):
+    if says is None:
+        assert len(addresses.split(text)) == 2
+        Client(text).close()
+    else:
+        with pytest.raises(ValueError, match=says):
+            addresses.split(text)
+        with pytest.raises(ValueError, match="bad hq address"):
+            Client(text)

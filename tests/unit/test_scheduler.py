@@ -564,6 +564,39 @@ def test_the_write_slot_is_freed_when_its_worker_is_lost():
     assert other != writer and command == p.REPORT  # a's report, re-dispatched
 
 
+def ready_on(s, worker_id, db_id, now=0.0):
+    info = {"name": worker_id.decode(), "pid": 1, "db_id": db_id}
+    s.on_worker([worker_id, *p.encode_ready(info)], now)
+
+
+def test_on_a_database_server_each_worker_writes_and_nothing_is_cached():
+    """Workers on PostgreSQL (their identity says so): writes go to every worker at once,
+    and the broker caches nothing (another broker may write or delete any mapping)."""
+    s = make(cache_entries=100)
+    for w in (b"w1", b"w2", b"w3"):
+        ready_on(s, w, "postgresql:7:16384:hq:public")
+    assert s.shared_db and s.cache.max_entries == 0
+    for client in (b"a", b"b", b"c"):
+        s.on_client(report_request(client, b"r"), 0.0)
+    sent = take_messages(s)
+    assert sorted(w for w, cmd, _ in sent if cmd == p.REPORT) == [b"w1", b"w2", b"w3"]
+    s.on_client(get_request(b"d", b"g", [["x"]]), 0.0)
+    assert take_messages(s) == []  # every worker holds a write: the lookup waits for a credit
+    for w, _, ((job_id, _),) in sent:
+        answer(s, w, job_id, [b"3" * 64])
+    (w, cmd, ((job, body),)) = take_messages(s)[0]
+    answer(s, w, job, echo_reply(body))
+    s.on_client(get_request(b"d", b"g2", [["x"]]), 0.0)
+    assert [cmd for _, cmd, _ in take_messages(s)] == [p.GET]  # asked again: not cached
+
+
+def test_workers_on_a_file_keep_one_writer_and_the_cache():
+    s = make(cache_entries=100)
+    for w in (b"w1", b"w2"):
+        ready_on(s, w, "2049:1234:1")
+    assert not s.shared_db and s.cache.max_entries == 100 and s.max_writers == 1
+
+
 # --- identical lookups of several clients: one job (Scheduler._collapse) -----------------------
 WAVE = ["%064x" % i for i in range(5)]
 

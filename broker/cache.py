@@ -35,8 +35,10 @@ CPython, so the default 10,000 is ~2.3 MB). Bigger is not free: measured end to 
 grown to 80,000 entries cost lookups of keys never asked again ~15 % more broker CPU than no
 cache (memory traffic, on a machine whose caches the clients share).
 
-With several brokers on one database (a later issue) another broker's writes would not
-reach this cache: run them with ``--cache-entries 0`` until they share invalidations.
+Several brokers on one database would each miss the others' writes and deletions. So the
+cache is used only over a database file, which one broker serves: when the workers' identity
+names a database server (PostgreSQL, which several brokers may share), the scheduler turns
+the cache off (``Scheduler._databases_changed``), and every lookup is asked of a worker.
 """
 
 from __future__ import annotations

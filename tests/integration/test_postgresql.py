@@ -289,3 +289,35 @@ def test_a_missing_database_is_one_line_without_the_password(tmp_path, postgresq
     assert len(errors_shown) == 1 and "hq_no_such_database" in errors_shown[0], done.stderr
     assert "sekrit" not in done.stderr and "root:***@" in errors_shown[0]
     assert "Traceback" not in done.stderr
+
+
+def test_users_and_permissions_on_postgresql(tmp_path, postgresql_url):
+    stack = Stack(
+        tmp_path,
+        db=postgresql_url,
+        args=["--admin-user", "admin", "--anon-perms", "@read"],
+        env={"HQ_ADMIN_PASSWORD": "pw"},
+    ).start()
+    try:
+        with create_client(stack.address, username="admin", password="pw") as admin:
+            made = admin.new_user("builder", ["@read", "@report"])
+            assert sorted(made["permissions"]) == ["@read", "@report"]
+            assert admin.get_user("builder")["username"] == "builder"
+            with create_client(stack.address, username="builder", password=made["token"]) as builder:
+                assert builder.report_unihash(h("t"), M, h("o"), h("u"))["unihash"] == h("u")
+            assert admin.set_user_perms("builder", ["@read"])["permissions"] == ["@read"]
+            token = admin.refresh_token("builder")["token"]
+            with create_client(stack.address, username="builder", password=token) as builder:
+                builder.report_unihash(h("t2"), M, h("o2"), h("u2"))  # without @report: a lookup
+                assert builder.get_unihash(M, h("t2")) is None
+            with pytest.raises(Exception, match="authenticate"):
+                with create_client(stack.address, username="builder", password=made["token"]) as old:
+                    old.get_unihash(M, h("t"))
+            assert admin.delete_user("builder") == {"username": "builder"}
+            assert admin.get_user("builder") is None
+        with create_client(stack.address) as anonymous:  # @read only
+            assert anonymous.get_unihash(M, h("t")) == h("u")
+            with pytest.raises(Exception, match="permission"):
+                anonymous.report_unihash_equiv(h("t3"), M, h("u3"))
+    finally:
+        assert stack.stop() == 0, stack.log()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
+from urllib.parse import parse_qsl, quote, urlencode
 
 from hq.workers import schema
 from hq.workers.timestamps import now_us
@@ -94,7 +95,10 @@ def fresh_schema(url: str, name: str) -> str:
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(f"DROP SCHEMA IF EXISTS {name} CASCADE")
         conn.execute(f"CREATE SCHEMA {name}")
-    return f"{url}{'&' if '?' in url else '?'}options=-csearch_path%3D{name}"
+    base, _, query = url.partition("?")
+    params = dict(parse_qsl(query))
+    params["options"] = f"{params.get('options', '')} -csearch_path={name}".strip()
+    return f"{base}?{urlencode(params, quote_via=quote)}"
 
 
 def drop_schema(url: str, name: str) -> None:

@@ -321,3 +321,42 @@ def test_users_and_permissions_on_postgresql(tmp_path, postgresql_url):
                 anonymous.report_unihash_equiv(h("t3"), M, h("u3"))
     finally:
         assert stack.stop() == 0, stack.log()
+
+
+def test_reports_stay_index_lookups_on_prepared_plans(postgresql_url):
+    """psycopg prepares a statement after a few runs and PostgreSQL keeps a generic plan,
+    made here while the tables are nearly empty. Reports made after the tables have grown
+    must still read a few index entries each, not every row of the method."""
+    store = store_for(open_database(postgresql_url))
+    flush = "SELECT pg_stat_force_next_flush()"  # else an idle session's counts wait 10 s
+    try:
+        for n in range(60):  # prepared while small; then 3,000 rows
+            store.report_many([(M, h("t", n, k), h("o", n, k), h("u", n, k), None) for k in range(50)])
+        store.db.execute_sql(flush)
+        schema = postgresql_url.rsplit("%3D", 1)[1]
+
+        def read():
+            with psycopg.connect(postgresql_url.split("?", 1)[0], autocommit=True) as conn:
+                return conn.execute(
+                    "SELECT sum(idx_scan), sum(idx_tup_read) FROM pg_stat_user_indexes "
+                    "WHERE schemaname = %s AND relname IN ('outhashes', 'unihashes')",
+                    (schema,),
+                ).fetchone()
+
+        before = wait_for(
+            lambda: (lambda r: r if r[0] and r[0] >= 2 * 3000 else None)(read()), what="the stats"
+        )
+        for n in range(200):
+            store.report_many([(M, h("new", n), h("newo", n), h("u"), None)])
+        store.db.execute_sql(flush)
+        after = wait_for(lambda: (lambda r: r if r[0] >= before[0] + 400 else None)(read()), what="the stats")
+        assert (after[1] - before[1]) / (after[0] - before[0]) < 3, (before, after)
+        with psycopg.connect(postgresql_url.split("?", 1)[0], autocommit=True) as conn:
+            (seq,) = conn.execute(
+                "SELECT seq_tup_read FROM pg_stat_user_tables "
+                "WHERE schemaname = %s AND relname = 'outhashes'",
+                (schema,),
+            ).fetchone()
+        assert seq == 0
+    finally:
+        store.db.close()

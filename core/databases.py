@@ -62,3 +62,22 @@ def check(spec: str) -> str:
             "give an SQLite file or postgresql://USER@HOST[:PORT]/DBNAME"
         )
     return spec
+
+
+def without_password(url: str) -> tuple:
+    """``(url, password)``: a PostgreSQL URL with the password of its user part taken out
+    (``None`` when it has none), so a program can hand the URL to another process on its
+    command line and the password in ``PGPASSWORD``, which libpq reads, out of ``ps``."""
+    if not is_postgresql(url):
+        return url, None
+    scheme, _, rest = url.partition("://")
+    netloc, slash, tail = rest.partition("/")
+    if "@" not in netloc:
+        return url, None
+    userinfo, host = netloc.rsplit("@", 1)
+    if ":" not in userinfo:
+        return url, None
+    user, password = userinfo.split(":", 1)
+    from urllib.parse import unquote
+
+    return f"{scheme}://{user}@{host}{slash}{tail}", unquote(password)

@@ -244,13 +244,16 @@ def main(argv=None) -> int:
             args += [f"--curve-client-key={ready_keys['client_key']}"]
         return _module_argv("hq.gateway", args)
 
+    # A password in a PostgreSQL URL goes to the workers in PGPASSWORD, not on their command line.
+    worker_db, db_password = databases.without_password(opts.db)
+    worker_env = {} if db_password is None else {"PGPASSWORD": db_password}
     for n in range(opts.workers):
         name = f"hq-worker-{n:02d}"
         worker_args = [
             "--backend",
             backend,
             "--db",
-            opts.db,
+            worker_db,
             "--synchronous",
             opts.synchronous,
             "--name",
@@ -258,7 +261,7 @@ def main(argv=None) -> int:
             *worker_curve,
             *common,
         ]
-        children.append(Child(name, _module_argv("hq.workers", worker_args)))
+        children.append(Child(name, _module_argv("hq.workers", worker_args), worker_env))
     try:
         now = time.monotonic()
         for child in children:

@@ -5,6 +5,7 @@ tests' own database (see ``postgresql_url``)."""
 
 from __future__ import annotations
 
+import getpass
 import json
 import subprocess
 import threading
@@ -360,3 +361,23 @@ def test_reports_stay_index_lookups_on_prepared_plans(postgresql_url):
         assert seq == 0
     finally:
         store.db.close()
+
+
+def test_a_password_in_the_url_is_never_shown(tmp_path, postgresql_url):
+    """Not in a worker's command line (it gets PGPASSWORD), a log line or the statistics."""
+    if "@" in postgresql_url.split("?", 1)[0]:
+        pytest.skip("HQ_POSTGRESQL names a user already")
+    url = postgresql_url.replace("://", f"://{getpass.getuser()}:sekrit@", 1)  # trust: any password
+    stack = Stack(tmp_path, db=url).start()
+    try:
+        with create_client(stack.address) as client:
+            client.report_unihash_equiv(h("t"), M, h("u"))
+            stats = json.dumps(client.get_stats())
+        assert "sekrit" not in stats
+        for name, proc in stack.processes.items():
+            assert "sekrit" not in " ".join(proc.cmdline()), name
+            if name.startswith("hq-worker"):
+                assert proc.environ().get("PGPASSWORD") == "sekrit"
+    finally:
+        assert stack.stop() == 0, stack.log()
+    assert "sekrit" not in stack.log()

@@ -336,16 +336,12 @@ class PostgresqlStore(Store):
                 pass
             self._method_ids.clear()
 
-    def after_error(self) -> None:
-        self._abandon()
-
     # --- reports: one round trip for a whole group commit -------------------------------------
     def report_many(self, reports: list) -> list:
         """The reports of one REQUEST in one transaction, as on SQLite, sent in psycopg's
         pipeline mode: BEGIN, the hash locks, one statement per report and COMMIT go out
         together and the worker waits once (the server runs them in order, each seeing the
         ones before). Measured: see README, "Scaling out"."""
-        self.check_file()
         ids = {m: self.method_id(m, create=True) for m in {r[0] for r in reports}}
         self._uncommitted_methods.clear()  # autocommit: a method added here is committed
         pairs = [(r[0], r[2]) for r in reports] + [(r[0], r[1]) for r in reports]

@@ -145,9 +145,6 @@ class Store:
     def in_transaction(self) -> bool:
         return self.db.connection().in_transaction
 
-    def after_error(self) -> None:
-        """A statement failed outside a transaction (nothing to undo on SQLite)."""
-
     def facts(self) -> tuple:
         """``(facts, version)`` for the statistics: the file's size and pages; ``version``
         moves when any connection commits (see :class:`hq.workers.stats.RowCountPolicy`)."""
@@ -435,9 +432,8 @@ class Store:
 
     def report_many(self, reports: list) -> list:
         """Several reports in one write transaction (group commit); see :meth:`_report`."""
-        with self.write_transaction():
+        with self.write_transaction():  # (PostgresqlStore has its own, with its hash locks)
             failpoints.hit("store.report")  # a test widens the race window here
-            self.lock_hashes([(r[0], r[2]) for r in reports] + [(r[0], r[1]) for r in reports])
             mark = current_gc_mark(self._sql) or ""
             return [self._report(mark, *report) for report in reports]
 

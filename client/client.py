@@ -247,8 +247,10 @@ class Client:
                     if self.username is not None:  # a new connection: its session is gone
                         self._reset_socket()
                     self._resend(resends)
-                elif event == FAILED_OVER:  # what the last broker held is sent to this one
+                elif event == FAILED_OVER:  # never reached the last broker: send it all here
                     self._resend(policy.resend_all(time.monotonic()))
+                elif event == FAILED_OVER_LOST:  # the last one held them: as after a reconnect
+                    self._resend(policy.on_reconnect(time.monotonic()))
                 if policy.login_needed:  # 440: the broker restarted or dropped the session
                     policy.login_needed = False
                     if self.username is None:
@@ -299,7 +301,7 @@ class Client:
                     raise ConnectionError(f"no answer from hq at {self.broker} to the log-in in time")
                 if not self._poller.poll(max(1, int((deadline - now) * 1000))):
                     continue
-                if self._connection_events() == FAILED_OVER:
+                if self._connection_events() in (FAILED_OVER, FAILED_OVER_LOST):
                     break  # ask the next broker
                 sock = self._sock()
                 while readable(sock):
@@ -345,7 +347,7 @@ class Client:
                 )
             raise ConnectionError(f"cannot reach hq at {self.broker}: {why}")
         if len(self.addresses) > 1 and link.lost and self._fail_over():
-            return FAILED_OVER  # it went away: what it held is gone, the next broker gets it
+            return FAILED_OVER_LOST  # it went away with what it held: the next broker gets it
         return result
 
     def _receive(self, sock, policy: RetryPolicy, results: list) -> None:
@@ -558,8 +560,12 @@ class Client:
         return result
 
 
-#: What _connection_events returns when it left the broker for the next one.
+#: What _connection_events returns when it left the broker for the next one: one the
+#: current socket never got through to (nothing sent reached it), or one that dropped the
+#: connection (what it held may have run: an admin write is not sent again, see
+#: RetryPolicy.on_reconnect).
 FAILED_OVER = "failed over"
+FAILED_OVER_LOST = "failed over, lost"
 
 
 class Link:

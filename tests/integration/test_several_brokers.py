@@ -80,13 +80,9 @@ def requests_seen(stack) -> int:
         return client.get_stats()["requests"]["num"]
 
 
-def test_the_hosts_are_what_they_say(two):
-    a, b = two
-    assert a.address.split("//")[1].split(":")[0] != b.address.split("//")[1].split(":")[0]
-
-
 def test_what_one_broker_changes_the_other_answers_at_once(two):
     a, b = two
+    assert a.address.split("//")[1].split(":")[0] != b.address.split("//")[1].split(":")[0]  # two hosts
     with create_client(a.address) as via_a, create_client(b.address) as via_b:
         assert via_b.get_unihash(M, "1" * 64) is None  # a miss, asked on b first
         via_a.report_unihash_equiv("1" * 64, M, "2" * 64)
@@ -167,3 +163,46 @@ def test_hq_admin_and_the_gateway_take_several_brokers(two, tmp_path, hashserv):
             client.close()
     finally:
         assert gateway.stop() == 0, gateway.log()
+
+
+def test_an_admin_write_a_dead_broker_held_is_not_sent_to_another(two):
+    """A remove whose broker dies may have run there: the client says so (as after a
+    reconnect) instead of running it a second time on the other broker."""
+    workers = [proc for s in two for name, proc in s.processes.items() if name.startswith("hq-worker")]
+    with create_client(two[0].address) as client:
+        client.report_unihash_equiv("5" * 64, M, "6" * 64)
+    for proc in workers:  # nothing answers: the remove stays with its broker
+        proc.suspend()
+    outcome = []
+
+    def remove():
+        try:
+            with create_client(both(two), timeout=30) as client:
+                outcome.append(client.remove({"taskhash": "5" * 64}))
+        except Exception as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=remove)
+    thread.start()
+    try:
+
+        def holder():
+            for s in two:
+                with create_client(s.address, timeout=5) as client:
+                    broker = client.get_stats()["broker"]
+                if broker["queued_jobs"] + broker["inflight_jobs"]:
+                    return s
+            return None
+
+        held = wait_for(holder, timeout=20, what="a broker to hold the remove")
+        kill_host(held)
+    finally:
+        for proc in workers:
+            if proc.is_running():
+                proc.resume()
+        thread.join(60)
+    (result,) = outcome
+    assert isinstance(result, ConnectionError) and "may or may not have run" in str(result), result
+    (other,) = [s for s in two if s is not held]
+    with create_client(other.address) as client:
+        assert client.get_unihash(M, "5" * 64) == "6" * 64  # not removed a second time elsewhere

@@ -98,7 +98,7 @@ def open_database(url: str, startup_timeout_s: float = 30.0, lock_wait_s: float 
                 postgresql_database.close()
             reason = _first_line(exc)
             if _refused(exc) or time.monotonic() > deadline:
-                raise ValueError(f"PostgreSQL at {shown}: {reason}") from None
+                raise ValueError(reason) from None
             if not warned:
                 log.warning("waiting for PostgreSQL at %s: %s", shown, reason)
                 warned = True
@@ -106,7 +106,7 @@ def open_database(url: str, startup_timeout_s: float = 30.0, lock_wait_s: float 
         except DatabaseError as exc:
             if not postgresql_database.is_closed():
                 postgresql_database.close()
-            raise ValueError(f"PostgreSQL at {shown}: {_first_line(exc)}") from None
+            raise ValueError(_first_line(exc)) from None
 
 
 def _refused(exc: BaseException) -> bool:

@@ -23,8 +23,9 @@ M = "TestMethod"
 
 
 @pytest.fixture
-def two(tmp_path, postgresql_url):
-    """Two hq-servers (2 workers each) on one PostgreSQL schema, on hosts a and b."""
+def two(tmp_path, postgresql_url, request):
+    """Two hq-servers (2 workers each) on one PostgreSQL schema, on hosts a and b (with the
+    environment of an indirect parameter, if any)."""
     hosts = Hosts(2)
     db = postgresql_url
     if hosts.namespaces:
@@ -45,7 +46,8 @@ def two(tmp_path, postgresql_url):
         for i, name in enumerate(("a", "b")):
             (tmp_path / name).mkdir()
             bind = f"tcp://{hosts.addresses[i]}:*"
-            stacks.append(Stack(tmp_path / name, bind=bind, db=db, prefix=hosts.argv(i, [])).start())
+            env = getattr(request, "param", None)
+            stacks.append(Stack(tmp_path / name, bind=bind, env=env, db=db, prefix=hosts.argv(i, [])).start())
         print(
             "hosts: network namespaces" if hosts.namespaces else f"hosts: loopback ({hosts.why_not})",
             ", ".join(s.address for s in stacks),
@@ -206,3 +208,37 @@ def test_an_admin_write_a_dead_broker_held_is_not_sent_to_another(two):
     (other,) = [s for s in two if s is not held]
     with create_client(other.address) as client:
         assert client.get_unihash(M, "5" * 64) == "6" * 64  # not removed a second time elsewhere
+
+
+@pytest.mark.parametrize("two", [{"HQ_FAILPOINTS": "store.report=sleep(0.1)"}], indirect=True)
+def test_reports_of_one_outhash_through_both_hosts_agree(two):
+    """8 clients, half on each host, report different taskhashes with the same outhashes at
+    once; each report's transaction is held open 0.1 s before its hash locks, so the two
+    hosts' workers write at the same time: one unihash per outhash, everywhere."""
+    answers, failures = {}, []
+    start = threading.Barrier(8)
+
+    def report(i):
+        try:
+            with create_client(two[i % 2].address, timeout=60) as client:
+                start.wait()
+                answers[i] = [
+                    client.report_unihash(
+                        "%064x" % (i * 100 + k + 1), M, "%064x" % (7000 + k), "%064x" % (9000 + i)
+                    )["unihash"]
+                    for k in range(4)
+                ]
+        except Exception as exc:
+            failures.append((i, exc))
+
+    threads = [threading.Thread(target=report, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not failures, failures
+    for k in range(4):
+        assert len({answers[i][k] for i in range(8)}) == 1, k
+    with create_client(two[1].address) as client:
+        keys = [(M, "%064x" % (i * 100 + k + 1)) for i in range(8) for k in range(4)]
+        assert client.get_unihash_batch(keys) == [answers[i][k] for i in range(8) for k in range(4)]

@@ -254,6 +254,7 @@ class Scheduler:
         # worker id -> write REQUESTs it holds. SQLite has one writer, so one write REQUEST is
         # in flight at a time; a database server (PostgreSQL) takes one per worker.
         self.writers: dict = {}
+        self.writing = 0  # sum of self.writers' values
         self.max_writers = 1
         # A read-only broker is a mirror: others write its database, unseen, so no cache.
         self._cache_entries = 0 if settings.read_only else settings.cache_entries
@@ -686,16 +687,19 @@ class Scheduler:
         self.max_writers = max(1, len(self.workers)) if shared else 1
 
     def _write_ended(self, worker_id) -> None:
-        held = self.writers.get(worker_id, 0) - 1
-        if held > 0:
-            self.writers[worker_id] = held
+        held = self.writers.get(worker_id, 0)
+        if not held:
+            return
+        self.writing -= 1
+        if held > 1:
+            self.writers[worker_id] = held - 1
         else:
-            self.writers.pop(worker_id, None)
+            del self.writers[worker_id]
 
     def _drop_worker(self, worker: Worker, why: str, now: float):
         del self.workers[worker.worker_id]
         self._databases_changed()
-        self.writers.pop(worker.worker_id, None)
+        self.writing -= self.writers.pop(worker.worker_id, 0)
         jobs = list(worker.jobs.values())
         worker.jobs.clear()
         lost_admin_writes = sum(1 for job in jobs if job.command in p.ADMIN_WRITE_COMMANDS)
@@ -967,6 +971,7 @@ class Scheduler:
             job = batch[0]
             if job.command in WRITE_COMMANDS:
                 self.writers[worker.worker_id] = self.writers.get(worker.worker_id, 0) + 1
+                self.writing += 1
             if job.command in p.LONG_COMMANDS:
                 # A sweep of millions of rows ends in a COMMIT that can take seconds without a
                 # heartbeat: do not take the worker for dead (and run the sweep twice) meanwhile.
@@ -1005,7 +1010,7 @@ class Scheduler:
             )
 
     def _eligible(self, job: Job) -> bool:
-        return job.command not in WRITE_COMMANDS or sum(self.writers.values()) < self.max_writers
+        return job.command not in WRITE_COMMANDS or self.writing < self.max_writers
 
     def tick(self, now: float):
         """Heartbeats, worker expiry and request timeouts. Call at least every interval."""

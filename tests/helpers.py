@@ -157,22 +157,17 @@ class PostgresqlServer:
         self.url = f"{base}/{self.name}"
         self._schemas = 0
 
-    def sql(self, statement: str) -> None:
-        import psycopg
-
-        with psycopg.connect(self.url, autocommit=True) as conn:
-            conn.execute(statement)
-
     def new_url(self) -> str:
         """A URL whose connections use a new, empty schema (their search_path)."""
+        from hq.bench.populate import fresh_schema
+
         self._schemas += 1
-        schema = f"t{self._schemas}"
-        self.sql(f"CREATE SCHEMA {schema}")
-        return f"{self.url}?options=-csearch_path%3D{schema}"
+        return fresh_schema(self.url, f"t{self._schemas}")
 
     def drop_schema(self, url: str) -> None:
-        schema = url.rsplit("%3D", 1)[1]
-        self.sql(f"DROP SCHEMA {schema} CASCADE")
+        from hq.bench.populate import drop_schema
+
+        drop_schema(self.url, url.rsplit("%3D", 1)[1])
 
     def close(self) -> None:
         import psycopg

@@ -251,12 +251,16 @@ class PostgresqlStore(Store):
         self._identity = self._read_identity()
 
     # --- what differs in how statements run -----------------------------------------------
-    def _sql(self, sql: str, params=()):
+    def _psycopg(self, sql: str) -> str:
+        """hq's SQL (``?`` placeholders) as psycopg takes it (``%s``, a literal ``%`` doubled)."""
         translated = self._translated.get(sql)
         if translated is None:
             translated = self._translated[sql] = sql.replace("%", "%%").replace("?", "%s")
+        return translated
+
+    def _sql(self, sql: str, params=()):
         try:
-            return self.db.execute_sql(translated, params)
+            return self.db.execute_sql(self._psycopg(sql), params)
         except (OperationalError, InterfaceError):
             self._drop_if_broken()
             raise
@@ -275,9 +279,8 @@ class PostgresqlStore(Store):
             self._method_ids.clear()
 
     def executemany(self, sql: str, rows: list) -> int:
-        translated = sql.replace("%", "%%").replace("?", "%s")
         with self.db.cursor() as cursor:
-            cursor.executemany(translated, rows)
+            cursor.executemany(self._psycopg(sql), rows)
             return cursor.rowcount
 
     def in_transaction(self) -> bool:

@@ -50,6 +50,8 @@ from .workloads import WORKLOADS
 
 REF, GW, HQ, LOCAL = "bitbake-hashserv --upstream", "hq --upstream, gateway", "hq --upstream", "hq, all local"
 COLD_SIDES = (REF, GW, HQ)
+#: --sides names for the local servers.
+SIDE_NAMES = {"reference": REF, "gateway": GW, "hq": HQ}
 #: How long the second burst waits for a local server to store what its upstream answered.
 BACKFILL_WAIT_S = 60.0
 UPSTREAM_SERVERS = ("hq", "bitbake-hashserv")
@@ -76,6 +78,13 @@ def add_parser(sub, common) -> None:
         choices=UPSTREAM_SERVERS,
         default="hq",
         help="what holds the mappings: hq (default) or bitbake-hashserv",
+    )
+    p.add_argument(
+        "--sides",
+        default=",".join(SIDE_NAMES),
+        help="the local servers to run, comma-separated, of reference (bitbake-hashserv --upstream: "
+        "about 90 s a cold burst at full scale), gateway and hq (default: all three; the ratios to the "
+        "reference need it)",
     )
     p.add_argument(
         "--configs",
@@ -212,6 +221,11 @@ def run(parser, opts) -> dict:
         parser.error("cold-start: no BitBake source tree: give --bitbake DIR or set HQ_BITBAKE")
     if not 0 < opts.scale <= 1:
         parser.error("cold-start: --scale must be more than 0 and at most 1")
+    names = [name.strip() for name in opts.sides.split(",") if name.strip()]
+    unknown = [name for name in names if name not in SIDE_NAMES]
+    if unknown or not names:
+        parser.error(f"cold-start: --sides takes a list of {', '.join(SIDE_NAMES)}; got {opts.sides!r}")
+    sides = tuple(side for side in COLD_SIDES if side in {SIDE_NAMES[name] for name in names})
     opts.workloads, opts.keys = ["burst"], 0
     wopts = workload_options(parser, "burst", opts)
     wopts.base_server_arg = list(wopts.server_arg)
@@ -245,7 +259,8 @@ def run(parser, opts) -> dict:
         for n in range(1, opts.repeats + 1):
             raw.append(_run_side(LOCAL, workload, wopts, full_hq, "", upstream, tree, n, progress))
             for delay, for_hq, for_ref in routes:
-                order = COLD_SIDES[(n - 1) % 3 :] + COLD_SIDES[: (n - 1) % 3]
+                turn = (n - 1) % len(sides)
+                order = sides[turn:] + sides[:turn]
                 for side in order:
                     template, address = (empty_ref, for_ref) if side == REF else (empty_hq, for_hq)
                     got = _run_side(side, workload, wopts, template, address, upstream, tree, n, progress)
@@ -289,6 +304,8 @@ def summarize(raw: list) -> dict:
         sides = {}
         for side in COLD_SIDES:
             mine = [r for r in runs if r["side"] == side]
+            if not mine:
+                continue
             speedups = [
                 ref[r["repeat"]] / _wall(r, "cold") for r in mine if ref.get(r["repeat"]) and _wall(r, "cold")
             ]

@@ -475,7 +475,10 @@ class Scheduler:
         ):
             self._error(client_id, request.request_id, p.E_BUSY, "broker queue full, retry later")
             return None
-        slow = command in p.LONG_COMMANDS
+        # A backfill waits behind the lookups that made it, with writes one at a time: a cold
+        # burst queues hundreds. Nobody waits for it, so it has the admin writes' timeout:
+        # with the clients', the last of them expired, and what they held was asked again.
+        slow = command in p.LONG_COMMANDS or command == p.BACKFILL
         pending = PendingRequest(
             client_id,
             request.request_id,
@@ -786,21 +789,15 @@ class Scheduler:
         """Send a finished lookup's local misses upstream; False if it has none."""
         if pending.command in (p.GET_FULL, p.GET_OUTHASH):
             return self._ask_upstream_row(pending, now)
-        misses = []  # (chunk index, item index, question)
+        if pending.command == p.GET:
+            return self._ask_upstream_lookups(pending, now)
+        misses = []  # (chunk index, item index, unihash)
         for index, chunk in enumerate(pending.bodies):
             frame = bytes(pending.results[index][0])
-            if pending.command == p.GET:
-                method = bytes(chunk[0]).decode("utf-8", "replace")
-                taskhashes = bytes(chunk[1]).decode("utf-8", "replace").split("\n")
-                answers = frame.split(b"\n")
-                pairs = enumerate(zip(taskhashes, answers))
-                misses += [(index, i, [method, t]) for i, (t, u) in pairs if not u]
-            else:
-                unihashes = bytes(chunk[0]).decode("utf-8", "replace").split("\n")
-                misses += [(index, i, u) for i, u in enumerate(unihashes) if frame[i : i + 1] == b"0"]
+            unihashes = bytes(chunk[0]).decode("utf-8", "replace").split("\n")
+            misses += [(index, i, u) for i, u in enumerate(unihashes) if frame[i : i + 1] == b"0"]
         if not misses:
             return False
-        kind = ASK_GET if pending.command == p.GET else ASK_EXISTS
         self.count("upstream.asked", len(misses))
 
         def answered(result, error, now):
@@ -809,16 +806,49 @@ class Scheduler:
             if error is None and (not isinstance(result, list) or len(result) != len(misses)):
                 error = "an answer of the wrong shape"
             if error is not None:
-                self.count("upstream.timeouts" if error == "timeout" else "upstream.errors")
+                self._upstream_failed(error)
                 self._complete(pending, now)  # local data only
                 return
-            if pending.command == p.GET:
-                self._fill_lookups(pending, misses, result, now)
-            else:
-                self._fill_exists(pending, misses, result)
+            self._fill_exists(pending, misses, result)
             self._complete(pending, now)
 
-        self.upstream.ask(kind, [question for _, _, question in misses], now, answered, pending.deadline)
+        questions = [question for _, _, question in misses]
+        self.upstream.ask(ASK_EXISTS, questions, now, answered, pending.deadline)
+        return True
+
+    def _upstream_failed(self, error: str) -> None:
+        self.count("upstream.timeouts" if error == "timeout" else "upstream.errors")
+
+    def _ask_upstream_lookups(self, pending: PendingRequest, now: float) -> bool:
+        """A lookup's local misses, as packed frames: per chunk with misses, its method and
+        the missed taskhashes, LF-joined. The answer is one LF-joined chunk of unihashes
+        (empty for a miss) per question chunk."""
+        asked = []  # (chunk index, positions of its misses, method, missed taskhashes)
+        frames = []
+        for index, chunk in enumerate(pending.bodies):
+            answers = bytes(pending.results[index][0]).split(b"\n")
+            if all(answers):
+                continue
+            taskhashes = bytes(chunk[1]).split(b"\n")
+            positions = [i for i, unihash in enumerate(answers) if not unihash]
+            missed = [taskhashes[i] for i in positions]
+            method = bytes(chunk[0])
+            asked.append((index, positions, method, missed))
+            frames += (method, b"\n".join(missed))
+        if not asked:
+            return False
+        self.count("upstream.asked", sum(len(positions) for _, positions, _, _ in asked))
+
+        def answered(result, error, now):
+            if pending.done:  # timed out meanwhile
+                return
+            if error is None:
+                error = self._fill_lookups(pending, asked, result, now)
+            if error is not None:
+                self._upstream_failed(error)
+            self._complete(pending, now)  # with what the upstream knew, or local data only
+
+        self.upstream.ask_frames(ASK_GET, frames, now, answered, pending.deadline)
         return True
 
     def _ask_upstream_row(self, pending: PendingRequest, now: float) -> bool:
@@ -837,7 +867,7 @@ class Scheduler:
             if pending.done:
                 return
             if error is not None:
-                self.count("upstream.timeouts" if error == "timeout" else "upstream.errors")
+                self._upstream_failed(error)
             elif isinstance(row, dict) and p.is_unihash(row.get("unihash")):
                 self.count("upstream.hits")
                 self._backfill([{**row, "method": question[0]}], now)
@@ -851,22 +881,40 @@ class Scheduler:
         self.upstream.ask(kind, question, now, answered, pending.deadline)
         return True
 
-    def _fill_lookups(self, pending, misses, result, now):
-        found = {}  # chunk index -> {item index: unihash}
-        backfill = []
-        for (index, i, (method, taskhash)), unihash in zip(misses, result):
-            if isinstance(unihash, str) and p.is_unihash(unihash):
-                found.setdefault(index, {})[i] = unihash
-                backfill.append({"method": method, "taskhash": taskhash, "unihash": unihash})
-        self.count("upstream.hits", len(backfill))
-        self.count("upstream.misses", len(misses) - len(backfill))
-        for index, hits in found.items():
-            answers = bytes(pending.results[index][0]).split(b"\n")
-            for i, unihash in hits.items():
-                answers[i] = unihash.encode("ascii")
-            pending.results[index] = [b"\n".join(answers)]
-        if backfill:
-            self._backfill(backfill, now)
+    def _fill_lookups(self, pending, asked, result, now):
+        """Put the upstream's unihashes into the lookup's answers and store them (off the
+        reply path); an error text if the answer is malformed (nothing is used then)."""
+        if len(result) != len(asked):
+            return "an answer of the wrong shape"
+        fills = []
+        for (_, positions, _, _), frame in zip(asked, result):
+            got = frame.split(b"\n")
+            # The agent checks every unihash; garbage here (a bug there) is never an answer.
+            if (
+                len(got) != len(positions)
+                or not p.only_hex_and_separators(frame)
+                or any(len(u) not in (0, 64) for u in got)
+            ):
+                return "an answer of the wrong shape"
+            fills.append(got)
+        hits = 0
+        for (index, positions, method, missed), got in zip(asked, fills):
+            answers = None
+            found_t, found_u = [], []
+            for i, taskhash, unihash in zip(positions, missed, got):
+                if unihash:
+                    if answers is None:
+                        answers = bytes(pending.results[index][0]).split(b"\n")
+                    answers[i] = unihash
+                    found_t.append(taskhash)
+                    found_u.append(unihash)
+            if answers is not None:
+                pending.results[index] = [b"\n".join(answers)]
+                hits += len(found_t)
+                self._backfill_mappings(method, found_t, found_u, now)
+        self.count("upstream.hits", hits)
+        self.count("upstream.misses", sum(len(a[1]) for a in asked) - hits)
+        return None
 
     def _fill_exists(self, pending, misses, result):
         found = {}
@@ -883,15 +931,26 @@ class Scheduler:
             pending.results[index] = [bytes(flags)]
 
     def _backfill(self, rows: list, now: float):
-        """Store what the upstream answered, off the reply path: internal write jobs of up to
-        a chunk of rows each, first mapping wins (hq.workers.importer: backfill)."""
+        """Store full rows the upstream answered (get-outhash, get with all), off the reply
+        path: an internal write job, first mapping wins (hq.workers.importer: backfill)."""
         for start in range(0, len(rows), p.MAX_CHUNK_ITEMS):
             part = rows[start : start + p.MAX_CHUNK_ITEMS]
-            request = p.Request(b"backfill-%x" % next(self._internal_ids), p.BACKFILL, b"", [], [len(part)])
-            pending = self._submit(None, request, [p.encode_json(part)], b"", now, False)
-            if pending is not None:
-                pending.hook = self._backfill_hook
-                self.backfills += 1
+            self._backfill_job([p.encode_json(part)], len(part), now)
+
+    def _backfill_mappings(self, method: bytes, taskhashes: list, unihashes: list, now: float):
+        """Store mappings the upstream answered, as packed chunks: method, LF-joined
+        taskhashes, LF-joined unihashes."""
+        for start in range(0, len(taskhashes), p.MAX_CHUNK_ITEMS):
+            end = start + p.MAX_CHUNK_ITEMS
+            body = [method, b"\n".join(taskhashes[start:end]), b"\n".join(unihashes[start:end])]
+            self._backfill_job(body, len(taskhashes[start:end]), now)
+
+    def _backfill_job(self, body: list, items: int, now: float):
+        request = p.Request(b"backfill-%x" % next(self._internal_ids), p.BACKFILL, b"", [], [items])
+        pending = self._submit(None, request, body, b"", now, False)
+        if pending is not None:
+            pending.hook = self._backfill_hook
+            self.backfills += 1
 
     def _backfill_hook(self, pending, frames, now):
         self.backfills -= 1
@@ -917,7 +976,7 @@ class Scheduler:
         def answered(result, error, now):
             new_body = body
             if error is not None:
-                self.count("upstream.timeouts" if error == "timeout" else "upstream.errors")
+                self._upstream_failed(error)
             elif isinstance(result, dict) and p.is_unihash(result.get("unihash")):
                 self.count("upstream.report_hits")
                 unihash = result["unihash"].encode("ascii")

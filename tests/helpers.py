@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import random
 import socket
@@ -201,6 +202,12 @@ class Hosts:
     def _make(self, n: int) -> None:
         if os.geteuid() != 0:
             raise OSError("not root")
+        # Test processes running side by side (pytest -n) must not pick the same free /16.
+        with open("/tmp/hq-tests-netns.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._make_locked(n)
+
+    def _make_locked(self, n: int) -> None:
         used = subprocess.run(["ip", "-4", "addr"], capture_output=True, text=True, check=True).stdout
         second = next(x for x in range(231, 250) if f"10.{x}." not in used)
         tag = f"{os.getpid() % 100000}"

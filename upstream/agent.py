@@ -2,11 +2,13 @@
 questions over an ``inproc://`` PAIR socket, asking the upstream as little and as seldom as
 it can.
 
-The broker (:mod:`hq.broker.upstream`) sends ``[id, kind, JSON]``: ``get`` (the local misses
-of a lookup, ``[[method, taskhash], ...]``), ``exists`` (``[unihash, ...]``), ``outhash``
-(``[method, outhash, taskhash]``, for a report or a get-outhash) or ``row`` (``[method,
-taskhash]``, for a get with all); the agent answers ``[id, b"ok", JSON]`` (a unihash or
-null per lookup, a bool per unihash, a row or null) or ``[id, b"error", text]``. The
+The broker (:mod:`hq.broker.upstream`) sends ``[id, kind, JSON]``: ``exists``
+(``[unihash, ...]``), ``outhash`` (``[method, outhash, taskhash]``, for a report or a
+get-outhash) or ``row`` (``[method, taskhash]``, for a get with all), and the agent answers
+``[id, b"ok", JSON]`` (a bool per unihash, a row or null); or ``get``, the local misses of a
+lookup, packed as hq's GET chunks are, ``[id, b"get", method, LF-joined taskhashes, ...]``,
+answered ``[id, b"ok", LF-joined unihashes, ...]`` (one chunk per pair, an empty item for a
+miss). Any question may be answered ``[id, b"error", text]``. The
 broker holds the deadline (``--upstream-timeout``): an answer that comes later is dropped
 there, so nothing here can stall a client.
 
@@ -128,9 +130,9 @@ class Agent:
             if len(frames) >= 2 and frames[1] == STOP:
                 self.stopped.set()
                 return
-            if len(frames) != 3:
+            if len(frames) < 3:
                 continue
-            task = self.loop.create_task(self._answer(*frames))
+            task = self.loop.create_task(self._answer(frames[0], frames[1], frames[2:]))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
 
@@ -141,21 +143,23 @@ class Agent:
             return
         self.loop.call_soon(self._drain)  # ZMQ_FD is edge-triggered: look after a send
 
-    async def _answer(self, qid: bytes, kind: bytes, payload: bytes) -> None:
+    async def _answer(self, qid: bytes, kind: bytes, payload: list) -> None:
         asker = {
-            b"get": self._get,
             b"exists": self._exists,
             b"outhash": self._outhash,
             b"row": self._row,
         }.get(kind)
         try:
-            if asker is None:
+            if kind == b"get":  # packed frames both ways (hq.broker.upstream.ask_frames)
+                answer = await self._get(payload)
+            elif asker is None or len(payload) != 1:
                 raise ValueError(f"unknown question {kind[:20]!r}")
-            result = await asker(json.loads(payload))
+            else:
+                answer = [json.dumps(await asker(json.loads(payload[0]))).encode()]
         except (UpstreamError, ValueError, TypeError) as exc:
             self._send([qid, b"error", str(exc).encode("utf-8", "replace")[:500]])
             return
-        self._send([qid, b"ok", json.dumps(result).encode()])
+        self._send([qid, b"ok", *answer])
 
     # --- questions ------------------------------------------------------------------------
     def _check_up(self) -> None:
@@ -171,9 +175,23 @@ class Agent:
     def _succeeded(self) -> None:
         self.failures = 0
 
-    async def _get(self, pairs) -> list:
-        keys = [(str(method), str(taskhash)) for method, taskhash in pairs]
-        return await self._batched("get", keys)
+    async def _get(self, frames: list) -> list:
+        """``[method, LF-joined taskhashes, ...]`` -> one LF-joined chunk of unihashes
+        (empty for a miss) per pair."""
+        if not frames or len(frames) % 2:
+            raise ValueError("a get question is pairs of method and taskhashes")
+        keys, sizes = [], []
+        for method, chunk in zip(frames[0::2], frames[1::2]):
+            method = method.decode("utf-8", "replace")
+            taskhashes = chunk.decode("utf-8", "replace").split("\n")
+            keys += [(method, taskhash) for taskhash in taskhashes]
+            sizes.append(len(taskhashes))
+        answers = await self._batched("get", keys)
+        out, start = [], 0
+        for size in sizes:
+            out.append("\n".join([a or "" for a in answers[start : start + size]]).encode("ascii"))
+            start += size
+        return out
 
     async def _exists(self, unihashes) -> list:
         answers = await self._batched("exists", [str(u) for u in unihashes])

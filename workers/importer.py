@@ -199,12 +199,16 @@ _CONVERTERS = {
 
 
 def parse_backfill(body: list) -> tuple:
-    """``backfill`` (the broker's own, --upstream): one frame, a JSON list of what the
-    upstream answered: mappings (method, taskhash, unihash) and full rows (with an outhash
-    and its fields, from get-outhash or get with all), which are stored as an import's.
-    -> (mapping rows, outhash rows); a row hq cannot hold is left out."""
+    """``backfill`` (the broker's own, --upstream): what the upstream answered, stored as an
+    import's. Either three frames, mappings packed as a GET chunk and its answer are
+    (method, LF-joined taskhashes, LF-joined unihashes: a cold burst's hundreds of
+    thousands), or one frame, a JSON list of full rows (with an outhash and its fields, from
+    get-outhash or get with all). -> (mapping rows, outhash rows); a row hq cannot hold is
+    left out."""
+    if len(body) == 3:
+        return _parse_packed_mappings(body), []
     if len(body) != 1:
-        raise p.ProtocolError(p.E_BAD_REQUEST, "backfill takes 1 body frame")
+        raise p.ProtocolError(p.E_BAD_REQUEST, "backfill takes 1 or 3 body frames")
     try:
         rows = json.loads(bytes(body[0]))
     except (ValueError, RecursionError):
@@ -222,6 +226,17 @@ def parse_backfill(body: list) -> tuple:
         except (_Invalid, KeyError):
             continue
     return mappings, outhashes
+
+
+def _parse_packed_mappings(body: list) -> list:
+    method = p.decode_text(body[0], "method", p.MAX_METHOD_BYTES)
+    taskhashes = p.unpack_items(body[1], "taskhash")
+    unihashes = p.unpack_unihashes(body[2], len(taskhashes))
+    return [
+        (method, to_key(taskhash), bytes.fromhex(unihash), "")
+        for taskhash, unihash in zip(taskhashes, unihashes)
+        if unihash is not None
+    ]
 
 
 _OUTHASH_FIELDS = ("method", "taskhash", "outhash", "created", *p.REPORT_EXTRA_FIELDS)

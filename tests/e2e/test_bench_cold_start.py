@@ -47,12 +47,21 @@ def test_every_side_runs_cold_then_warm_with_every_answer_right(bitbake, tmp_pat
 
 
 def test_a_wrong_answer_from_the_upstream_fails_the_run(bitbake, tmp_path):
-    """With a bitbake-hashserv upstream holding 5 wrong unihashes: every side gets them."""
+    """With a bitbake-hashserv upstream holding 5 wrong unihashes: every side gets them (the
+    two hq sides here: --sides leaves the reference out)."""
     path = tmp_path / "cold.json"
     args = [*TINY, "--delay-ms", "0", "--corrupt-keys", "5", "--upstream-server", "bitbake-hashserv"]
-    proc = bench("--bitbake", bitbake, *args, "--json", path)
+    proc = bench("--bitbake", bitbake, *args, "--sides", "hq,gateway", "--json", path)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     data = json.loads(path.read_text())
     assert data["ok"] is False
+    assert {r["side"] for r in data["repeats"]} == {LOCAL, "hq --upstream, gateway", "hq --upstream"}
     assert all(r["cold"]["metrics"]["bad_answers"] > 0 for r in data["repeats"] if r["side"] != LOCAL)
     assert "FAILED" in proc.stdout
+
+
+@pytest.mark.parametrize("sides", ["hq,nothing", ","])
+def test_unknown_sides_are_one_line_and_exit_2(bitbake, sides):
+    proc = bench("--bitbake", bitbake, "--sides", sides)
+    assert proc.returncode == 2 and "--sides" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) <= 2, proc.stderr  # usage line + the error

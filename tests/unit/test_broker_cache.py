@@ -78,6 +78,14 @@ def test_memory_is_bounded_oldest_first():
     for i in range(5):
         cache.learn(0, 0, M, b"t%d" % i, b"u%d" % i)
     assert list(cache.entries) == [M + b"\nt2", M + b"\nt3", M + b"\nt4"]
+    # A bigger cache drops its oldest eighth at once, and never holds more than its bound.
+    big = MappingCache(16)
+    for i in range(40):
+        big.learn(0, 0, M, b"t%d" % i, b"u%d" % i)
+        assert len(big.entries) <= 16
+        assert big.answer(M, b"t%d" % i) == b"u%d" % i  # the newest is always kept
+    assert list(big.entries) == [M + b"\nt%d" % i for i in range(24, 40)]
+    assert big.answer(M, b"t23") is None
     off = MappingCache(0)
     off.learn(0, 0, M, b"t", b"u")
     assert not off.entries

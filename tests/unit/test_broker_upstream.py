@@ -43,9 +43,23 @@ def answer(s, job_id, body, now=0.0):
 
 
 def questions(s):
-    out = [(frames[0], frames[1], json.loads(frames[2])) for frames in s.upstream.outbox]
+    """(id, kind, question) of each question for the agent: lookups as [[method, taskhash],
+    ...] from their packed frames, the others from their JSON."""
+    out = []
+    for frames in s.upstream.outbox:
+        if frames[1] == b"get":  # method, LF-joined taskhashes, pair after pair
+            pairs = zip(frames[2::2], frames[3::2])
+            asked = [[m.decode(), t.decode()] for m, chunk in pairs for t in chunk.split(b"\n")]
+        else:
+            asked = json.loads(frames[2])
+        out.append((frames[0], frames[1], asked))
     s.upstream.outbox.clear()
     return out
+
+
+def unihashes(*values) -> bytes:
+    """The agent's packed answer to a lookup question: LF-joined, empty for a miss."""
+    return b"\n".join((v or "").encode() for v in values)
 
 
 def replies(s):
@@ -68,14 +82,33 @@ def test_only_misses_go_upstream_and_its_hits_are_answered_then_backfilled():
     answer(s, job, [b"\n" + U2.encode()])  # T1 a miss, T2 a hit
     ((qid, kind, asked),) = questions(s)
     assert kind == b"get" and asked == [[M.decode(), T1.decode()]]
-    s.on_upstream([qid, b"ok", json.dumps([U1]).encode()], 0.1)
+    s.on_upstream([qid, b"ok", unihashes(U1)], 0.1)
     (reply,) = replies(s)
     assert reply.status == p.OK and p.unpack_unihashes(reply.body[0], 2) == [U1, U2]
     s.tick(0.1)
-    ((command, _, body),) = jobs(s)  # the backfill, off the reply path
+    ((command, _, body),) = jobs(s)  # the backfill, off the reply path: packed as a GET chunk
     assert command == p.BACKFILL
-    assert json.loads(body[0]) == [{"method": M.decode(), "taskhash": T1.decode(), "unihash": U1}]
+    assert body == [M, T1, U1.encode()]
     assert s.counters["upstream.hits"] == 1 and s.stats(0.2)["broker"]["upstream"]["backfill_pending"] == 1
+
+
+def test_a_backfill_waits_for_a_worker_longer_than_a_clients_request():
+    """Backfills queue behind the burst that made them; one that expired with a client's
+    timeout would be lost, and its lookups asked of the upstream again."""
+    s = make(request_timeout_s=10.0, admin_request_timeout_s=600.0)
+    ready(s)
+    answer(s, lookup(s, [T1]), [b""])
+    ((qid, _, _),) = questions(s)
+    s.on_upstream([qid, b"ok", unihashes(U1)], 0.1)
+    assert [r.status for r in replies(s)] == [p.OK]
+    s.tick(0.2)
+    ((command, _, _),) = jobs(s)  # with the worker, which is slow to answer
+    assert command == p.BACKFILL
+    for now in (11.0, 300.0):
+        s.on_worker([b"w1", *p.HEARTBEAT_MESSAGE], now)
+        s.tick(now)
+        assert s.stats(now)["broker"]["upstream"]["backfill_pending"] == 1
+        assert "upstream.backfill_failed" not in s.counters
 
 
 def test_no_miss_no_question():
@@ -95,15 +128,15 @@ def test_an_upstream_that_times_out_or_errs_leaves_the_local_answer():
             s.tick(1.9)
             assert replies(s) == []
             s.tick(2.0)
-            s.on_upstream([qid, b"ok", json.dumps([U1]).encode()], 2.1)  # late: dropped
+            s.on_upstream([qid, b"ok", unihashes(U1)], 2.1)  # late: dropped
         elif outcome == "error":
             s.on_upstream([qid, b"error", b"refused"], 0.1)
         elif outcome == "garbage":
             s.on_upstream([qid, b"ok", b"{not json"], 0.1)
         elif outcome == "a wrong shape":
-            s.on_upstream([qid, b"ok", json.dumps([U1, U2]).encode()], 0.1)
+            s.on_upstream([qid, b"ok", unihashes(U1, U2)], 0.1)
         else:
-            s.on_upstream([qid, b"ok", json.dumps(["x" * 64]).encode()], 0.1)
+            s.on_upstream([qid, b"ok", unihashes("x" * 64)], 0.1)
         (reply,) = replies(s)
         assert reply.status == p.OK and p.unpack_unihashes(reply.body[0], 1) == [None], outcome
         s.tick(2.2)
@@ -184,7 +217,7 @@ def test_a_backfill_refused_for_a_full_queue_answers_nobody():
         ((qid, _, _),) = questions(s)
         asked.append(qid)
     for qid in asked:  # two backfills before the loop comes round: the second is refused
-        s.on_upstream([qid, b"ok", json.dumps([U1]).encode()], 0.1)
+        s.on_upstream([qid, b"ok", unihashes(U1)], 0.1)
     assert all(frames[0] is not None for frames in s.to_clients)
     assert [r.status for r in replies(s)] == [p.OK, p.OK]
     assert s.stats(0.2)["broker"]["upstream"]["backfill_pending"] == 1
@@ -195,7 +228,7 @@ def test_a_malformed_answer_to_a_backfill_is_counted_not_fatal():
     ready(s)
     answer(s, lookup(s, [T1]), [b""])
     ((qid, _, _),) = questions(s)
-    s.on_upstream([qid, b"ok", json.dumps([U1]).encode()], 0.1)
+    s.on_upstream([qid, b"ok", unihashes(U1)], 0.1)
     replies(s)
     s.tick(0.1)
     ((command, job_id, _),) = jobs(s)

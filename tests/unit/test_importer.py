@@ -169,6 +169,27 @@ def test_an_existing_hq_mapping_wins_and_the_row_counts_as_skipped(handlers):
     assert store._sql("SELECT count(*) FROM outhashes").fetchone() == (2,)
 
 
+def test_a_packed_backfill_stores_the_upstreams_mappings_first_mapping_wins(handlers):
+    """The broker's backfill of lookups an upstream answered: method, taskhashes, unihashes,
+    packed as a GET chunk and its answer (empty items, misses, are not stored)."""
+    store = handlers.store
+    store.report(M, T1, O1, U1)
+    T3 = "3" * 40
+    body = [M.encode(), f"{T1}\n{T2}\n{T3}".encode(), f"{U2}\n{U2}\n".encode()]
+    status, reply = handlers.handle(p.BACKFILL, b"", body)
+    assert (status, reply) == (p.OK, [b"1"])  # T1 had its own mapping; T3 the upstream missed
+    assert store.get_unihashes(M, [T1, T2, T3]) == [U1, U2, None]
+    for bad in (
+        [M.encode(), T1.encode(), b"x" * 64],  # not a unihash
+        [M.encode(), f"{T1}\n{T2}".encode(), U2.encode()],  # one answer for two taskhashes
+        [b"", T1.encode(), U2.encode()],  # no method
+        [M.encode(), T1.encode()],  # two frames
+    ):
+        status, reply = handlers.handle(p.BACKFILL, b"", bad)
+        assert status in (p.E_BAD_REQUEST, p.E_INVALID), (bad, reply)
+    assert store.get_unihashes(M, [T1, T2, T3]) == [U1, U2, None]
+
+
 @pytest.mark.sqlite_only
 def test_running_a_chunk_twice_changes_nothing(handlers, tmp_path):
     rows = [mapping("%040x" % i, "%064x" % (i % 7 + 1)) for i in range(50)]

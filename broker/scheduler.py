@@ -41,7 +41,7 @@ from .upstream import EXISTS as ASK_EXISTS
 from .upstream import GET as ASK_GET
 from .upstream import OUTHASH as ASK_OUTHASH
 from .upstream import ROW as ASK_ROW
-from .upstream import UpstreamStage
+from .upstream import BackfillBuffer, UpstreamStage
 
 log = logging.getLogger(__name__)
 
@@ -268,6 +268,8 @@ class Scheduler:
             self.cache.keep_misses = False
         self._internal_ids = itertools.count(1)
         self.backfills = 0  # backfill requests not answered yet (backfill-wait waits for 0)
+        self.backfill_buffer = BackfillBuffer()  # mappings for the next backfill
+        self._queued_backfill = None  # the backfill waiting in the queue, if any
         self.access = Access.from_settings(settings)
         self.admin_bootstrap = None  # (username, token hash) until a worker has stored it
         self._bootstrapping = False
@@ -938,19 +940,35 @@ class Scheduler:
             self._backfill_job([p.encode_json(part)], len(part), now)
 
     def _backfill_mappings(self, method: bytes, taskhashes: list, unihashes: list, now: float):
-        """Store mappings the upstream answered, as packed chunks: method, LF-joined
-        taskhashes, LF-joined unihashes."""
-        for start in range(0, len(taskhashes), p.MAX_CHUNK_ITEMS):
-            end = start + p.MAX_CHUNK_ITEMS
-            body = [method, b"\n".join(taskhashes[start:end]), b"\n".join(unihashes[start:end])]
-            self._backfill_job(body, len(taskhashes[start:end]), now)
+        """Store mappings the upstream answered, packed (method, LF-joined taskhashes,
+        LF-joined unihashes), thousands to a write (:class:`~hq.broker.upstream.BackfillBuffer`)."""
+        self.backfill_buffer.add(method, taskhashes, unihashes)
+        self._next_backfill(now)
+
+    def _next_backfill(self, now: float) -> None:
+        """Queue what the buffer holds, unless a backfill still waits in the queue: then
+        the buffer fills up meanwhile (called again from tick)."""
+        waiting = self._queued_backfill
+        if waiting is not None and waiting.queued and not waiting.done:
+            return
+        taken = self.backfill_buffer.take()
+        if taken is not None:
+            self._queued_backfill = self._backfill_job(*taken, now)
+
+    @property
+    def backfill_pending(self) -> int:
+        """Backfills not answered yet, the one the buffer will make included."""
+        return self.backfills + (1 if self.backfill_buffer.rows else 0)
 
     def _backfill_job(self, body: list, items: int, now: float):
         request = p.Request(b"backfill-%x" % next(self._internal_ids), p.BACKFILL, b"", [], [items])
         pending = self._submit(None, request, body, b"", now, False)
-        if pending is not None:
+        if pending is None:  # the queue is full: these are asked of the upstream again later
+            self.count("upstream.backfill_failed")
+        else:
             pending.hook = self._backfill_hook
             self.backfills += 1
+        return pending
 
     def _backfill_hook(self, pending, frames, now):
         self.backfills -= 1
@@ -1095,6 +1113,8 @@ class Scheduler:
                 )
         if self.upstream is not None and self.upstream.waiting:
             self.upstream.expire(now)
+        if self.backfill_buffer.rows:
+            self._next_backfill(now)
         self.dispatch(now)
 
     def next_wakeup(self, now: float) -> float:
@@ -1133,7 +1153,7 @@ class Scheduler:
             "broker": {
                 "settings": {opt.dest: getattr(self.settings, opt.dest) for opt in options.SCHEDULER}
                 | {"upstream": addresses.redacted(getattr(self.settings, "upstream", ""))},
-                "upstream": None if self.upstream is None else {"backfill_pending": self.backfills},
+                "upstream": None if self.upstream is None else {"backfill_pending": self.backfill_pending},
                 "uptime_s": now - self.started,
                 "queued_jobs": len(self.queue),
                 "inflight_jobs": len(self.jobs),

@@ -86,3 +86,39 @@ class UpstreamStage:
 
     def next_deadline(self) -> float:
         return next(iter(self.waiting.values()))[0] if self.waiting else math.inf
+
+
+#: Mappings in one backfill write at most. A write of random keys rewrites every B-tree page
+#: it touches, so bigger transactions share pages: measured in one worker process on this
+#: machine, 180,000 mappings took 116 µs a row in transactions of 500, 67 µs in 2,000 and
+#: 33 µs in 8,000. 4,000 keeps one write under ~0.2 s (reports wait behind it).
+BACKFILL_ROWS = 4000
+
+
+class BackfillBuffer:
+    """Mappings the upstream answered, waiting to be written. While one backfill is queued
+    for a worker, what the upstream answers meanwhile gathers here, per method, and goes in
+    the next, up to :data:`BACKFILL_ROWS` at a time."""
+
+    def __init__(self):
+        self.methods: dict = {}  # method -> ([taskhash, ...], [unihash, ...]), bytes each
+        self.rows = 0
+
+    def add(self, method: bytes, taskhashes: list, unihashes: list) -> None:
+        held_t, held_u = self.methods.setdefault(method, ([], []))
+        held_t += taskhashes
+        held_u += unihashes
+        self.rows += len(taskhashes)
+
+    def take(self, limit: int = BACKFILL_ROWS):
+        """``(body, rows)`` of the next backfill (method, LF-joined taskhashes, LF-joined
+        unihashes; one method), or None if nothing waits."""
+        if not self.methods:
+            return None
+        method, (held_t, held_u) = next(iter(self.methods.items()))
+        part_t, part_u = held_t[:limit], held_u[:limit]
+        del held_t[:limit], held_u[:limit]
+        if not held_t:
+            del self.methods[method]
+        self.rows -= len(part_t)
+        return [method, b"\n".join(part_t), b"\n".join(part_u)], len(part_t)

@@ -207,20 +207,50 @@ def test_an_upstream_address_with_a_password_is_not_shown():
 def test_a_backfill_refused_for_a_full_queue_answers_nobody():
     """The broker's own backfill requests have no client: a BUSY for one must not become a
     message to a client id None (the socket loop could not send it)."""
-    s = make(max_client_jobs=1)
+    s = make(max_queued_jobs=1)
     ready(s)
+    job = lookup(s, [T1])
+    answer(s, job, [b""])
+    ((qid, _, _),) = questions(s)
+    s.on_client([b"c2", *p.encode_request(b"r2", p.GET, [M, T2])], 0.0)  # the worker takes it
+    ((_, held, _),) = jobs(s)
+    s.on_client([b"c3", *p.encode_request(b"r3", p.GET, [M, b"3" * 40])], 0.0)  # queued: full
+    s.on_upstream([qid, b"ok", unihashes(U1)], 0.1)
+    assert all(frames[0] is not None for frames in s.to_clients)
+    assert [r.status for r in replies(s)] == [p.OK]  # c1's answer, the upstream's unihash
+    assert s.counters["upstream.backfill_failed"] == 1
+    assert s.stats(0.2)["broker"]["upstream"]["backfill_pending"] == 0
+
+
+def test_what_arrives_while_a_backfill_waits_goes_in_the_next_one():
+    """Backfills are written thousands of mappings at a time: while one waits in the queue,
+    the upstream's later answers gather, and go together in the next."""
+    s = make()
+    ready(s)
+    taskhashes = [b"%040x" % i for i in range(5)]
     asked = []
-    for n, taskhash in enumerate((T1, T2)):
+    for n, taskhash in enumerate(taskhashes):
         s.on_client([b"c1", *p.encode_request(b"r%d" % n, p.GET, [M, taskhash])], 0.0)
         ((_, job_id, _),) = jobs(s)
         answer(s, job_id, [b""])
         ((qid, _, _),) = questions(s)
         asked.append(qid)
-    for qid in asked:  # two backfills before the loop comes round: the second is refused
-        s.on_upstream([qid, b"ok", unihashes(U1)], 0.1)
-    assert all(frames[0] is not None for frames in s.to_clients)
-    assert [r.status for r in replies(s)] == [p.OK, p.OK]
-    assert s.stats(0.2)["broker"]["upstream"]["backfill_pending"] == 1
+    for qid, unihash in zip(asked, (U1, U2, U1, U2, U1)):
+        s.on_upstream([qid, b"ok", unihashes(unihash)], 0.1)
+    assert [r.status for r in replies(s)] == [p.OK] * 5
+    assert s.stats(0.1)["broker"]["upstream"]["backfill_pending"] == 2  # one queued, one to come
+    s.tick(0.1)
+    ((command, first, body),) = jobs(s)
+    assert command == p.BACKFILL and body == [M, taskhashes[0], U1.encode()]
+    s.tick(0.1)  # the first is with the worker (writes one at a time): the next is queued
+    assert jobs(s) == []
+    answer(s, first, [b"1"], 0.2)
+    s.tick(0.2)
+    ((command, second, body),) = jobs(s)
+    assert body == [M, b"\n".join(taskhashes[1:]), b"\n".join(u.encode() for u in (U2, U1, U2, U1))]
+    answer(s, second, [b"4"], 0.3)
+    assert s.counters["upstream.backfilled"] == 5
+    assert s.stats(0.3)["broker"]["upstream"]["backfill_pending"] == 0
 
 
 def test_a_malformed_answer_to_a_backfill_is_counted_not_fatal():

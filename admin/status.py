@@ -201,6 +201,10 @@ def _upstream_rows(broker: dict, counters: dict) -> list:
             "upstream errors / timeouts / backfilled",
             " / ".join(output.fmt(n.get(k, 0)) for k in ("errors", "timeouts", "backfilled")),
         ),
+        (
+            "upstream not stored: backfills failed / mappings dropped",
+            " / ".join(output.fmt(n.get(k, 0)) for k in ("backfill_failed", "backfill_dropped")),
+        ),
     ]
 
 

@@ -942,7 +942,9 @@ class Scheduler:
     def _backfill_mappings(self, method: bytes, taskhashes: list, unihashes: list, now: float):
         """Store mappings the upstream answered, packed (method, LF-joined taskhashes,
         LF-joined unihashes), thousands to a write (:class:`~hq.broker.upstream.BackfillBuffer`)."""
-        self.backfill_buffer.add(method, taskhashes, unihashes)
+        dropped = self.backfill_buffer.add(method, taskhashes, unihashes)
+        if dropped:  # the writer is far behind: asked of the upstream again next time
+            self.count("upstream.backfill_dropped", dropped)
         self._next_backfill(now)
 
     def _next_backfill(self, now: float) -> None:

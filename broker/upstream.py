@@ -93,6 +93,10 @@ class UpstreamStage:
 #: machine, 180,000 mappings took 116 µs a row in transactions of 500, 67 µs in 2,000 and
 #: 33 µs in 8,000. 4,000 keeps one write under ~0.2 s (reports wait behind it).
 BACKFILL_ROWS = 4000
+#: Mappings held for backfills at most (~200 bytes each): with the writer stuck, what the
+#: upstream answers beyond this is not stored (it is asked again next time), never kept
+#: without bound.
+MAX_BUFFERED_ROWS = 200_000
 
 
 class BackfillBuffer:
@@ -104,11 +108,15 @@ class BackfillBuffer:
         self.methods: dict = {}  # method -> ([taskhash, ...], [unihash, ...]), bytes each
         self.rows = 0
 
-    def add(self, method: bytes, taskhashes: list, unihashes: list) -> None:
-        held_t, held_u = self.methods.setdefault(method, ([], []))
-        held_t += taskhashes
-        held_u += unihashes
-        self.rows += len(taskhashes)
+    def add(self, method: bytes, taskhashes: list, unihashes: list) -> int:
+        """Hold these mappings; how many did not fit (:data:`MAX_BUFFERED_ROWS`)."""
+        keep = min(len(taskhashes), MAX_BUFFERED_ROWS - self.rows)
+        if keep:
+            held_t, held_u = self.methods.setdefault(method, ([], []))
+            held_t += taskhashes[:keep]
+            held_u += unihashes[:keep]
+            self.rows += keep
+        return len(taskhashes) - keep
 
     def take(self, limit: int = BACKFILL_ROWS):
         """``(body, rows)`` of the next backfill (method, LF-joined taskhashes, LF-joined

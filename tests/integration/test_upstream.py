@@ -8,6 +8,7 @@ answer garbage or nothing.
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import threading
@@ -273,6 +274,7 @@ def test_a_chain_of_hq_hq_and_bitbake_hashserv(hashserv, bitbake, tmp_path):
         stats = subprocess.run(admin, capture_output=True, text=True, timeout=20)
         assert stats.returncode == 0, stats.stderr
         assert middle.address in stats.stdout and "upstream asked / hits / misses: lookups" in stats.stdout
+        assert re.search(r"upstream not stored: backfills failed / mappings dropped\s+0 / 0", stats.stdout)
         with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=10) as response:
             text = response.read().decode()
         assert 'hq_broker_events_total{event="upstream.hits"}' in text

@@ -8,6 +8,7 @@ import pytest
 
 from hq import addresses, options
 from hq import protocol as p
+from hq.broker import upstream as upstream_stage
 from hq.broker.scheduler import Scheduler
 from hq.broker.upstream import UpstreamStage
 
@@ -251,6 +252,18 @@ def test_what_arrives_while_a_backfill_waits_goes_in_the_next_one():
     answer(s, second, [b"4"], 0.3)
     assert s.counters["upstream.backfilled"] == 5
     assert s.stats(0.3)["broker"]["upstream"]["backfill_pending"] == 0
+
+
+def test_the_backfill_buffer_is_bounded(monkeypatch):
+    """With the writer stuck, mappings beyond the bound are not held (they are asked of the
+    upstream again next time), and counted."""
+    monkeypatch.setattr(upstream_stage, "MAX_BUFFERED_ROWS", 3)
+    buffer = upstream_stage.BackfillBuffer()
+    assert buffer.add(M, [T1, T2], [b"u1", b"u2"]) == 0
+    assert buffer.add(M, [b"t3", b"t4"], [b"u3", b"u4"]) == 1
+    assert buffer.add(b"other", [b"t5"], [b"u5"]) == 1 and buffer.rows == 3
+    assert buffer.take(2) == ([M, T1 + b"\n" + T2, b"u1\nu2"], 2)
+    assert buffer.take() == ([M, b"t3", b"u3"], 1) and buffer.take() is None and buffer.rows == 0
 
 
 def test_a_malformed_answer_to_a_backfill_is_counted_not_fatal():

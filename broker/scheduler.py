@@ -890,15 +890,11 @@ class Scheduler:
             return "an answer of the wrong shape"
         fills = []
         for (_, positions, _, _), frame in zip(asked, result):
-            got = frame.split(b"\n")
             # The agent checks every unihash; garbage here (a bug there) is never an answer.
-            if (
-                len(got) != len(positions)
-                or not p.only_hex_and_separators(frame)
-                or any(len(u) not in (0, 64) for u in got)
-            ):
+            try:
+                fills.append(p.split_unihashes(frame, len(positions)))
+            except p.ProtocolError:
                 return "an answer of the wrong shape"
-            fills.append(got)
         hits = 0
         for (index, positions, method, missed), got in zip(asked, fills):
             answers = None

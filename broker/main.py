@@ -151,6 +151,8 @@ class Broker:
         zap_handler = self.zap
         if zap_handler is not None:
             poller.register(zap_handler.sock, zmq.POLLIN)
+        if stop.fd is not None:
+            poller.register(stop.fd, zmq.POLLIN)  # SIGTERM ends the wait at once
         log.info(
             "broker serving clients on %s, workers on %s", ", ".join(self.endpoints), self.backend_endpoint
         )
@@ -171,6 +173,8 @@ class Broker:
                 timeout_ms = min(timeout_ms, metrics.next_wakeup(time.monotonic()) * 1000)
             events = dict(poller.poll(max(1, int(timeout_ms))))
             now = time.monotonic()
+            if stop.fd in events:
+                stop.drain()
             if zap_handler is not None and zap_handler.sock in events:
                 zap_handler.serve()
                 sched.counters["curve.refused"] = zap_handler.refused

@@ -323,7 +323,7 @@ def main(argv=None) -> int:
                         write_lines(opts.endpoint_file, endpoints)
                     notify("READY=1", f"STATUS=hq ready on {', '.join(endpoints)} ({opts.workers} workers)")
                 continue
-            time.sleep(0.1)  # supervision tick: restarts within 0.1 s of an exit
+            stop.wait(0.1)  # supervision tick: restarts within 0.1 s of an exit, stops at once
     finally:
         notify("STOPPING=1")
         _stop_all(children)

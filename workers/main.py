@@ -74,6 +74,8 @@ class WorkerLoop:
         self.socket = sock
         self.poller = zmq.Poller()
         self.poller.register(sock, zmq.POLLIN)
+        if self.stop is not None and self.stop.fd is not None:
+            self.poller.register(self.stop.fd, zmq.POLLIN)  # SIGTERM ends the wait at once
         info = self.info if self.identity is None else {**self.info, "db_id": self.identity()}
         self.send(p.encode_ready(info))
         self.broker_expiry = time.monotonic() + self._liveness_s()
@@ -110,7 +112,10 @@ class WorkerLoop:
         interval = self.opts.heartbeat_interval_s
         while not stop:
             wait_s = max(0.0, min(self.last_beat + interval, self.broker_expiry) - time.monotonic())
-            if self.poller.poll(max(1, int(wait_s * 1000))):
+            events = dict(self.poller.poll(max(1, int(wait_s * 1000))))
+            if self.stop.fd in events:
+                self.stop.drain()
+            if self.socket in events:
                 for _ in range(BURST):
                     if not self.on_message(recv_frames(self.socket)) or not readable(self.socket):
                         break

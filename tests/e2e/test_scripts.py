@@ -126,6 +126,28 @@ def test_server_sigterm_stops_every_child(stack):
     assert "hq-server stopped" in stack.log()
 
 
+def test_sigterm_ends_every_wait_at_once(tmp_path):
+    """A loop waiting for its next heartbeat (here 30 s away) stops when SIGTERM comes, not
+    when the wait would have ended: `systemctl stop` and supervisord's stop are quick."""
+    from helpers import Stack
+
+    stack = Stack(tmp_path, args=["--heartbeat-interval", "30"]).start()
+    with create_client(stack.address, timeout=10) as client:
+        assert client.ping()
+    children = stack.children()
+    # Each program on its own first: broker and worker, waiting in their polls.
+    for name in ("hq-worker-00", "hq-broker"):
+        start = time.monotonic()
+        children[name].send_signal(signal.SIGTERM)
+        children[name].wait(10)
+        assert time.monotonic() - start < 5, f"{name} took {time.monotonic() - start:.1f} s to stop"
+    # Then hq-server with what is left (it restarts what exited, in its supervision wait).
+    start = time.monotonic()
+    assert stack.stop() == 0, stack.log()
+    assert time.monotonic() - start < 8, f"hq-server took {time.monotonic() - start:.1f} s to stop"
+    assert "hq-server stopped" in stack.log()
+
+
 def test_server_restarts_a_killed_worker(stack):
     known = {f"{i:064x}": f"{i + 1000:064x}" for i in range(50)}
     with create_client(stack.address, timeout=10) as client:

@@ -41,7 +41,7 @@ import zmq
 
 from hq import protocol as p
 
-from .oehashequiv import Upstream, UpstreamError
+from .oehashequiv import Upstream, UpstreamError, UpstreamTimeout
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,9 @@ class Agent:
             else:
                 answer = [json.dumps(await asker(json.loads(payload[0]))).encode()]
         except (UpstreamError, ValueError, TypeError) as exc:
-            self._send([qid, b"error", str(exc).encode("utf-8", "replace")[:500]])
+            # "timeout" is what the broker says when its own deadline passes: one count.
+            text = "timeout" if isinstance(exc, UpstreamTimeout) else str(exc)
+            self._send([qid, b"error", text.encode("utf-8", "replace")[:500]])
             return
         self._send([qid, b"ok", *answer])
 
@@ -241,7 +243,7 @@ class Agent:
                         log.exception("asking the upstream failed")
                     if not isinstance(exc, Backoff):
                         self._failed(exc)
-                    batch.done.set_exception(UpstreamError(str(exc)))
+                    batch.done.set_exception(_failure(exc))
                 else:
                     self._succeeded()
                     self._remember(kind, [k for k, a in zip(batch.keys, batch.answers) if a is None])
@@ -312,7 +314,7 @@ class Agent:
             if not isinstance(exc, (UpstreamError, ValueError)):
                 log.exception("asking the upstream failed")
             self._failed(exc)
-            future.set_exception(UpstreamError(str(exc)))
+            future.set_exception(_failure(exc))
         finally:
             self.free_clients.put_nowait(client)
             self.inflight[kind].pop(key, None)
@@ -342,6 +344,11 @@ class _Batch:
         self.answers: list = []
         self.done = loop.create_future()
         self.done.add_done_callback(_retrieved)
+
+
+def _failure(exc: Exception) -> UpstreamError:
+    """What each asker of a failed call gets: a fresh error of the same kind."""
+    return UpstreamTimeout(str(exc)) if isinstance(exc, UpstreamTimeout) else UpstreamError(str(exc))
 
 
 def _retrieved(future) -> None:

@@ -27,6 +27,10 @@ class UpstreamError(ConnectionError):
     """The upstream did not answer as the protocol says, or not in time."""
 
 
+class UpstreamTimeout(UpstreamError):
+    """The upstream did not answer in time (counted apart from its errors)."""
+
+
 class Upstream:
     def __init__(self, address: str, timeout_s: float, username: str | None = None, token: str | None = None):
         self.kind, self.target = wire.split_address(address)
@@ -162,7 +166,7 @@ async def _within(awaitable, deadline: float, address: str):
     try:
         return await asyncio.wait_for(awaitable, max(0.0, deadline - time.monotonic()))
     except asyncio.TimeoutError:
-        raise UpstreamError(f"no answer from {address} in time") from None
+        raise UpstreamTimeout(f"no answer from {address} in time") from None
     except OSError as exc:
         raise UpstreamError(f"cannot reach {address}: {exc.strerror or exc}") from None
 
@@ -194,7 +198,7 @@ class _Lines:
         try:
             data = await asyncio.wait_for(self.reader.readline(), max(0.0, deadline - time.monotonic()))
         except asyncio.TimeoutError:
-            raise UpstreamError(f"no answer from {self.address} in time") from None
+            raise UpstreamTimeout(f"no answer from {self.address} in time") from None
         except ValueError:  # longer than the limit
             raise UpstreamError(f"{self.address} sent a line over {wire.MAX_LINE} bytes") from None
         except OSError as exc:

@@ -10,7 +10,7 @@ import time
 import websockets.asyncio.client
 import websockets.exceptions
 
-from .oehashequiv import UpstreamError
+from .oehashequiv import UpstreamError, UpstreamTimeout
 
 #: websockets' default message size, as the reference's server has it.
 MAX_MESSAGE = 2**20
@@ -47,7 +47,7 @@ class _Messages:
             await asyncio.wait_for(self._flush(), max(0.0, deadline - time.monotonic()))
             message = await asyncio.wait_for(self.ws.recv(), max(0.0, deadline - time.monotonic()))
         except asyncio.TimeoutError:
-            raise UpstreamError(f"no answer from {self.address} in time") from None
+            raise UpstreamTimeout(f"no answer from {self.address} in time") from None
         except websockets.exceptions.WebSocketException as exc:
             raise UpstreamError(f"{self.address} closed the connection: {exc}") from None
         if not isinstance(message, str):
@@ -71,7 +71,7 @@ class _Messages:
         except websockets.exceptions.WebSocketException as exc:
             raise UpstreamError(f"{self.address} closed the connection: {exc}") from None
         except asyncio.TimeoutError:
-            raise UpstreamError(f"no answer from {self.address} in time") from None
+            raise UpstreamTimeout(f"no answer from {self.address} in time") from None
         finally:
             sender.cancel()
 

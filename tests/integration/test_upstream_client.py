@@ -167,3 +167,36 @@ def test_nothing_listening_is_an_upstream_error_at_once():
 def test_addresses_it_cannot_use_are_refused(address):
     with pytest.raises(ValueError):
         split_address(address)
+
+
+@pytest.mark.parametrize("case", ["silence", "garbage"])
+def test_the_agent_says_timeout_for_silence_and_the_reason_for_garbage(case):
+    """The broker counts an agent's "timeout" answer as its own deadline passing
+    (upstream.timeouts), whichever of the two comes first; any other failure is an error."""
+    import zmq
+
+    from hq.upstream.agent import Agent
+
+    server = LineServer({"silence": lambda line: None, "garbage": lambda line: b"garbage\n"}[case])
+    ctx = zmq.Context()
+    broker = ctx.socket(zmq.PAIR)
+    broker.linger = 0
+    broker.bind("inproc://agent-test")
+    agent = Agent(ctx, "inproc://agent-test", server.address, timeout_s=0.3, negative_ttl_s=0)
+    agent.start()
+    try:
+        broker.send_multipart([b"q1", b"get", M.encode(), T1.encode()])
+        assert broker.poll(5000), "the agent did not answer"
+        qid, kind, text = broker.recv_multipart()
+        assert (qid, kind) == (b"q1", b"error")
+        if case == "silence":
+            assert text == b"timeout"
+        else:
+            assert text != b"timeout" and text, text
+    finally:
+        broker.send_multipart([b"", b"stop"])
+        agent.thread.join(5)
+        broker.close()
+        ctx.term()
+        server.close()
+    assert not agent.thread.is_alive()

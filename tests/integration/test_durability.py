@@ -42,10 +42,22 @@ def run(tmp_path, clients, per_client, kill_every, workers=3):
     stop = threading.Event()
     kills = []
 
+    def recovered() -> bool:
+        """Broker and every worker back and registered: the last kill has been survived.
+        (Killing again before that could starve the clients on a slow machine.)"""
+        try:
+            with create_client(stack.address, timeout=2) as c:
+                return len(c.get_stats()["workers"]) >= workers
+        except ConnectionError:
+            return False
+
     def killer():
         rng = random.Random(99)
         broker_killed = False
         while not stop.wait(rng.uniform(*kill_every)):
+            while not recovered():
+                if stop.wait(0.05):
+                    return
             children = stack.children()
             if not broker_killed and len(kills) == 2 and "hq-broker" in children:
                 victim = children["hq-broker"]

@@ -37,11 +37,11 @@ from .cache import MAX_ITEMS as CACHE_MAX_ITEMS
 from .cache import MappingCache
 from .fairqueue import FairQueue
 from .histogram import Histogram
+from .upstream import BACKFILL_HOLD_S, BackfillBuffer, UpstreamStage
 from .upstream import EXISTS as ASK_EXISTS
 from .upstream import GET as ASK_GET
 from .upstream import OUTHASH as ASK_OUTHASH
 from .upstream import ROW as ASK_ROW
-from .upstream import BackfillBuffer, UpstreamStage
 
 log = logging.getLogger(__name__)
 
@@ -938,16 +938,20 @@ class Scheduler:
     def _backfill_mappings(self, method: bytes, taskhashes: list, unihashes: list, now: float):
         """Store mappings the upstream answered, packed (method, LF-joined taskhashes,
         LF-joined unihashes), thousands to a write (:class:`~hq.broker.upstream.BackfillBuffer`)."""
-        dropped = self.backfill_buffer.add(method, taskhashes, unihashes)
+        dropped = self.backfill_buffer.add(method, taskhashes, unihashes, now)
         if dropped:  # the writer is far behind: asked of the upstream again next time
             self.count("upstream.backfill_dropped", dropped)
         self._next_backfill(now)
 
     def _next_backfill(self, now: float) -> None:
-        """Queue what the buffer holds, unless a backfill still waits in the queue: then
-        the buffer fills up meanwhile (called again from tick)."""
+        """Queue what the buffer holds, unless a backfill still waits in the queue, or
+        lookups wait on the upstream (for up to BACKFILL_HOLD_S): then the buffer fills up
+        meanwhile (called again from tick, which an answer or a deadline wakes)."""
         waiting = self._queued_backfill
         if waiting is not None and waiting.queued and not waiting.done:
+            return
+        buffer = self.backfill_buffer
+        if self.upstream.waiting and now - buffer.since < BACKFILL_HOLD_S:
             return
         taken = self.backfill_buffer.take()
         if taken is not None:

@@ -93,6 +93,10 @@ class UpstreamStage:
 #: machine, 180,000 mappings took 116 µs a row in transactions of 500, 67 µs in 2,000 and
 #: 33 µs in 8,000. 4,000 keeps one write under ~0.2 s (reports wait behind it).
 BACKFILL_ROWS = 4000
+#: While lookups wait on the upstream, backfills wait too, at most this long: writing them
+#: takes the CPUs the burst that made them needs (measured, ``hq-bench cold-start``: the
+#: cold burst 2.5 s without backfills against 3.1 s with them written during it).
+BACKFILL_HOLD_S = 5.0
 #: Mappings held for backfills at most (~200 bytes each): with the writer stuck, what the
 #: upstream answers beyond this is not stored (it is asked again next time), never kept
 #: without bound.
@@ -101,17 +105,21 @@ MAX_BUFFERED_ROWS = 200_000
 
 class BackfillBuffer:
     """Mappings the upstream answered, waiting to be written. While one backfill is queued
-    for a worker, what the upstream answers meanwhile gathers here, per method, and goes in
-    the next, up to :data:`BACKFILL_ROWS` at a time."""
+    for a worker, or lookups wait on the upstream (up to :data:`BACKFILL_HOLD_S`), what the
+    upstream answers meanwhile gathers here, per method, and goes in the next, up to
+    :data:`BACKFILL_ROWS` at a time."""
 
     def __init__(self):
         self.methods: dict = {}  # method -> ([taskhash, ...], [unihash, ...]), bytes each
         self.rows = 0
+        self.since = 0.0  # when the buffer last went from empty to holding mappings
 
-    def add(self, method: bytes, taskhashes: list, unihashes: list) -> int:
+    def add(self, method: bytes, taskhashes: list, unihashes: list, now: float) -> int:
         """Hold these mappings; how many did not fit (:data:`MAX_BUFFERED_ROWS`)."""
         keep = min(len(taskhashes), MAX_BUFFERED_ROWS - self.rows)
         if keep:
+            if not self.rows:
+                self.since = now
             held_t, held_u = self.methods.setdefault(method, ([], []))
             held_t += taskhashes[:keep]
             held_u += unihashes[:keep]

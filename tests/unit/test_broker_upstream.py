@@ -8,6 +8,7 @@ import pytest
 
 from hq import addresses, options
 from hq import protocol as p
+from hq.broker import scheduler as scheduler_module
 from hq.broker import upstream as upstream_stage
 from hq.broker.scheduler import Scheduler
 from hq.broker.upstream import UpstreamStage
@@ -223,9 +224,10 @@ def test_a_backfill_refused_for_a_full_queue_answers_nobody():
     assert s.stats(0.2)["broker"]["upstream"]["backfill_pending"] == 0
 
 
-def test_what_arrives_while_a_backfill_waits_goes_in_the_next_one():
+def test_what_arrives_while_a_backfill_waits_goes_in_the_next_one(monkeypatch):
     """Backfills are written thousands of mappings at a time: while one waits in the queue,
     the upstream's later answers gather, and go together in the next."""
+    monkeypatch.setattr(scheduler_module, "BACKFILL_HOLD_S", 0.0)  # not held for the lookups
     s = make()
     ready(s)
     taskhashes = [b"%040x" % i for i in range(5)]
@@ -259,9 +261,9 @@ def test_the_backfill_buffer_is_bounded(monkeypatch):
     upstream again next time), and counted."""
     monkeypatch.setattr(upstream_stage, "MAX_BUFFERED_ROWS", 3)
     buffer = upstream_stage.BackfillBuffer()
-    assert buffer.add(M, [T1, T2], [b"u1", b"u2"]) == 0
-    assert buffer.add(M, [b"t3", b"t4"], [b"u3", b"u4"]) == 1
-    assert buffer.add(b"other", [b"t5"], [b"u5"]) == 1 and buffer.rows == 3
+    assert buffer.add(M, [T1, T2], [b"u1", b"u2"], 0.0) == 0
+    assert buffer.add(M, [b"t3", b"t4"], [b"u3", b"u4"], 0.0) == 1
+    assert buffer.add(b"other", [b"t5"], [b"u5"], 0.0) == 1 and buffer.rows == 3
     assert buffer.take(2) == ([M, T1 + b"\n" + T2, b"u1\nu2"], 2)
     assert buffer.take() == ([M, b"t3", b"u3"], 1) and buffer.take() is None and buffer.rows == 0
 
@@ -279,3 +281,43 @@ def test_a_malformed_answer_to_a_backfill_is_counted_not_fatal():
     answer(s, job_id, [b"lots"], now=0.2)
     assert s.counters["upstream.backfill_failed"] == 1
     assert s.stats(0.3)["broker"]["upstream"]["backfill_pending"] == 0
+
+
+def test_backfills_wait_while_lookups_wait_on_the_upstream_but_not_for_long():
+    """Writing backfills takes the CPUs that the burst still waiting on the upstream needs:
+    they are held while lookups wait on it, up to BACKFILL_HOLD_S, then written."""
+    s = make(upstream_timeout_s=30.0)
+    ready(s)
+    answer(s, lookup(s, [T1]), [b""])
+    ((first, _, _),) = questions(s)
+    s.on_client([b"c2", *p.encode_request(b"r2", p.GET, [M, T2])], 0.0)
+    ((_, job_id, _),) = jobs(s)
+    answer(s, job_id, [b""])
+    ((second, _, _),) = questions(s)
+    s.on_upstream([first, b"ok", unihashes(U1)], 0.1)
+    s.tick(0.1)
+    assert jobs(s) == []  # the second lookup still waits on the upstream
+    assert s.stats(0.1)["broker"]["upstream"]["backfill_pending"] == 1
+    s.on_upstream([second, b"ok", unihashes(U2)], 0.2)
+    s.tick(0.2)
+    ((command, _, body),) = jobs(s)  # nothing waits now: both in one write
+    assert command == p.BACKFILL and body == [M, T1 + b"\n" + T2, (U1 + "\n" + U2).encode()]
+
+    # Held at most BACKFILL_HOLD_S, however long the upstream keeps lookups waiting.
+    s2 = make(upstream_timeout_s=30.0)
+    ready(s2)
+    answer(s2, lookup(s2, [T1]), [b""])
+    ((first, _, _),) = questions(s2)
+    s2.on_client([b"c2", *p.encode_request(b"r2", p.GET, [M, T2])], 0.0)
+    ((_, job_id, _),) = jobs(s2)
+    answer(s2, job_id, [b""])
+    questions(s2)
+    s2.on_upstream([first, b"ok", unihashes(U1)], 1.0)
+    hold = upstream_stage.BACKFILL_HOLD_S
+    for now in (1.0 + hold - 0.01, 1.0 + hold):
+        s2.on_worker([b"w1", *p.HEARTBEAT_MESSAGE], now)  # the worker stays alive meanwhile
+        s2.tick(now)
+        if now < 1.0 + hold:
+            assert jobs(s2) == []
+    ((command, _, body),) = jobs(s2)
+    assert command == p.BACKFILL and body == [M, T1, U1.encode()]

@@ -38,7 +38,7 @@ class HqUpstream:
                 raise UpstreamError(f"{self.address} refused: {exc}") from None
 
     async def get_unihashes(self, pairs: list) -> list:
-        return await self._call("get_unihash_batch", [tuple(pair) for pair in pairs])
+        return await self._call("get_unihash_batch", pairs)
 
     async def exists(self, unihashes: list) -> list:
         return await self._call("unihash_exists_batch", list(unihashes))

@@ -17,6 +17,7 @@ import json
 import time
 
 from hq import oehashequiv as wire
+from hq import protocol as p
 
 #: Stream lines written before the writer waits for the socket to drain.
 WRITE_LINES = 1024
@@ -48,7 +49,10 @@ class Upstream:
         if any(len(line.split()) != 2 for line in lines):
             raise ValueError("a method or taskhash that is empty or holds whitespace")
         answers = await self._stream("get-stream", lines)
-        return [answer or None for answer in answers]
+        try:  # every answer a unihash or empty (a miss), checked in C as hq's GET replies are
+            return p.unpack_unihashes("\n".join(answers).encode("utf-8", "replace"), len(answers))
+        except p.ProtocolError:
+            raise UpstreamError(f"{self.address} answered a malformed unihash") from None
 
     async def exists(self, unihashes: list) -> list:
         """True or False for each unihash, in order: one exists-stream."""

@@ -105,6 +105,8 @@ BAD_ANSWERS = {
     ),
     # the stream entered, then fewer answers than lines: an error, never a shifted answer
     "answers short": (lambda line: b'"ok"\n\nabc\n', CLOSED),
+    # the stream entered, then an answer that is not a unihash: an error, never an answer
+    "a malformed unihash": (lambda line: b'"ok"\n' + (b"E" * 64 + b"\n") * 3, "malformed"),
     "silence": (lambda line: None, "in time"),
 }
 
@@ -117,7 +119,7 @@ def test_a_bad_upstream_is_an_upstream_error(case):
     async def ask():
         upstream = Upstream(server.address, timeout_s=1.0)
         try:
-            if case in ("answers short",):
+            if case in ("answers short", "a malformed unihash"):
                 return await upstream.get_unihashes([(M, T1), (M, T2), (M, T3)])
             return await upstream.get(M, T1)
         finally:

@@ -953,7 +953,7 @@ class Scheduler:
         buffer = self.backfill_buffer
         if self.upstream.waiting and now - buffer.since < BACKFILL_HOLD_S:
             return
-        taken = self.backfill_buffer.take()
+        taken = buffer.take()
         if taken is not None:
             self._queued_backfill = self._backfill_job(*taken, now)
 

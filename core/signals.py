@@ -50,9 +50,8 @@ class StopFlag:
 
     def wait(self, timeout_s: float) -> bool:
         """Sleep up to ``timeout_s``, less if a signal comes; whether the flag is set."""
-        if not self and self.fd is not None:
-            if select.select([self.fd], [], [], max(0.0, timeout_s))[0]:
+        if not self:
+            fds = [] if self.fd is None else [self.fd]
+            if select.select(fds, [], [], max(0.0, timeout_s))[0]:
                 self.drain()
-        elif not self:
-            select.select([], [], [], max(0.0, timeout_s))
         return bool(self)

@@ -283,17 +283,25 @@ def test_a_malformed_answer_to_a_backfill_is_counted_not_fatal():
     assert s.stats(0.3)["broker"]["upstream"]["backfill_pending"] == 0
 
 
-def test_backfills_wait_while_lookups_wait_on_the_upstream_but_not_for_long():
-    """Writing backfills takes the CPUs that the burst still waiting on the upstream needs:
-    they are held while lookups wait on it, up to BACKFILL_HOLD_S, then written."""
+def two_misses_asked():
+    """A scheduler with two lookups' misses (T1, then T2) waiting on the upstream; their
+    question ids."""
     s = make(upstream_timeout_s=30.0)
     ready(s)
-    answer(s, lookup(s, [T1]), [b""])
-    ((first, _, _),) = questions(s)
-    s.on_client([b"c2", *p.encode_request(b"r2", p.GET, [M, T2])], 0.0)
-    ((_, job_id, _),) = jobs(s)
-    answer(s, job_id, [b""])
-    ((second, _, _),) = questions(s)
+    asked = []
+    for client, taskhash in ((b"c1", T1), (b"c2", T2)):
+        s.on_client([client, *p.encode_request(b"r", p.GET, [M, taskhash])], 0.0)
+        ((_, job_id, _),) = jobs(s)
+        answer(s, job_id, [b""])
+        ((qid, _, _),) = questions(s)
+        asked.append(qid)
+    return s, asked
+
+
+def test_backfills_wait_while_lookups_wait_on_the_upstream():
+    """Writing backfills takes the CPUs that the burst still waiting on the upstream needs:
+    they are held while lookups wait on it."""
+    s, (first, second) = two_misses_asked()
     s.on_upstream([first, b"ok", unihashes(U1)], 0.1)
     s.tick(0.1)
     assert jobs(s) == []  # the second lookup still waits on the upstream
@@ -303,21 +311,16 @@ def test_backfills_wait_while_lookups_wait_on_the_upstream_but_not_for_long():
     ((command, _, body),) = jobs(s)  # nothing waits now: both in one write
     assert command == p.BACKFILL and body == [M, T1 + b"\n" + T2, (U1 + "\n" + U2).encode()]
 
-    # Held at most BACKFILL_HOLD_S, however long the upstream keeps lookups waiting.
-    s2 = make(upstream_timeout_s=30.0)
-    ready(s2)
-    answer(s2, lookup(s2, [T1]), [b""])
-    ((first, _, _),) = questions(s2)
-    s2.on_client([b"c2", *p.encode_request(b"r2", p.GET, [M, T2])], 0.0)
-    ((_, job_id, _),) = jobs(s2)
-    answer(s2, job_id, [b""])
-    questions(s2)
-    s2.on_upstream([first, b"ok", unihashes(U1)], 1.0)
+
+def test_backfills_are_held_at_most_the_hold_time():
+    """However long the upstream keeps lookups waiting, a backfill waits BACKFILL_HOLD_S."""
+    s, (first, _) = two_misses_asked()
+    s.on_upstream([first, b"ok", unihashes(U1)], 1.0)
     hold = upstream_stage.BACKFILL_HOLD_S
     for now in (1.0 + hold - 0.01, 1.0 + hold):
-        s2.on_worker([b"w1", *p.HEARTBEAT_MESSAGE], now)  # the worker stays alive meanwhile
-        s2.tick(now)
+        s.on_worker([b"w1", *p.HEARTBEAT_MESSAGE], now)  # the worker stays alive meanwhile
+        s.tick(now)
         if now < 1.0 + hold:
-            assert jobs(s2) == []
-    ((command, _, body),) = jobs(s2)
+            assert jobs(s) == []
+    ((command, _, body),) = jobs(s)
     assert command == p.BACKFILL and body == [M, T1, U1.encode()]

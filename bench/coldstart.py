@@ -133,6 +133,10 @@ class Upstream:
         self.stats_asked += 1  # each get-stats counts itself
         return ask_oehashequiv(self.server.address, {"get-stats": None})["requests"]["num"] - self.stats_asked
 
+    def cpu_s(self) -> float:
+        """CPU seconds its processes have used so far (NaN if one died: the figure is void)."""
+        return sum(self.server.cpu_seconds().values())
+
     def stop(self) -> None:
         self.server.stop()
 
@@ -196,10 +200,12 @@ def _run_side(side, workload, wopts, template, upstream_address, upstream, tree,
                     if side == LOCAL:
                         break
                     out["backfill_s"] = _wait_backfilled(side, server)
-                before = upstream.lookups()
+                before, cpu_before = upstream.lookups(), upstream.cpu_s()
                 result: dict = {}
                 _measure(workload, wopts, server, progress, n, result, connect)
                 result["upstream_lookups"] = upstream.lookups() - before
+                # The upstream's CPU in the burst: on this machine it shares the cores.
+                result["upstream_cpu_s"] = upstream.cpu_s() - cpu_before
                 result["db"] = server.database_size()
                 _finish_figures(result)
                 result["ok"] = _is_ok(result)
@@ -297,7 +303,12 @@ def summarize(raw: list) -> dict:
     """Per delay and side: the cold and second bursts' wall time, the second's upstream
     requests, and the ratios the targets are on (min/median/max over the repeats)."""
     local = {r["repeat"]: _wall(r, "cold") for r in raw if r["side"] == LOCAL}
-    out: dict = {"local_wall_s": min_median_max(list(local.values())), "delays": {}}
+    local_cpu = [r["cold"]["metrics"].get("server_cpu_s") for r in raw if r["side"] == LOCAL and "cold" in r]
+    out: dict = {
+        "local_wall_s": min_median_max(list(local.values())),
+        "local_server_cpu_s": min_median_max(local_cpu),
+        "delays": {},
+    }
     for delay in sorted({r["delay_ms"] for r in raw if "delay_ms" in r}):
         runs = [r for r in raw if r.get("delay_ms") == delay]
         ref = {r["repeat"]: _wall(r, "cold") for r in runs if r["side"] == REF}
@@ -322,6 +333,12 @@ def summarize(raw: list) -> dict:
                 ),
                 "cold_speedup_over_reference": min_median_max(speedups),
                 "cold_over_local_only": min_median_max(over_local),
+                "cold_server_cpu_s": min_median_max(
+                    [r.get("cold", {}).get("metrics", {}).get("server_cpu_s") for r in mine]
+                ),
+                "cold_upstream_cpu_s": min_median_max(
+                    [r.get("cold", {}).get("upstream_cpu_s") for r in mine]
+                ),
             }
         out["delays"][str(delay)] = sides
     return out
@@ -338,7 +355,10 @@ def print_report(result: dict, quiet: bool = False) -> None:
         f"hq {result['hq_version']} vs bitbake-hashserv {result['bitbake_version']}; upstream: "
         f"{result['config']['upstream_server']}; medians (min-max)"
     )
-    print(f"hq with the mappings already local: {_mmm(s['local_wall_s'], 's')}")
+    print(
+        f"hq with the mappings already local: {_mmm(s['local_wall_s'], 's')}, "
+        f"its CPU {_mmm(s['local_server_cpu_s'], 's')}"
+    )
     rows = []
     for delay, sides in s["delays"].items():
         for side, v in sides.items():
@@ -349,6 +369,8 @@ def print_report(result: dict, quiet: bool = False) -> None:
                     _mmm(v["cold_wall_s"], "s"),
                     _mmm(v["cold_speedup_over_reference"], "×"),
                     _mmm(v["cold_over_local_only"], "×"),
+                    _mmm(v["cold_server_cpu_s"], "s"),
+                    _mmm(v["cold_upstream_cpu_s"], "s"),
                     _mmm(v["second_wall_s"], "s"),
                     _mmm(v["second_upstream_lookups"], ""),
                 ]
@@ -359,6 +381,8 @@ def print_report(result: dict, quiet: bool = False) -> None:
         "cold burst",
         "ref ÷ this",
         "÷ local-only",
+        "its CPU",
+        "upstream's CPU",
         "second burst",
         "its upstream lookups",
     ]

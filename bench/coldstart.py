@@ -295,15 +295,19 @@ def run(parser, opts) -> dict:
     return result
 
 
+def _metric(r: dict, burst: str, name: str):
+    return r.get(burst, {}).get("metrics", {}).get(name)
+
+
 def _wall(r: dict, burst: str):
-    return r.get(burst, {}).get("metrics", {}).get("wall_s")
+    return _metric(r, burst, "wall_s")
 
 
 def summarize(raw: list) -> dict:
     """Per delay and side: the cold and second bursts' wall time, the second's upstream
     requests, and the ratios the targets are on (min/median/max over the repeats)."""
     local = {r["repeat"]: _wall(r, "cold") for r in raw if r["side"] == LOCAL}
-    local_cpu = [r["cold"]["metrics"].get("server_cpu_s") for r in raw if r["side"] == LOCAL and "cold" in r]
+    local_cpu = [_metric(r, "cold", "server_cpu_s") for r in raw if r["side"] == LOCAL]
     out: dict = {
         "local_wall_s": min_median_max(list(local.values())),
         "local_server_cpu_s": min_median_max(local_cpu),
@@ -333,9 +337,7 @@ def summarize(raw: list) -> dict:
                 ),
                 "cold_speedup_over_reference": min_median_max(speedups),
                 "cold_over_local_only": min_median_max(over_local),
-                "cold_server_cpu_s": min_median_max(
-                    [r.get("cold", {}).get("metrics", {}).get("server_cpu_s") for r in mine]
-                ),
+                "cold_server_cpu_s": min_median_max([_metric(r, "cold", "server_cpu_s") for r in mine]),
                 "cold_upstream_cpu_s": min_median_max(
                     [r.get("cold", {}).get("upstream_cpu_s") for r in mine]
                 ),

@@ -27,7 +27,9 @@ import itertools
 import json
 import logging
 import math
+import operator
 from collections import deque
+from itertools import compress
 
 from hq import addresses, options
 from hq import protocol as p
@@ -832,11 +834,16 @@ class Scheduler:
             if all(answers):
                 continue
             taskhashes = bytes(chunk[1]).split(b"\n")
-            positions = [i for i, unihash in enumerate(answers) if not unihash]
-            missed = [taskhashes[i] for i in positions]
+            if any(answers):  # some hits: the misses picked out (in C: a cold burst is 360k)
+                missing = list(map(operator.not_, answers))
+                positions = list(compress(range(len(answers)), missing))
+                missed = list(compress(taskhashes, missing))
+                packed = b"\n".join(missed)
+            else:  # all misses: the chunk as it came
+                positions, missed, packed = range(len(answers)), taskhashes, bytes(chunk[1])
             method = bytes(chunk[0])
             asked.append((index, positions, method, missed))
-            frames += (method, b"\n".join(missed))
+            frames += (method, packed)
         if not asked:
             return False
         self.count("upstream.asked", sum(len(positions) for _, positions, _, _ in asked))
@@ -896,20 +903,21 @@ class Scheduler:
             except p.ProtocolError:
                 return "an answer of the wrong shape"
         hits = 0
-        for (index, positions, method, missed), got in zip(asked, fills):
-            answers = None
-            found_t, found_u = [], []
-            for i, taskhash, unihash in zip(positions, missed, got):
-                if unihash:
-                    if answers is None:
-                        answers = bytes(pending.results[index][0]).split(b"\n")
-                    answers[i] = unihash
-                    found_t.append(taskhash)
-                    found_u.append(unihash)
-            if answers is not None:
+        for (index, positions, method, missed), got, frame in zip(asked, fills, result):
+            found_u = list(filter(None, got))
+            if not found_u:
+                continue
+            local = bytes(pending.results[index][0])
+            if len(positions) == local.count(b"\n") + 1:
+                pending.results[index] = [bytes(frame)]  # every item was a local miss
+            else:
+                answers = local.split(b"\n")
+                for i, unihash in zip(positions, got):
+                    if unihash:
+                        answers[i] = unihash
                 pending.results[index] = [b"\n".join(answers)]
-                hits += len(found_t)
-                self._backfill_mappings(method, found_t, found_u, now)
+            hits += len(found_u)
+            self._backfill_mappings(method, list(compress(missed, got)), found_u, now)
         self.count("upstream.hits", hits)
         self.count("upstream.misses", sum(len(a[1]) for a in asked) - hits)
         return None

@@ -382,27 +382,41 @@ class Client:
         GET); a request holds up to ``request_items`` items and at most the chunks that fit
         in MAX_FRAMES. Works on generators of any length without materialising them.
         """
-        chunks: list = []
+        return self._requests(self._chunks(keyed_items))
+
+    def _chunks(self, keyed_items):
         chunk: list = []
         key = None
-        items_in_request = 0
         for k, item in keyed_items:
             if chunk and (k != key or len(chunk) >= self.chunk_items):
-                chunks.append((key, chunk))
-                items_in_request += len(chunk)
+                yield key, chunk
                 chunk = []
-                if items_in_request + self.chunk_items > self.request_items or len(chunks) >= _MAX_CHUNKS:
-                    yield chunks
-                    chunks, items_in_request = [], 0
             key = k
             chunk.append(item)
         if chunk:
-            chunks.append((key, chunk))
-        if chunks:
-            yield chunks
+            yield key, chunk
 
-    def _get_requests(self, pairs):
-        for chunks in self._chunked(pairs):
+    def _grouped(self, groups):
+        """The requests of ``[(key, [items])]``: what :meth:`_chunked` makes of the same
+        items as pairs, each group cut into chunks by slicing instead of item by item."""
+        n = self.chunk_items
+        chunks = ((key, items[i : i + n]) for key, items in groups for i in range(0, len(items), n))
+        return self._requests(chunks)
+
+    def _requests(self, chunks):
+        request: list = []
+        items = 0
+        for chunk in chunks:
+            request.append(chunk)
+            items += len(chunk[1])
+            if items + self.chunk_items > self.request_items or len(request) >= _MAX_CHUNKS:
+                yield request
+                request, items = [], 0
+        if request:
+            yield request
+
+    def _get_requests(self, requests):
+        for chunks in requests:
             body: list = []
             for method, taskhashes in chunks:
                 body += (method.encode("utf-8"), p.pack_items(taskhashes))
@@ -424,8 +438,22 @@ class Client:
     def get_unihash_batch(self, args) -> list:
         """Unihash or None for each (method, taskhash) of an iterable, in order."""
         out: list = []
-        for part in self._exchange(self._get_requests(args)):
+        for part in self._exchange(self._get_requests(self._chunked(args))):
             out.extend(part)
+        return out
+
+    def get_unihash_groups(self, groups) -> list:
+        """For ``[(method, [taskhash, ...]), ...]``, a list per group of each taskhash's
+        unihash or None: :meth:`get_unihash_batch` without a tuple per lookup, for callers
+        that hold their taskhashes by method already (hq's upstream agent)."""
+        groups = [(method, list(taskhashes)) for method, taskhashes in groups]
+        flat: list = []
+        for part in self._exchange(self._get_requests(self._grouped(groups))):
+            flat.extend(part)
+        out, start = [], 0
+        for _, taskhashes in groups:
+            out.append(flat[start : start + len(taskhashes)])
+            start += len(taskhashes)
         return out
 
     def unihash_exists(self, unihash: str) -> bool:

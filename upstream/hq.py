@@ -37,8 +37,8 @@ class HqUpstream:
                 await self.close()
                 raise UpstreamError(f"{self.address} refused: {exc}") from None
 
-    async def get_unihashes(self, pairs: list) -> list:
-        return await self._call("get_unihash_batch", pairs)
+    async def get_unihash_groups(self, groups: list) -> list:
+        return await self._call("get_unihash_groups", groups)
 
     async def exists(self, unihashes: list) -> list:
         return await self._call("unihash_exists_batch", list(unihashes))

@@ -5,13 +5,17 @@ answer garbage, too much, too little or nothing."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 
 import pytest
+import zmq
 
-from helpers import Gateway, LineServer, Stack
+from helpers import Gateway, LineServer, Stack, wait_for
 from hq.oehashequiv import split_address
+from hq.upstream import agent as agent_module
+from hq.upstream.agent import Agent
 from hq.upstream.oehashequiv import Upstream, UpstreamError
 
 M = "TestMethod"
@@ -36,14 +40,14 @@ async def session(address: str) -> dict:
     upstream = Upstream(address, timeout_s=20)
     unknown = [f"{n:040x}" for n in range(3000)]
     try:
-        wave = [(M, T1), (M, T2), (M, T3)] + [(M, t) for t in unknown] + [("OtherMethod", T1)]
-        out = {"wave": await upstream.get_unihashes(wave)}
+        wave = [(M, [T1, T2, T3, *unknown]), ("OtherMethod", [T1])]
+        out = {"wave": await upstream.get_unihash_groups(wave)}
         out["exists"] = await upstream.exists([U1, U2, U3] * 500)
         out["get"] = await upstream.get(M, T2)
         out["get_missing"] = await upstream.get(M, unknown[0])
         out["row"] = await upstream.get(M, T1, with_row=True)
         out["outhash"] = await upstream.get_outhash(M, O1, T2)
-        out["again"] = await upstream.get_unihashes([(M, T3)])  # back into get-stream
+        out["again"] = await upstream.get_unihash_groups([(M, [T3])])  # back into get-stream
         out["ping"] = await upstream.ping()
         return out
     finally:
@@ -51,14 +55,14 @@ async def session(address: str) -> dict:
 
 
 def check_session(out: dict, bitbake_client) -> None:
-    assert out["wave"] == [U1, U1, U3] + [None] * 3000 + [None]
+    assert out["wave"] == [[U1, U1, U3] + [None] * 3000, [None]]
     assert out["exists"] == [True, False, True] * 500
     assert out["get"] == {"taskhash": T2, "method": M, "unihash": U1}
     assert out["get_missing"] is None
     assert out["row"] == bitbake_client.get_taskhash(M, T1, True)
     assert out["outhash"] == bitbake_client.get_outhash(M, O1, T2)
     assert out["row"]["outhash"] == O1 and out["outhash"]["unihash"] == U1
-    assert out["again"] == [U3]
+    assert out["again"] == [[U3]]
     assert out["ping"] is True
 
 
@@ -121,7 +125,7 @@ def test_a_bad_upstream_is_an_upstream_error(case):
         upstream = Upstream(server.address, timeout_s=1.0)
         try:
             if case in ("answers short", "a malformed unihash"):
-                return await upstream.get_unihashes([(M, T1), (M, T2), (M, T3)])
+                return await upstream.get_unihash_groups([(M, [T1, T2, T3])])
             return await upstream.get(M, T1)
         finally:
             await upstream.close()
@@ -172,34 +176,108 @@ def test_addresses_it_cannot_use_are_refused(address):
         split_address(address)
 
 
-@pytest.mark.parametrize("case", ["silence", "garbage"])
-def test_the_agent_says_timeout_for_silence_and_the_reason_for_garbage(case):
-    """The broker counts an agent's "timeout" answer as its own deadline passing
-    (upstream.timeouts), whichever of the two comes first; any other failure is an error."""
-    import zmq
-
-    from hq.upstream.agent import Agent
-
-    server = LineServer({"silence": lambda line: None, "garbage": lambda line: b"garbage\n"}[case])
+@contextlib.contextmanager
+def agent_for(address: str, timeout_s: float, negative_ttl_s: float = 0):
+    """hq's upstream agent for ``address`` and the broker's end of its socket (inproc)."""
     ctx = zmq.Context()
     broker = ctx.socket(zmq.PAIR)
     broker.linger = 0
     broker.bind("inproc://agent-test")
-    agent = Agent(ctx, "inproc://agent-test", server.address, timeout_s=0.3, negative_ttl_s=0)
+    agent = Agent(ctx, "inproc://agent-test", address, timeout_s=timeout_s, negative_ttl_s=negative_ttl_s)
     agent.start()
     try:
-        broker.send_multipart([b"q1", b"get", M.encode(), T1.encode()])
-        assert broker.poll(5000), "the agent did not answer"
-        qid, kind, text = broker.recv_multipart()
-        assert (qid, kind) == (b"q1", b"error")
-        if case == "silence":
-            assert text == b"timeout"
-        else:
-            assert text != b"timeout" and text, text
+        yield broker
     finally:
         broker.send_multipart([b"", b"stop"])
         agent.thread.join(5)
         broker.close()
         ctx.term()
-        server.close()
     assert not agent.thread.is_alive()
+
+
+def ask(broker, *frames) -> list:
+    broker.send_multipart([b"q", b"get", *frames])
+    assert broker.poll(10_000), "the agent did not answer"
+    return broker.recv_multipart()
+
+
+@pytest.mark.parametrize("case", ["silence", "garbage"])
+def test_the_agent_says_timeout_for_silence_and_the_reason_for_garbage(case):
+    """The broker counts an agent's "timeout" answer as its own deadline passing
+    (upstream.timeouts), whichever of the two comes first; any other failure is an error."""
+    server = LineServer({"silence": lambda line: None, "garbage": lambda line: b"garbage\n"}[case])
+    try:
+        with agent_for(server.address, timeout_s=0.3) as broker:
+            qid, kind, text = ask(broker, M.encode(), T1.encode())
+            assert (qid, kind) == (b"q", b"error")
+            if case == "silence":
+                assert text == b"timeout"
+            else:
+                assert text != b"timeout" and text, text
+    finally:
+        server.close()
+
+
+class Recording:
+    """An upstream that knows ``known`` ("method taskhash" -> unihash) and records each
+    get-stream line it is asked."""
+
+    def __init__(self, known: dict):
+        self.known, self.asked = known, []
+        self.server = LineServer(self.reply)
+
+    def reply(self, line: bytes) -> bytes:
+        if line.startswith(b"{"):  # entering get-stream
+            return b'"ok"\n'
+        text = line.decode().strip()
+        self.asked.append(text)
+        return (self.known.get(text, "") + "\n").encode()
+
+    def take(self) -> list:
+        asked, self.asked = self.asked, []
+        return asked
+
+
+def test_the_agent_asks_a_key_once_and_a_recent_miss_not_again():
+    """A key asked twice in one question (a method each its own) goes upstream once; a
+    miss is not asked again until --upstream-negative-ttl has passed, a hit (stored by the
+    broker's backfill, not here) is."""
+    upstream = Recording({f"{M} {T1}": U1})
+    ttl = 0.5
+    try:
+        with agent_for(upstream.server.address, timeout_s=10, negative_ttl_s=ttl) as broker:
+            twice = "\n".join([T1, T2, T1]).encode()
+            assert ask(broker, M.encode(), twice, b"Other", T1.encode()) == [
+                b"q",
+                b"ok",
+                f"{U1}\n\n{U1}".encode(),
+                b"",
+            ]
+            remembered = time.monotonic()
+            assert upstream.take() == [f"{M} {T1}", f"{M} {T2}", f"Other {T1}"]
+            assert ask(broker, M.encode(), f"{T2}\n{T1}".encode())[2] == f"\n{U1}".encode()
+            assert upstream.take() == [f"{M} {T1}"]
+
+            def asked_again():
+                ask(broker, M.encode(), T2.encode())
+                return upstream.take()
+
+            assert wait_for(asked_again, timeout=10, interval=0.05) == [f"{M} {T2}"]
+            assert time.monotonic() - remembered >= ttl
+    finally:
+        upstream.server.close()
+
+
+def test_the_agent_remembers_at_most_its_bound_of_misses_the_newest(monkeypatch):
+    monkeypatch.setattr(agent_module, "MAX_NEGATIVES", 16)  # beyond: down to 14, the newest
+    upstream = Recording({})
+    taskhashes = [f"{n:040x}" for n in range(20)]
+    try:
+        with agent_for(upstream.server.address, timeout_s=10, negative_ttl_s=60) as broker:
+            chunk = "\n".join(taskhashes).encode()
+            assert ask(broker, M.encode(), chunk)[2:] == [b"\n" * 19]
+            assert len(upstream.take()) == 20
+            ask(broker, M.encode(), chunk)
+            assert upstream.take() == [f"{M} {t}" for t in taskhashes[:6]]
+    finally:
+        upstream.server.close()

@@ -94,6 +94,31 @@ def test_only_misses_go_upstream_and_its_hits_are_answered_then_backfilled():
     assert s.counters["upstream.hits"] == 1 and s.stats(0.2)["broker"]["upstream"]["backfill_pending"] == 1
 
 
+def test_the_upstreams_hits_land_in_place_in_chunks_missed_whole_or_in_part():
+    T3, T4, U3 = b"3" * 40, b"4" * 40, "f" * 64
+    s = make()
+    ready(s)
+    s.on_client([b"c1", *p.encode_request(b"r1", p.GET, [M, T1 + b"\n" + T2, M, T3 + b"\n" + T4])], 0.0)
+    local = {T1 + b"\n" + T2: b"\n", T3 + b"\n" + T4: b"\n" + U2.encode()}  # T4 known here
+    while pending := jobs(s):  # a chunk a job, one at a time on the one worker
+        for _, job_id, body in pending:
+            answer(s, job_id, [local[chunk] for chunk in body[1::2]])
+    ((qid, _, asked),) = questions(s)
+    assert asked == [[M.decode(), t.decode()] for t in (T1, T2, T3)]
+    s.on_upstream([qid, b"ok", unihashes(U1, None), unihashes(U3)], 0.1)
+    (reply,) = replies(s)
+    assert [p.unpack_unihashes(chunk, 2) for chunk in reply.body] == [[U1, None], [U3, U2]]
+    backfilled = []
+    for now in (0.1, 0.2, 0.3):  # the backfills, one at a time
+        s.tick(now)
+        for command, job_id, body in jobs(s):
+            assert command == p.BACKFILL
+            backfilled.append(body)
+            answer(s, job_id, [b"1"], now)
+    assert backfilled == [[M, T1, U1.encode()], [M, T3, U3.encode()]], backfilled
+    assert s.counters["upstream.hits"] == 2 and s.counters["upstream.misses"] == 1
+
+
 def test_a_backfill_waits_for_a_worker_longer_than_a_clients_request():
     """Backfills queue behind the burst that made them; one that expired with a client's
     timeout would be lost, and its lookups asked of the upstream again."""

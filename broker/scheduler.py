@@ -39,11 +39,11 @@ from .cache import MAX_ITEMS as CACHE_MAX_ITEMS
 from .cache import MappingCache
 from .fairqueue import FairQueue
 from .histogram import Histogram
-from .upstream import BACKFILL_HOLD_S, BackfillBuffer, UpstreamStage
 from .upstream import EXISTS as ASK_EXISTS
 from .upstream import GET as ASK_GET
 from .upstream import OUTHASH as ASK_OUTHASH
 from .upstream import ROW as ASK_ROW
+from .upstream import BackfillBuffer, UpstreamStage
 
 log = logging.getLogger(__name__)
 
@@ -952,14 +952,14 @@ class Scheduler:
         self._next_backfill(now)
 
     def _next_backfill(self, now: float) -> None:
-        """Queue what the buffer holds, unless a backfill still waits in the queue, or
-        lookups wait on the upstream (for up to BACKFILL_HOLD_S): then the buffer fills up
-        meanwhile (called again from tick, which an answer or a deadline wakes)."""
+        """Queue what the buffer holds, unless a backfill still waits in the queue, or the
+        backfills are held while lookups use the upstream (BackfillBuffer.held_until): then
+        the buffer fills up meanwhile (called again from tick, which next_wakeup wakes)."""
         waiting = self._queued_backfill
         if waiting is not None and waiting.queued and not waiting.done:
             return
         buffer = self.backfill_buffer
-        if self.upstream.waiting and now - buffer.since < BACKFILL_HOLD_S:
+        if now < buffer.held_until(self.upstream):
             return
         taken = buffer.take()
         if taken is not None:
@@ -1139,6 +1139,10 @@ class Scheduler:
             wake = min(wake, self.access.next_due())
         if self.upstream is not None and self.upstream.waiting:
             wake = min(wake, self.upstream.next_deadline())
+        if self.backfill_buffer.rows:
+            held_until = self.backfill_buffer.held_until(self.upstream)
+            if held_until > now:  # then the hold ends (a queued backfill's answer wakes by itself)
+                wake = min(wake, held_until)
         return max(0.0, wake - now)
 
     def drop_client_replies(self, n: int = 1):

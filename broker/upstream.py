@@ -32,6 +32,7 @@ class UpstreamStage:
         self.timeout_s = timeout_s
         self.outbox: list = []  # [question id, kind, JSON] for the agent
         self.waiting: dict = {}  # question id -> (deadline, asked at, callback), oldest first
+        self.busy_at = -math.inf  # when a question was last asked or answered
         self._ids = itertools.count(1)
 
     def ask(self, kind: bytes, payload, now: float, callback, deadline: float = math.inf) -> None:
@@ -48,6 +49,7 @@ class UpstreamStage:
 
     def _ask(self, kind, frames, raw, now, callback, deadline) -> None:
         qid = b"%x" % next(self._ids)
+        self.busy_at = now
         self.waiting[qid] = (min(now + self.timeout_s, deadline), now, callback, raw)
         self.outbox.append([qid, kind, *frames])
 
@@ -56,6 +58,7 @@ class UpstreamStage:
         entry = self.waiting.pop(bytes(frames[0]), None) if frames else None
         if entry is None:
             return None  # late (timed out) or malformed
+        self.busy_at = now
         _, asked, callback, raw = entry
         result, error = None, "a malformed answer from the upstream agent"
         if frames[1:2] == [b"ok"] and raw:
@@ -93,10 +96,14 @@ class UpstreamStage:
 #: machine, 180,000 mappings took 116 µs a row in transactions of 500, 67 µs in 2,000 and
 #: 33 µs in 8,000. 4,000 keeps one write under ~0.2 s (reports wait behind it).
 BACKFILL_ROWS = 4000
-#: While lookups wait on the upstream, backfills wait too, at most this long: writing them
-#: takes the CPUs the burst that made them needs (measured, ``hq-bench cold-start``: the
-#: cold burst 2.5 s without backfills against 3.1 s with them written during it).
-BACKFILL_HOLD_S = 5.0
+#: While lookups wait on the upstream, and until none has for BACKFILL_QUIET_S, backfills
+#: wait too, at most BACKFILL_HOLD_S: writing them takes the CPUs the burst that made them
+#: needs (measured, ``hq-bench cold-start``: the cold burst 2.5 s without backfills against
+#: 3.1 s with them written during it). The quiet time spans the gaps between a burst's
+#: questions (through the gateway, a cold burst of 10 s has many); the hold ends sooner
+#: when the buffer is three quarters full.
+BACKFILL_QUIET_S = 0.5
+BACKFILL_HOLD_S = 30.0
 #: Mappings held for backfills at most (~200 bytes each): with the writer stuck, what the
 #: upstream answers beyond this is not stored (it is asked again next time), never kept
 #: without bound.
@@ -105,8 +112,8 @@ MAX_BUFFERED_ROWS = 200_000
 
 class BackfillBuffer:
     """Mappings the upstream answered, waiting to be written. While one backfill is queued
-    for a worker, or lookups wait on the upstream (up to :data:`BACKFILL_HOLD_S`), what the
-    upstream answers meanwhile gathers here, per method, and goes in the next, up to
+    for a worker, or the backfills are held (:data:`BACKFILL_HOLD_S`), what the upstream
+    answers meanwhile gathers here, per method, and goes in the next, up to
     :data:`BACKFILL_ROWS` at a time."""
 
     def __init__(self):
@@ -125,6 +132,13 @@ class BackfillBuffer:
             held_u += unihashes[:keep]
             self.rows += keep
         return len(taskhashes) - keep
+
+    def held_until(self, upstream: UpstreamStage) -> float:
+        """Until when backfills are held (see :data:`BACKFILL_HOLD_S`); -inf if not."""
+        if not self.rows or self.rows >= MAX_BUFFERED_ROWS * 3 // 4:
+            return -math.inf
+        quiet = math.inf if upstream.waiting else upstream.busy_at + BACKFILL_QUIET_S
+        return min(quiet, self.since + BACKFILL_HOLD_S)
 
     def take(self, limit: int = BACKFILL_ROWS):
         """``(body, rows)`` of the next backfill (method, LF-joined taskhashes, LF-joined

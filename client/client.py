@@ -443,17 +443,13 @@ class Client:
         return out
 
     def get_unihash_groups(self, groups) -> list:
-        """For ``[(method, [taskhash, ...]), ...]``, a list per group of each taskhash's
-        unihash or None: :meth:`get_unihash_batch` without a tuple per lookup, for callers
-        that hold their taskhashes by method already (hq's upstream agent)."""
-        groups = [(method, list(taskhashes)) for method, taskhashes in groups]
-        flat: list = []
+        """For ``[(method, [taskhash, ...]), ...]``, each taskhash's unihash or None, in
+        order: what :meth:`get_unihash_batch` answers for the same lookups as pairs, without
+        a tuple per lookup, for callers that hold their taskhashes by method (hq's upstream
+        agent)."""
+        out: list = []
         for part in self._exchange(self._get_requests(self._grouped(groups))):
-            flat.extend(part)
-        out, start = [], 0
-        for _, taskhashes in groups:
-            out.append(flat[start : start + len(taskhashes)])
-            start += len(taskhashes)
+            out.extend(part)
         return out
 
     def unihash_exists(self, unihash: str) -> bool:

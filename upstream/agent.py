@@ -37,7 +37,7 @@ import logging
 import operator
 import threading
 import time
-from itertools import compress, islice, repeat
+from itertools import chain, compress, islice, repeat
 
 import zmq
 
@@ -84,10 +84,10 @@ class Agent:
         self.thread = threading.Thread(target=self._run, name="hq-upstream", daemon=True)
         self.failed_until = 0.0  # after a failure: fail at once until then
         self.failures = 0  # in a row: the back-off doubles with each
-        # Per kind: the batch the next call asks and the one with the upstream now (for
-        # outhash and row questions, each key's future), remembered misses (namespace ->
-        # key -> until when, first remembered first), whether a call is under way. The
-        # namespace of a lookup is its method; exists and the normal-mode questions have one.
+        # Per kind: the batch the next call asks and those with the upstream now (for outhash
+        # and row questions, each key's future), remembered misses (namespace -> key -> until
+        # when, first remembered first). The namespace of a lookup is its method; exists and
+        # the normal-mode questions have one, None.
         self.want: dict = {"get": None, "exists": None}  # the _Batch the next call asks
         self.asking: dict = {"get": [], "exists": []}  # the _Batches with the upstream, oldest first
         self.inflight: dict = {"outhash": {}, "row": {}}
@@ -277,7 +277,8 @@ class Agent:
         finally:
             self.asking[kind].remove(batch)
             self.idle[kind].append(client)
-            self._start_calls(kind)
+            if not self.stopped.is_set():
+                self._start_calls(kind)
 
     async def _ask_batch(self, kind: str, groups: list, client) -> list:
         """The upstream's answers to ``[(namespace, keys)]``, a list per group, at most
@@ -285,15 +286,15 @@ class Agent:
         self._check_up()
         flat: list = []
         for part in _parts(groups, MAX_BATCH):
+            asked = sum(len(keys) for _, keys in part)
             if kind == "get":  # each client checks every unihash (garbage: UpstreamError)
                 got = await client.get_unihash_groups(part)
             else:
-                got = [[True if a else None for a in await client.exists(keys)] for _, keys in part]
-            asked, answered = sum(len(keys) for _, keys in part), sum(map(len, got))
-            if len(got) != len(part) or answered != asked:
-                raise UpstreamError(f"{self.address} answered {answered} of {asked}")
-            for answers in got:
-                flat += answers
+                unihashes = list(chain.from_iterable(keys for _, keys in part))
+                got = [True if a else None for a in await client.exists(unihashes)]
+            if len(got) != asked:
+                raise UpstreamError(f"{self.address} answered {len(got)} of {asked}")
+            flat += got
         out, start = [], 0
         for _, keys in groups:  # a group split over two calls is whole again
             out.append(flat[start : start + len(keys)])

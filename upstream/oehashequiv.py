@@ -44,9 +44,9 @@ class Upstream:
 
     # --- calls ----------------------------------------------------------------------------
     async def get_unihash_groups(self, groups: list) -> list:
-        """For ``[(method, [taskhash, ...]), ...]``, a list per group of each taskhash's
-        unihash or None: one get-stream. The lines are made and checked a group at a time
-        (joins and splits, not a Python step per lookup: a cold burst asks 360,000)."""
+        """For ``[(method, [taskhash, ...]), ...]``, each taskhash's unihash or None, in
+        order: one get-stream. The lines are made and checked a group at a time (joins and
+        splits, not a Python step per lookup: a cold burst asks 360,000)."""
         lines: list = []
         for method, taskhashes in groups:
             joined = "\n".join(taskhashes)
@@ -56,14 +56,9 @@ class Upstream:
                 lines += (f"{method} " + f"\n{method} ".join(taskhashes)).split("\n")
         answers = await self._stream("get-stream", lines)
         try:  # every answer a unihash or empty (a miss), checked in C as hq's GET replies are
-            flat = p.unpack_unihashes("\n".join(answers).encode("utf-8", "replace"), len(answers))
+            return p.unpack_unihashes("\n".join(answers).encode("utf-8", "replace"), len(answers))
         except p.ProtocolError:
             raise UpstreamError(f"{self.address} answered a malformed unihash") from None
-        out, start = [], 0
-        for _, taskhashes in groups:
-            out.append(flat[start : start + len(taskhashes)])
-            start += len(taskhashes)
-        return out
 
     async def exists(self, unihashes: list) -> list:
         """True or False for each unihash, in order: one exists-stream."""

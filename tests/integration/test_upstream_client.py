@@ -55,14 +55,14 @@ async def session(address: str) -> dict:
 
 
 def check_session(out: dict, bitbake_client) -> None:
-    assert out["wave"] == [[U1, U1, U3] + [None] * 3000, [None]]
+    assert out["wave"] == [U1, U1, U3] + [None] * 3000 + [None]
     assert out["exists"] == [True, False, True] * 500
     assert out["get"] == {"taskhash": T2, "method": M, "unihash": U1}
     assert out["get_missing"] is None
     assert out["row"] == bitbake_client.get_taskhash(M, T1, True)
     assert out["outhash"] == bitbake_client.get_outhash(M, O1, T2)
     assert out["row"]["outhash"] == O1 and out["outhash"]["unihash"] == U1
-    assert out["again"] == [[U3]]
+    assert out["again"] == [U3]
     assert out["ping"] is True
 
 

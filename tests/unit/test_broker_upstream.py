@@ -8,12 +8,12 @@ import pytest
 
 from hq import addresses, options
 from hq import protocol as p
-from hq.broker import scheduler as scheduler_module
 from hq.broker import upstream as upstream_stage
 from hq.broker.scheduler import Scheduler
 from hq.broker.upstream import UpstreamStage
 
 M = b"TestMethod"
+QUIET = upstream_stage.BACKFILL_QUIET_S  # after the upstream's last answer, backfills wait this
 T1, T2 = b"1" * 40, b"2" * 40
 U1, U2 = "d" * 64, "e" * 64
 
@@ -87,7 +87,7 @@ def test_only_misses_go_upstream_and_its_hits_are_answered_then_backfilled():
     s.on_upstream([qid, b"ok", unihashes(U1)], 0.1)
     (reply,) = replies(s)
     assert reply.status == p.OK and p.unpack_unihashes(reply.body[0], 2) == [U1, U2]
-    s.tick(0.1)
+    s.tick(0.1 + QUIET)
     ((command, _, body),) = jobs(s)  # the backfill, off the reply path: packed as a GET chunk
     assert command == p.BACKFILL
     assert body == [M, T1, U1.encode()]
@@ -109,13 +109,13 @@ def test_the_upstreams_hits_land_in_place_in_chunks_missed_whole_or_in_part():
     (reply,) = replies(s)
     assert [p.unpack_unihashes(chunk, 2) for chunk in reply.body] == [[U1, None], [U3, U2]]
     backfilled = []
-    for now in (0.1, 0.2, 0.3):  # the backfills, one at a time
+    for now in (0.1 + QUIET, 0.2 + QUIET, 0.3 + QUIET):  # the backfills, one at a time
         s.tick(now)
         for command, job_id, body in jobs(s):
             assert command == p.BACKFILL
             backfilled.append(body)
             answer(s, job_id, [b"1"], now)
-    assert backfilled == [[M, T1, U1.encode()], [M, T3, U3.encode()]], backfilled
+    assert backfilled == [[M, T1 + b"\n" + T3, (U1 + "\n" + U3).encode()]], backfilled
     assert s.counters["upstream.hits"] == 2 and s.counters["upstream.misses"] == 1
 
 
@@ -128,7 +128,7 @@ def test_a_backfill_waits_for_a_worker_longer_than_a_clients_request():
     ((qid, _, _),) = questions(s)
     s.on_upstream([qid, b"ok", unihashes(U1)], 0.1)
     assert [r.status for r in replies(s)] == [p.OK]
-    s.tick(0.2)
+    s.tick(0.1 + QUIET)
     ((command, _, _),) = jobs(s)  # with the worker, which is slow to answer
     assert command == p.BACKFILL
     for now in (11.0, 300.0):
@@ -245,14 +245,15 @@ def test_a_backfill_refused_for_a_full_queue_answers_nobody():
     s.on_upstream([qid, b"ok", unihashes(U1)], 0.1)
     assert all(frames[0] is not None for frames in s.to_clients)
     assert [r.status for r in replies(s)] == [p.OK]  # c1's answer, the upstream's unihash
+    s.tick(0.1 + QUIET)
     assert s.counters["upstream.backfill_failed"] == 1
-    assert s.stats(0.2)["broker"]["upstream"]["backfill_pending"] == 0
+    assert s.stats(0.2 + QUIET)["broker"]["upstream"]["backfill_pending"] == 0
 
 
 def test_what_arrives_while_a_backfill_waits_goes_in_the_next_one(monkeypatch):
     """Backfills are written thousands of mappings at a time: while one waits in the queue,
     the upstream's later answers gather, and go together in the next."""
-    monkeypatch.setattr(scheduler_module, "BACKFILL_HOLD_S", 0.0)  # not held for the lookups
+    monkeypatch.setattr(upstream_stage, "BACKFILL_HOLD_S", 0.0)  # not held for the lookups
     s = make()
     ready(s)
     taskhashes = [b"%040x" % i for i in range(5)]
@@ -300,7 +301,7 @@ def test_a_malformed_answer_to_a_backfill_is_counted_not_fatal():
     ((qid, _, _),) = questions(s)
     s.on_upstream([qid, b"ok", unihashes(U1)], 0.1)
     replies(s)
-    s.tick(0.1)
+    s.tick(0.1 + QUIET)
     ((command, job_id, _),) = jobs(s)
     assert command == p.BACKFILL
     answer(s, job_id, [b"lots"], now=0.2)
@@ -311,7 +312,7 @@ def test_a_malformed_answer_to_a_backfill_is_counted_not_fatal():
 def two_misses_asked():
     """A scheduler with two lookups' misses (T1, then T2) waiting on the upstream; their
     question ids."""
-    s = make(upstream_timeout_s=30.0)
+    s = make(upstream_timeout_s=100.0, request_timeout_s=100.0)
     ready(s)
     asked = []
     for client, taskhash in ((b"c1", T1), (b"c2", T2)):
@@ -333,8 +334,23 @@ def test_backfills_wait_while_lookups_wait_on_the_upstream():
     assert s.stats(0.1)["broker"]["upstream"]["backfill_pending"] == 1
     s.on_upstream([second, b"ok", unihashes(U2)], 0.2)
     s.tick(0.2)
-    ((command, _, body),) = jobs(s)  # nothing waits now: both in one write
+    assert jobs(s) == []  # nothing waits now, but the burst may go on: held a moment more
+    assert 0 < s.next_wakeup(0.2) <= QUIET  # the hold's end wakes the broker
+    s.tick(0.2 + QUIET)
+    ((command, _, body),) = jobs(s)  # quiet since: both in one write
     assert command == p.BACKFILL and body == [M, T1 + b"\n" + T2, (U1 + "\n" + U2).encode()]
+
+
+def test_the_backfills_held_go_once_the_buffer_is_three_quarters_full(monkeypatch):
+    monkeypatch.setattr(upstream_stage, "MAX_BUFFERED_ROWS", 4)
+    s, (first, _) = two_misses_asked()
+    s.on_upstream([first, b"ok", unihashes(U1)], 0.1)
+    s.tick(0.1)
+    assert jobs(s) == []  # the second lookup waits on the upstream: held
+    s.backfill_buffer.add(M, [b"t2", b"t3"], [b"u2", b"u3"], 0.1)  # 3 of 4 held
+    s.tick(0.1)
+    ((command, _, body),) = jobs(s)
+    assert command == p.BACKFILL and body == [M, T1 + b"\nt2\nt3", U1.encode() + b"\nu2\nu3"]
 
 
 def test_backfills_are_held_at_most_the_hold_time():

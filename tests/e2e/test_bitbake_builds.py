@@ -66,6 +66,16 @@ SECOND_DIRECTORY = sorted(
     + [f"b1:{task}_setscene" for task in AFTER_PACKAGE]
     + ["b1:populate_sysroot_setscene", "b1:build"]
 )
+#: The same, when a1:populate_sysroot's report reaches BitBake's runqueue before a1:package's
+#: (the two run side by side): between the two, b1:populate_sysroot is known and b1:package
+#: not yet, so BitBake goes on with b1's next tasks, which need only the first, until the
+#: second report brings b1:package from sstate too. Which report comes first, and how many
+#: of b1's tasks start meanwhile, is the machine's timing (seen under load, through the
+#: gateway and through meta-hq alike), not the server's answers: b1:package never runs.
+SECOND_DIRECTORY_EITHER = [
+    sorted([*SECOND_DIRECTORY, *(f"b1:{task}" for task in TASKS[3:n])])
+    for n in range(3, TASKS.index("package") + 1)  # b1's prepare_recipe_sysroot ... install
+]
 #: The same build under BitBake's own "auto" server (a new, empty database) with hq as its
 #: upstream, after the second directory: the upstream knows the new taskhashes of a1:package
 #: and a1:populate_sysroot too (the second directory reported them), so b1 is known from the
@@ -194,7 +204,7 @@ def through_the_gateway(bitbake: str, tmp_path) -> None:
     with Stack(tmp_path / "hq", bind=bind, args=["--oehashequiv", sock]) as stack:
         assert outhash_rows(stack.address) == REPORTS + 2
         second = BuildDir(bitbake, tmp_path / "second", {**conf, "HQ_TEST_FLAVOUR": "second"})
-        assert second.run("a1", "b1", sstatevalid=first.sstate()) == SECOND_DIRECTORY
+        assert second.run("a1", "b1", sstatevalid=first.sstate()) in SECOND_DIRECTORY_EITHER
 
 
 def through_meta_hq(bitbake: str, tmp_path) -> None:
@@ -215,7 +225,7 @@ def through_meta_hq(bitbake: str, tmp_path) -> None:
     with Stack(tmp_path / "hq", bind=ipc, args=["--oehashequiv", sock]) as stack:
         conf = {"BB_SIGNATURE_HANDLER": "TestEquivHash", "BB_HASHSERVE": ipc, "HQ_TEST_FLAVOUR": "second"}
         second = BuildDir(bitbake, tmp_path / "second", conf, layers)
-        assert second.run("a1", "b1", sstatevalid=first.sstate()) == SECOND_DIRECTORY
+        assert second.run("a1", "b1", sstatevalid=first.sstate()) in SECOND_DIRECTORY_EITHER
         assert outhash_rows(stack.address) == REPORTS + 2
 
         # BitBake's own local server ("auto", a new database) with the gateway as its upstream

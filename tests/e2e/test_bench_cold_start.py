@@ -43,11 +43,12 @@ def test_every_side_runs_cold_then_warm_with_every_answer_right(bitbake, tmp_pat
     assert all(r["cold"]["upstream_lookups"] > 0 for r in data["repeats"] if r["side"] != LOCAL)
     # The upstream's CPU in each cold burst (it shares this machine's cores), beside the local
     # one's: measured for every side (a tiny burst may take it less than a clock tick).
-    upstream_cpu = [r["cold"]["upstream_cpu_s"] for r in data["repeats"] if r["side"] != LOCAL]
-    assert all(cpu >= 0 for cpu in upstream_cpu) and sum(upstream_cpu) > 0, upstream_cpu
+    cold = [r["cold"] for r in data["repeats"] if r["side"] != LOCAL]
+    for cpu in ([c["upstream_cpu_s"] for c in cold], [c["metrics"]["server_cpu_s"] for c in cold]):
+        assert all(v >= 0 for v in cpu) and sum(cpu) > 0, cpu
     for sides in data["summary"]["delays"].values():
         for v in sides.values():
-            assert v["cold_upstream_cpu_s"]["median"] is not None and v["cold_server_cpu_s"]["median"] > 0
+            assert v["cold_upstream_cpu_s"]["median"] >= 0 and v["cold_server_cpu_s"]["median"] >= 0
     assert "upstream's CPU" in proc.stdout
     for side in SIDES:
         assert side in proc.stdout

@@ -48,6 +48,27 @@ def _extra(body: list, index: int) -> dict:
     return out
 
 
+#: Commands whose second run answers as the first did: the reads, and the reports (a report
+#: run again finds its own rows and answers the unihash they mapped).
+RERUNNABLE = frozenset(
+    {
+        p.PING,
+        p.GET,
+        p.EXISTS,
+        p.GET_FULL,
+        p.GET_OUTHASH,
+        p.REPORT,
+        p.REPORT_EQUIV,
+        p.GC_STATUS,
+        p.DB_USAGE,
+        p.QUERY_COLUMNS,
+        p.IMPORT_STATUS,
+        p.GET_USER,
+        p.GET_ALL_USERS,
+    }
+)
+
+
 class Handlers:
     """Each command is a pair: ``parse`` (one job's body -> arguments, raising ProtocolError)
     and ``run`` (the arguments of every job in a REQUEST -> one reply body per job).
@@ -131,7 +152,7 @@ class Handlers:
                 results[job_id] = self._error(command, exc)
         if parsed:
             try:
-                bodies = run([args for _, args in parsed])
+                bodies = self._run(command, run, [args for _, args in parsed])
                 for (job_id, _), reply in zip(parsed, bodies):
                     results[job_id] = (p.OK, reply)
             except Exception as exc:
@@ -139,6 +160,23 @@ class Handlers:
                 for job_id, _ in parsed:
                     results[job_id] = error
         return [(job_id, *results[job_id]) for job_id, _ in jobs]
+
+    def _run(self, command: bytes, run, many: list) -> list:
+        """``run(many)``; run once more, on a new connection, when the database connection
+        turns out to be lost (PostgreSQL restarted, the backend was terminated) and the
+        command gives the same answer when run twice (:data:`RERUNNABLE`). So a connection
+        lost between requests costs a build nothing; any other write answers STORAGE."""
+        try:
+            return run(many)
+        except Exception as exc:
+            if command not in RERUNNABLE or not self.store.connection_lost(exc):
+                raise
+            log.warning(
+                "database connection lost (%s); running %s again on a new connection",
+                (errors.reason(exc).strip().splitlines() or [type(exc).__name__])[0],
+                command.decode(errors="replace"),
+            )
+        return run(many)
 
     @staticmethod
     def _error(command: bytes, exc: Exception) -> tuple:

@@ -265,6 +265,12 @@ class PostgresqlStore(Store):
             self._drop_if_broken()
             raise
 
+    def connection_lost(self, exc: BaseException) -> bool:
+        if not isinstance(exc, (OperationalError, InterfaceError)):
+            return False
+        self._drop_if_broken()
+        return self.db.is_closed()
+
     def _drop_if_broken(self) -> None:
         """A connection the server closed (restarted, terminated) is dropped, so the next
         statement connects again instead of failing on it forever."""
@@ -279,9 +285,13 @@ class PostgresqlStore(Store):
             self._method_ids.clear()
 
     def executemany(self, sql: str, rows: list) -> int:
-        with self.db.cursor() as cursor:
-            cursor.executemany(self._psycopg(sql), rows)
-            return cursor.rowcount
+        try:
+            with self.db.cursor() as cursor:
+                cursor.executemany(self._psycopg(sql), rows)
+                return cursor.rowcount
+        except Exception as exc:
+            self._drop_if_broken()
+            raise _wrapped(exc) from exc
 
     def in_transaction(self) -> bool:
         if self.db.is_closed():

@@ -174,6 +174,11 @@ class Store:
         """Count an outcome of the write transaction in progress (kept if it commits)."""
         self._uncommitted_counts[name] = self._uncommitted_counts.get(name, 0) + n
 
+    def connection_lost(self, exc: BaseException) -> bool:
+        """Whether ``exc`` came from a database connection the server closed (dropped now, so
+        the next statement connects again). A SQLite file has no connection to lose."""
+        return False
+
     def _sql(self, sql: str, params=()):
         """Run fixed SQL through peewee (measured: 7 us a statement, against 6 us straight on
         the sqlite3 connection and ~200 us through peewee's query builder)."""

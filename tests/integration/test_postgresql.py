@@ -160,7 +160,18 @@ def test_maintenance_and_statistics_on_postgresql(pg_stack):
     assert "postgresql" in shown.stdout
 
 
-def test_a_worker_whose_connection_is_killed_connects_again(pg_stack):
+def hq_connections(url: str) -> int:
+    with psycopg.connect(url.split("?", 1)[0], autocommit=True) as conn:
+        return conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'hq' "
+            "AND datname = current_database()"
+        ).fetchone()[0]
+
+
+def test_killed_connections_cost_the_requests_after_them_nothing(pg_stack):
+    """PostgreSQL ends every worker's connection (a restart, an admin's pg_terminate_backend):
+    each worker's next request runs again on a new connection, so the reads and reports
+    after it answer at once, with no error for a build to see."""
     with create_client(pg_stack.address) as client:
         client.report_unihash_equiv(h("t"), M, h("u"))
         with psycopg.connect(pg_stack.url.split("?", 1)[0], autocommit=True) as conn:
@@ -169,15 +180,16 @@ def test_a_worker_whose_connection_is_killed_connects_again(pg_stack):
                 "WHERE application_name = 'hq' AND datname = current_database()"
             ).fetchone()[0]
         assert killed == 4
-
-        def answers():
-            try:
-                return client.get_unihash_batch([(M, h("t"))] * 8) == [h("u")] * 8
-            except Exception:  # a storage error for a request on a dead connection
-                return False
-
-        wait_for(answers, timeout=20, what="every worker to connect again")
-        assert client.report_unihash(h("t2"), M, h("o2"), h("u2"))["unihash"] == h("u2")
+        wait_for(lambda: hq_connections(pg_stack.url) == 0, timeout=10, what="the backends to end")
+        for k in range(8):
+            assert client.get_unihash(M, h("t")) == h("u")
+            assert client.report_unihash(h("t2", k), M, h("o2"), h("u2", k))["unihash"] == h("u2", 0)
+        stats = client.get_stats()
+    assert hq_connections(pg_stack.url) == 4  # every worker met its dead connection
+    for worker in stats["workers"]:
+        counters = worker["counters"]
+        assert counters.get("jobs.get", 0) + counters.get("jobs.report", 0) >= 1, counters
+        assert not [name for name in worker["counters"] if name.startswith("errors.")], worker
 
 
 def test_import_hashserv_into_postgresql(tmp_path, postgresql_url, monkeypatch):

@@ -827,7 +827,9 @@ class Scheduler:
         """A lookup's local misses, as packed frames: per chunk with misses, its method and
         the missed taskhashes, LF-joined. The answer is one LF-joined chunk of unihashes
         (empty for a miss) per question chunk."""
-        asked = []  # (chunk index, positions of its misses, method, missed taskhashes)
+        # (chunk index, positions of its misses, method, missed taskhashes, the chunk's local
+        # answers split, or None when every one was a miss)
+        asked = []
         frames = []
         for index, chunk in enumerate(pending.bodies):
             answers = bytes(pending.results[index][0]).split(b"\n")
@@ -840,13 +842,13 @@ class Scheduler:
                 missed = list(compress(taskhashes, missing))
                 packed = b"\n".join(missed)
             else:  # all misses: the chunk as it came
-                positions, missed, packed = range(len(answers)), taskhashes, bytes(chunk[1])
+                positions, missed, packed, answers = range(len(answers)), taskhashes, bytes(chunk[1]), None
             method = bytes(chunk[0])
-            asked.append((index, positions, method, missed))
+            asked.append((index, positions, method, missed, answers))
             frames += (method, packed)
         if not asked:
             return False
-        self.count("upstream.asked", sum(len(positions) for _, positions, _, _ in asked))
+        self.count("upstream.asked", sum(len(question[1]) for question in asked))
 
         def answered(result, error, now):
             if pending.done:  # timed out meanwhile
@@ -896,22 +898,20 @@ class Scheduler:
         if len(result) != len(asked):
             return "an answer of the wrong shape"
         fills = []
-        for (_, positions, _, _), frame in zip(asked, result):
+        for (_, positions, _, _, _), frame in zip(asked, result):
             # The agent checks every unihash; garbage here (a bug there) is never an answer.
             try:
                 fills.append(p.split_unihashes(frame, len(positions)))
             except p.ProtocolError:
                 return "an answer of the wrong shape"
         hits = 0
-        for (index, positions, method, missed), got, frame in zip(asked, fills, result):
+        for (index, positions, method, missed, answers), got, frame in zip(asked, fills, result):
             found_u = list(filter(None, got))
             if not found_u:
                 continue
-            local = bytes(pending.results[index][0])
-            if len(positions) == local.count(b"\n") + 1:
+            if answers is None:
                 pending.results[index] = [bytes(frame)]  # every item was a local miss
             else:
-                answers = local.split(b"\n")
                 for i, unihash in zip(positions, got):
                     if unihash:
                         answers[i] = unihash

@@ -25,6 +25,9 @@ import json
 import math
 
 GET, EXISTS, OUTHASH, ROW = b"get", b"exists", b"outhash", b"row"
+#: The questions of a build's lookups: while these wait, backfills are held (see
+#: :data:`BACKFILL_HOLD_S`); a report's ``get-outhash`` does not hold them.
+LOOKUPS = frozenset({GET, EXISTS})
 
 
 class UpstreamStage:
@@ -32,7 +35,8 @@ class UpstreamStage:
         self.timeout_s = timeout_s
         self.outbox: list = []  # [question id, kind, JSON] for the agent
         self.waiting: dict = {}  # question id -> (deadline, asked at, callback), oldest first
-        self.busy_at = -math.inf  # when a question was last asked or answered
+        self.lookups_waiting = 0  # of them, LOOKUPS questions
+        self.lookup_at = -math.inf  # when a LOOKUPS question was last asked or answered
         self._ids = itertools.count(1)
 
     def ask(self, kind: bytes, payload, now: float, callback, deadline: float = math.inf) -> None:
@@ -49,17 +53,25 @@ class UpstreamStage:
 
     def _ask(self, kind, frames, raw, now, callback, deadline) -> None:
         qid = b"%x" % next(self._ids)
-        self.busy_at = now
-        self.waiting[qid] = (min(now + self.timeout_s, deadline), now, callback, raw)
+        lookup = kind in LOOKUPS
+        if lookup:
+            self.lookups_waiting += 1
+            self.lookup_at = now
+        self.waiting[qid] = (min(now + self.timeout_s, deadline), now, callback, raw, lookup)
         self.outbox.append([qid, kind, *frames])
+
+    def _settled(self, lookup: bool, now: float) -> None:
+        if lookup:
+            self.lookups_waiting -= 1
+            self.lookup_at = now
 
     def on_answer(self, frames: list, now: float):
         """The agent's answer; returns (how long it took, error) or None if none waited."""
         entry = self.waiting.pop(bytes(frames[0]), None) if frames else None
         if entry is None:
             return None  # late (timed out) or malformed
-        self.busy_at = now
-        _, asked, callback, raw = entry
+        _, asked, callback, raw, lookup = entry
+        self._settled(lookup, now)
         result, error = None, "a malformed answer from the upstream agent"
         if frames[1:2] == [b"ok"] and raw:
             result, error = [bytes(frame) for frame in frames[2:]], None
@@ -79,10 +91,11 @@ class UpstreamStage:
         times out by itself meanwhile)."""
         waiting, n = self.waiting, 0
         while waiting:
-            qid, (deadline, _, callback, _) = next(iter(waiting.items()))
+            qid, (deadline, _, callback, _, lookup) = next(iter(waiting.items()))
             if deadline > now:
                 break
             del waiting[qid]
+            self._settled(lookup, now)
             callback(None, "timeout", now)
             n += 1
         return n
@@ -137,7 +150,7 @@ class BackfillBuffer:
         """Until when backfills are held (see :data:`BACKFILL_HOLD_S`); -inf if not."""
         if not self.rows or self.rows >= MAX_BUFFERED_ROWS * 3 // 4:
             return -math.inf
-        quiet = math.inf if upstream.waiting else upstream.busy_at + BACKFILL_QUIET_S
+        quiet = math.inf if upstream.lookups_waiting else upstream.lookup_at + BACKFILL_QUIET_S
         return min(quiet, self.since + BACKFILL_HOLD_S)
 
     def take(self, limit: int = BACKFILL_ROWS):

@@ -355,7 +355,11 @@ class Agent:
         if self.negative_ttl_s <= 0:
             return
         negatives = self.negative[kind]
-        negatives.setdefault(ns, {}).update(dict.fromkeys(keys, time.monotonic() + self.negative_ttl_s))
+        negative = negatives.setdefault(ns, {})
+        fresh = dict.fromkeys(keys, time.monotonic() + self.negative_ttl_s)
+        for key in negative.keys() & fresh.keys():  # moved to the end: newest last
+            del negative[key]
+        negative.update(fresh)
         total = sum(map(len, negatives.values()))
         if total > MAX_NEGATIVES:  # each namespace keeps its newest, in proportion
             target = MAX_NEGATIVES - MAX_NEGATIVES // 8

@@ -49,8 +49,7 @@ class Upstream:
         splits, not a Python step per lookup: a cold burst asks 360,000)."""
         lines: list = []
         for method, taskhashes in groups:
-            joined = "\n".join(taskhashes)
-            if method.split() != [method] or "\n".join(joined.split()) != joined:
+            if method.split() != [method] or "\n".join(taskhashes).split() != list(taskhashes):
                 raise ValueError("a method or taskhash that is empty or holds whitespace")
             if taskhashes:
                 lines += (f"{method} " + f"\n{method} ".join(taskhashes)).split("\n")

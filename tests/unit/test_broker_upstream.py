@@ -365,3 +365,20 @@ def test_backfills_are_held_at_most_the_hold_time():
             assert jobs(s) == []
     ((command, _, body),) = jobs(s)
     assert command == p.BACKFILL and body == [M, T1, U1.encode()]
+
+
+def test_a_reports_question_to_the_upstream_does_not_hold_the_backfills():
+    """Only lookups waiting on the upstream hold backfills: the get-outhash asked before each
+    report does not (a build reporting for minutes would hold them BACKFILL_HOLD_S)."""
+    s = make(upstream_timeout_s=100.0, request_timeout_s=100.0)
+    ready(s)
+    answer(s, lookup(s, [T1]), [b""])
+    ((qid, _, _),) = questions(s)
+    s.on_upstream([qid, b"ok", unihashes(U1)], 0.1)
+    replies(s)
+    s.on_client([b"c2", *p.encode_request(b"r2", p.REPORT, [M, T2, b"a" * 64, U2.encode()])], 0.2)
+    ((_, kind, _),) = questions(s)
+    assert kind == b"outhash" and s.upstream.waiting  # the report's question waits
+    s.tick(0.1 + QUIET)
+    ((command, _, body),) = jobs(s)
+    assert command == p.BACKFILL and body == [M, T1, U1.encode()]

@@ -27,12 +27,15 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+
+import psutil
 
 import hq
 from hq.client import create_client
@@ -92,7 +95,47 @@ def add_parser(sub, common) -> None:
         default=0,
         help="clients share this many configurations (default 0: each its own)",
     )
+    p.add_argument(
+        "--upstream-cpus",
+        metavar="LIST",
+        default=None,
+        help="run the upstream (and the relay) on these CPUs, e.g. 1 or 2-3, and everything else "
+        "on the others: an upstream on a host of its own (default: all share every CPU)",
+    )
     common(p, transport="tcp", faults=False)
+
+
+def parse_cpus(text: str) -> set:
+    """``"1"``, ``"0,2"``, ``"2-3"`` -> a set of CPU numbers; ValueError if malformed."""
+    cpus: set = set()
+    for part in text.split(","):
+        found = re.fullmatch(r"\s*(\d+)(?:-(\d+))?\s*", part)
+        if found is None:
+            raise ValueError(text)
+        first, last = found.groups()
+        cpus.update(range(int(first), int(last or first) + 1))
+    if not cpus:
+        raise ValueError(text)
+    return cpus
+
+
+def _split_cpus(parser, text: str | None):
+    """(the upstream's CPUs, everyone else's), both within this process's; (None, None)
+    without --upstream-cpus. Every process started later inherits what this one is set to."""
+    if text is None:
+        return None, None
+    mine = os.sched_getaffinity(0)
+    try:
+        upstream = parse_cpus(text)
+    except ValueError:
+        parser.error(f"cold-start: --upstream-cpus takes CPU numbers such as 1 or 2-3; got {text!r}")
+    rest = mine - upstream
+    if not upstream <= mine or not rest:
+        parser.error(
+            f"cold-start: --upstream-cpus {text} must name some, not all, of this process's CPUs "
+            f"({', '.join(map(str, sorted(mine)))})"
+        )
+    return upstream, rest
 
 
 def ask_oehashequiv(address: str, message: dict, timeout: float = BACKFILL_WAIT_S):
@@ -157,6 +200,11 @@ class Relay:
         self.proc.wait(10)
 
 
+def _cpus(processes) -> list:
+    """The CPUs these psutil.Processes may run on, together."""
+    return sorted(set().union(*(process.cpu_affinity() for process in processes)))
+
+
 def _wait_backfilled(side: str, server) -> float | None:
     """Until the local server has stored what its upstream answered: how long that took,
     or None if it had not within BACKFILL_WAIT_S."""
@@ -194,6 +242,7 @@ def _run_side(side, workload, wopts, template, upstream_address, upstream, tree,
     try:
         shutil.copyfile(template, server.db)
         server.start()
+        out["cpus"] = _cpus(server.processes.values())
         try:
             for burst in ("cold", "second"):
                 if burst == "second":
@@ -232,6 +281,7 @@ def run(parser, opts) -> dict:
     if unknown or not names:
         parser.error(f"cold-start: --sides takes a list of {', '.join(SIDE_NAMES)}; got {opts.sides!r}")
     sides = tuple(side for side in COLD_SIDES if side in {SIDE_NAMES[name] for name in names})
+    upstream_cpus, local_cpus = _split_cpus(parser, opts.upstream_cpus)
     opts.workloads, opts.keys = ["burst"], 0
     wopts = workload_options(parser, "burst", opts)
     wopts.base_server_arg = list(wopts.server_arg)
@@ -239,7 +289,7 @@ def run(parser, opts) -> dict:
     progress = Progress("cold-start", enabled=not opts.quiet, show_after_s=1.0)
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     base = tempfile.mkdtemp(prefix="hq-bench-cold-start-", dir=opts.tmpdir)
-    upstream, relays = None, []
+    upstream, relays, upstream_ran_on = None, [], []
     raw: list = []
     try:
         progress.note(f"cold-start: {len(workload.rows):,} keys on the upstream")
@@ -253,6 +303,8 @@ def run(parser, opts) -> dict:
             populate(upstream.db, workload.rows.rows, corrupt=opts.corrupt_keys)
         else:
             reference.populate(upstream.db, workload.rows.rows, tree, corrupt=opts.corrupt_keys)
+        if upstream_cpus:  # the upstream's processes, and the relays', inherit these
+            os.sched_setaffinity(0, upstream_cpus)
         upstream.start()
         progress.close()
         # (delay, address for a local hq, address for a local bitbake-hashserv)
@@ -262,6 +314,10 @@ def run(parser, opts) -> dict:
             if upstream.for_ref != upstream.for_hq:
                 relays.append(Relay(upstream.for_ref, opts.delay_ms))
             routes.append((opts.delay_ms, relays[0].address, relays[-1].address))
+        if local_cpus:  # and the local servers and clients these
+            os.sched_setaffinity(0, local_cpus)
+        upstream_side = [*upstream.server.processes.values(), *(psutil.Process(r.proc.pid) for r in relays)]
+        upstream_ran_on = _cpus(upstream_side)
         for n in range(1, opts.repeats + 1):
             raw.append(_run_side(LOCAL, workload, wopts, full_hq, "", upstream, tree, n, progress))
             for delay, for_hq, for_ref in routes:
@@ -287,12 +343,17 @@ def run(parser, opts) -> dict:
         "hq_version": hq.__version__,
         "bitbake_version": reference.version(tree),
         "started_at": started,
+        "upstream_cpus": upstream_ran_on,
         "summary": summarize(raw),
         "repeats": raw,
         "ok": all(r["ok"] for r in raw),
     }
     print_report(result, quiet=opts.quiet)
     return result
+
+
+def _cpu_list(cpus: list) -> str:
+    return ",".join(map(str, cpus))
 
 
 def _metric(r: dict, burst: str, name: str):
@@ -357,6 +418,12 @@ def print_report(result: dict, quiet: bool = False) -> None:
         f"hq {result['hq_version']} vs bitbake-hashserv {result['bitbake_version']}; upstream: "
         f"{result['config']['upstream_server']}; medians (min-max)"
     )
+    if result["config"]["upstream_cpus"]:
+        local = sorted({cpu for r in result["repeats"] for cpu in r.get("cpus", ())})
+        print(
+            f"the upstream and the relay on CPU {_cpu_list(result['upstream_cpus'])}, the local "
+            f"servers and clients on CPU {_cpu_list(local)} (--upstream-cpus: hosts of their own)"
+        )
     print(
         f"hq with the mappings already local: {_mmm(s['local_wall_s'], 's')}, "
         f"its CPU {_mmm(s['local_server_cpu_s'], 's')}"

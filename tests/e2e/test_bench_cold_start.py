@@ -6,6 +6,7 @@ made no upstream request in the second burst, and the table and JSON carry it al
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 
 import pytest
@@ -74,3 +75,25 @@ def test_unknown_sides_are_one_line_and_exit_2(bitbake, sides):
     proc = bench("--bitbake", bitbake, "--sides", sides)
     assert proc.returncode == 2 and "--sides" in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) <= 2, proc.stderr  # usage line + the error
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="--upstream-cpus needs 2 CPUs or more")
+def test_upstream_cpus_put_the_upstream_on_its_own_cpus(bitbake, tmp_path):
+    """The upstream (and relay) on the last CPU, every local server on the others."""
+    path = tmp_path / "cold.json"
+    mine = sorted(os.sched_getaffinity(0))
+    args = [*TINY, "--sides", "hq", "--upstream-cpus", str(mine[-1])]
+    proc = bench("--bitbake", bitbake, *args, "--json", path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = json.loads(path.read_text())
+    assert data["ok"] is True and data["upstream_cpus"] == [mine[-1]]
+    assert {r["side"] for r in data["repeats"]} == {LOCAL, "hq --upstream"}
+    assert all(r["cpus"] == mine[:-1] for r in data["repeats"]), [r["cpus"] for r in data["repeats"]]
+    assert f"the upstream and the relay on CPU {mine[-1]}" in proc.stdout
+
+
+@pytest.mark.parametrize("cpus", ["x", "0-", "999", "0-999"])
+def test_bad_upstream_cpus_are_one_line_and_exit_2(bitbake, cpus):
+    proc = bench("--bitbake", bitbake, "--upstream-cpus", cpus)
+    assert proc.returncode == 2 and "--upstream-cpus" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) <= 2, proc.stderr

@@ -138,7 +138,8 @@ def _common(parser: argparse.ArgumentParser, transport: str = "ipc", faults: boo
         default=None,
         metavar="S",
         help="fault injection: kill -9 a random worker S/4 s after the release and every S s "
-        "after that (hq-server restarts it); every answer must still be right",
+        "after that, each time once every worker is registered again (hq-server restarts "
+        "them); every answer must still be right",
     )
 
 

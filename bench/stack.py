@@ -177,6 +177,17 @@ class Stack:
         """Names of processes that are no longer the ones found at start (crashed)."""
         return [name for name, proc in self.processes.items() if not proc.is_running()]
 
+    def workers_registered(self) -> int:
+        """How many workers the broker has registered now (0 when it cannot be asked)."""
+        from hq.client import InvokeError, create_client
+
+        address = getattr(self, "hq_address", None) or self.address
+        with create_client(address, timeout=2.0, **self.client_kwargs) as client:
+            try:
+                return len(client.get_stats().get("workers", []))
+            except (ConnectionError, InvokeError):
+                return 0
+
     def counters(self) -> dict:
         """The broker's raw counters (hashserv's get-stats, hq's part), or {"error": ...}."""
         from hq.client import InvokeError, create_client

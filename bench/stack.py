@@ -177,12 +177,16 @@ class Stack:
         """Names of processes that are no longer the ones found at start (crashed)."""
         return [name for name, proc in self.processes.items() if not proc.is_running()]
 
+    @property
+    def broker_address(self) -> str:
+        """Where hq's own client reaches the broker (for the statistics)."""
+        return self.address
+
     def workers_registered(self) -> int:
         """How many workers the broker has registered now (0 when it cannot be asked)."""
         from hq.client import InvokeError, create_client
 
-        address = getattr(self, "hq_address", None) or self.address
-        with create_client(address, timeout=2.0, **self.client_kwargs) as client:
+        with create_client(self.broker_address, timeout=2.0, **self.client_kwargs) as client:
             try:
                 return len(client.get_stats().get("workers", []))
             except (ConnectionError, InvokeError):
@@ -302,6 +306,10 @@ class GatewayStack(Stack):
         self._wait(lambda: "hq-gateway" in self.children(), deadline, "its gateway process")
         self.processes = dict(sorted(self.children().items()))
         return self
+
+    @property
+    def broker_address(self) -> str:
+        return self.hq_address
 
     def children(self) -> dict:
         found = super().children()

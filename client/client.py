@@ -437,27 +437,25 @@ class Client:
 
     def get_unihash_batch(self, args) -> list:
         """Unihash or None for each (method, taskhash) of an iterable, in order."""
-        out: list = []
-        for part in self._exchange(self._get_requests(self._chunked(args))):
-            out.extend(part)
-        return out
+        return self._joined(self._get_requests(self._chunked(args)))
 
     def get_unihash_groups(self, groups) -> list:
         """For ``[(method, [taskhash, ...]), ...]``, each taskhash's unihash or None, in
         order: what :meth:`get_unihash_batch` answers for the same lookups as pairs, without
         a tuple per lookup, for callers that hold their taskhashes by method (hq's upstream
         agent)."""
-        out: list = []
-        for part in self._exchange(self._get_requests(self._grouped(groups))):
-            out.extend(part)
-        return out
+        return self._joined(self._get_requests(self._grouped(groups)))
 
     def unihash_exists(self, unihash: str) -> bool:
         return self.unihash_exists_batch([unihash])[0]
 
     def unihash_exists_batch(self, unihashes) -> list:
+        return self._joined(self._exists_requests(unihashes))
+
+    def _joined(self, requests: list) -> list:
+        """The answers to these requests' chunks, one list, in order."""
         out: list = []
-        for part in self._exchange(self._exists_requests(unihashes)):
+        for part in self._exchange(requests):
             out.extend(part)
         return out
 

@@ -10,11 +10,19 @@ started without their extra, each says which one in one line and exits 2.
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 
 DISTRIBUTION = "hq-hashequiv"
 #: Third-party module -> the extra that installs it.
 EXTRAS = {"peewee": "server", "tabulate": "admin", "psutil": "bench", "websockets": "gateway"}
+
+
+def require(module: str) -> None:
+    """ModuleNotFoundError now if ``module`` is not installed: for a program's ``load`` when
+    its main imports the module later (:func:`run` names the extra)."""
+    if importlib.util.find_spec(module) is None:
+        raise ModuleNotFoundError(f"No module named {module!r}", name=module)
 
 
 def run(program: str, load, extra: str | None = None) -> int:

@@ -26,7 +26,6 @@ import time
 from hq import config, curve, databases, logs, options, proctitle
 from hq.notify import environ_for_children, notify
 from hq.signals import StopFlag
-from hq.workers.schema import open_database
 
 log = logging.getLogger("hq.server")
 
@@ -143,6 +142,9 @@ def prepare_database(opts) -> bool:
     ERROR line now (not a worker pool restarting forever), and the schema is in place before
     the workers open it together."""
     try:
+        databases.hide_unused_drivers(opts.db)
+        from hq.workers.schema import open_database
+
         open_database(opts.db, synchronous=opts.synchronous).close()
     except Exception as exc:  # bad path, not a database, permissions: a configuration error
         log.error("cannot open database %r: %s", databases.redacted(opts.db), exc)

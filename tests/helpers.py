@@ -24,6 +24,12 @@ def script(name: str) -> str:
     return path
 
 
+def maps_psycopg(pid: int) -> bool:
+    """Whether process ``pid`` has psycopg's compiled library mapped (psycopg[binary] loaded)."""
+    with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as fh:
+        return "psycopg" in fh.read()
+
+
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):
     """Poll ``predicate`` until it returns a truthy value; fail the test after ``timeout``."""
     end = time.monotonic() + timeout

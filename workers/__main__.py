@@ -2,10 +2,11 @@
 
 import sys
 
-from hq.extras import run
+from hq.extras import require, run
 
 
 def _load():
+    require("peewee")  # imported by main once it knows the database
     from hq.workers.main import main
 
     return main

@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import zmq
 
@@ -20,10 +21,9 @@ from hq.notify import notify
 from hq.signals import StopFlag
 from hq.sockets import readable, recv_frames, send_frames
 
-from .handlers import Handlers
-from .schema import open_database, settings_in_force
-from .stats import WorkerStats
-from .store import store_for
+if TYPE_CHECKING:  # imported in main(), once the database is known (databases.hide_unused_drivers)
+    from .handlers import Handlers
+    from .stats import WorkerStats
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +170,11 @@ def main(argv=None) -> int:
     stop = StopFlag().install()
     if failpoints.ACTIVE:
         log.warning("failpoints active (HQ_FAILPOINTS): %s", ", ".join(failpoints.ACTIVE))
+    databases.hide_unused_drivers(opts.db)
+    from .handlers import Handlers
+    from .schema import open_database, settings_in_force
+    from .stats import WorkerStats
+    from .store import store_for
 
     def open_db():
         return open_database(

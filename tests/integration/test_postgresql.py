@@ -14,7 +14,7 @@ import psycopg
 import pytest
 
 from hashserv_db import IMPORTER, IMPORTER_PASSWORD, populate, source_mappings
-from helpers import Stack, script, wait_for
+from helpers import Stack, maps_psycopg, script, wait_for
 from hq import protocol as p
 from hq.client import create_client
 from hq.workers import errors
@@ -147,6 +147,7 @@ def test_maintenance_and_statistics_on_postgresql(pg_stack):
         assert usage["unihashes"]["rows"] == 1 and usage["outhashes"]["rows"] == 5
         stats = client.get_stats()
     worker = stats["workers"][0]
+    assert maps_psycopg(worker["pid"])  # the driver SQLite workers hide is there
     assert worker["settings"]["engine"] == "postgresql"
     assert worker["db"]["path"] == pg_stack.url
     assert worker["db"]["id"].startswith("postgresql:")

@@ -30,14 +30,18 @@ def h(*parts) -> str:
     return "%064x" % (hash(parts) & (2**256 - 1) | 1 << 255)
 
 
-def in_transaction(url: str) -> int:
-    """hq's connections (any worker) that are inside a transaction now."""
+def hq_backends(url: str, what: str = "count(*)", where: str = "") -> int:
+    """``what`` over hq's connections (any worker) to this database, ``where`` more holds."""
     with psycopg.connect(url.split("?", 1)[0], autocommit=True) as conn:
         return conn.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'hq' "
-            "AND state IN ('idle in transaction', 'active') AND xact_start IS NOT NULL "
-            "AND datname = current_database()"
+            f"SELECT {what} FROM pg_stat_activity WHERE application_name = 'hq' "
+            f"AND datname = current_database() {where}"
         ).fetchone()[0]
+
+
+def in_transaction(url: str) -> int:
+    """hq's connections (any worker) that are inside a transaction now."""
+    return hq_backends(url, where="AND state IN ('idle in transaction', 'active') AND xact_start IS NOT NULL")
 
 
 @pytest.fixture
@@ -161,32 +165,19 @@ def test_maintenance_and_statistics_on_postgresql(pg_stack):
     assert "postgresql" in shown.stdout
 
 
-def hq_connections(url: str) -> int:
-    with psycopg.connect(url.split("?", 1)[0], autocommit=True) as conn:
-        return conn.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'hq' "
-            "AND datname = current_database()"
-        ).fetchone()[0]
-
-
 def test_killed_connections_cost_the_requests_after_them_nothing(pg_stack):
     """PostgreSQL ends every worker's connection (a restart, an admin's pg_terminate_backend):
     each worker's next request runs again on a new connection, so the reads and reports
     after it answer at once, with no error for a build to see."""
     with create_client(pg_stack.address) as client:
         client.report_unihash_equiv(h("t"), M, h("u"))
-        with psycopg.connect(pg_stack.url.split("?", 1)[0], autocommit=True) as conn:
-            killed = conn.execute(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                "WHERE application_name = 'hq' AND datname = current_database()"
-            ).fetchone()[0]
-        assert killed == 4
-        wait_for(lambda: hq_connections(pg_stack.url) == 0, timeout=10, what="the backends to end")
+        assert hq_backends(pg_stack.url, "count(pg_terminate_backend(pid))") == 4
+        wait_for(lambda: hq_backends(pg_stack.url) == 0, timeout=10, what="the backends to end")
         for k in range(8):
             assert client.get_unihash(M, h("t")) == h("u")
             assert client.report_unihash(h("t2", k), M, h("o2"), h("u2", k))["unihash"] == h("u2", 0)
         stats = client.get_stats()
-    assert hq_connections(pg_stack.url) == 4  # every worker met its dead connection
+    assert hq_backends(pg_stack.url) == 4  # every worker met its dead connection
     for worker in stats["workers"]:
         counters = worker["counters"]
         assert counters.get("jobs.get", 0) + counters.get("jobs.report", 0) >= 1, counters

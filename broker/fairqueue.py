@@ -86,14 +86,14 @@ class FairQueue:
 
     def take(self, mergeable=None, limit: int = 0, eligible=None) -> list:
         """The next job by start tag that is ``eligible`` (default: any), plus (if
-        ``mergeable(first, other)``) the heads of the next clients in tag order while they
-        are mergeable and the batch stays within ``limit`` items; one job per client.
-        Heads passed over keep their tags, so they go first once eligible. Empty list when
-        no eligible job is queued."""
+        ``mergeable(first, other)``) the next jobs in tag order, of any client (the same
+        client's next one too: a gateway's many connections share one client), while they
+        are mergeable and the batch stays within ``limit`` items. Heads passed over keep
+        their tags, so they go first once eligible. Empty list when no eligible job is
+        queued."""
         heap = self.heap
         batch: list = []
         budget = 0
-        clients: list = []
         passed: list = []
         while heap:
             entry = heap[0]
@@ -112,15 +112,13 @@ class FairQueue:
                 budget = limit - job.items
             heapq.heappop(heap)
             batch.append(self._pop(entry[2]))
-            clients.append(entry[2])
+            self._push_head(entry[2])  # its next job, in tag order with the others
             if mergeable is None:
                 break
         for entry in passed:
             heapq.heappush(heap, entry)
         if batch:
             self.vtime = max(self.vtime, batch[0].start)
-        for client_id in clients:
-            self._push_head(client_id)
         return batch
 
     def purge(self, request, keep=None) -> list:

@@ -436,15 +436,29 @@ def test_small_jobs_of_several_clients_are_merged_into_one_request():
     ((_, _, (job0,)),) = take_messages(s)
     answer(s, b"w1", job0[0], echo_reply(job0[1]))
     ((worker, command, jobs),) = take_messages(s)
-    # One job per client per REQUEST: the clients' second chunks wait for the next turn.
-    assert command == p.GET and sorted(body[1] for _, body in jobs) == [b"a", b"b", b"c"]
-    assert s.counters["jobs.merged"] == 3
+    # Every queued chunk in one REQUEST, in fair order: each client's first, then its second.
+    assert command == p.GET
+    assert [body[1] for _, body in jobs][:3] == [b"a", b"b", b"c"]
+    assert [body[1] for _, body in jobs][3:] == [b"a2", b"b2", b"c2"]
+    assert s.counters["jobs.merged"] == 6
     s.on_worker([b"w1", *p.encode_results([(j, p.OK, echo_reply(b)) for j, b in jobs])], 0.1)
-    ((_, _, second),) = take_messages(s)
-    assert sorted(body[1] for _, body in second) == [b"a2", b"b2", b"c2"]
-    s.on_worker([b"w1", *p.encode_results([(j, p.OK, echo_reply(b)) for j, b in second])], 0.2)
     got = {frames[0]: p.decode_reply(frames[1:]).body for frames in s.to_clients}
     assert got[b"a"] == [b"a", b"a2"] and got[b"c"] == [b"c", b"c2"]
+
+
+def test_one_clients_queued_reports_share_one_worker_request():
+    """A gateway's connections share one client: their reports, queued behind the write in
+    flight, go to a worker together (one transaction), not one REQUEST each."""
+    s = make(merge_items=1000)
+    ready(s, b"w1")
+    for n in range(5):
+        body = [b"m", b"t%d" % n, b"o", b"u" * 8, b"{}"]
+        s.on_client([b"gateway", *p.encode_request(b"r%d" % n, p.REPORT, body)], 0.0)
+    ((_, command, first),) = take_messages(s)
+    assert command == p.REPORT and len(first) == 1  # the first went alone: nothing else queued yet
+    s.on_worker([b"w1", *p.encode_results([(j, p.OK, [b"u" * 8]) for j, _ in first])], 0.1)
+    ((_, command, rest),) = take_messages(s)
+    assert command == p.REPORT and [body[1] for _, body in rest] == [b"t1", b"t2", b"t3", b"t4"]
 
 
 def test_merging_respects_the_item_budget_and_the_command():

@@ -64,6 +64,31 @@ def test_silent_and_half_open_connections_are_closed_others_served(hashserv, bro
         assert gateway.stop() == 0, gateway.log()
 
 
+def test_a_connection_that_keeps_talking_outlives_the_idle_timeout(hashserv, broker, tmp_path):
+    """The idle timer counts silence, not age: a client that asks something every 0.3 s stays
+    connected well past a 1 s --idle-timeout, and is closed once it falls silent."""
+    gateway = Gateway(tmp_path, broker.address, "--idle-timeout", "1")
+    try:
+        sock = connect(gateway.tcp)
+        sock.sendall(HELLO)
+        sock.settimeout(5)
+        answers = sock.makefile("rb")
+        start = time.monotonic()
+        while time.monotonic() - start < 2.5:
+            sock.sendall(b'{"ping": null}\n')
+            assert answers.readline() == b'{"alive": true}\n'
+            silent_from = time.monotonic()
+            assert not closed_by_peer(sock)
+            sock.setblocking(True)
+            sock.settimeout(5)
+            time.sleep(0.3)  # the client's own pace (the gateway's timer is what is tested)
+        wait_for(lambda: closed_by_peer(sock), timeout=5, what="the silent connection to be closed")
+        assert time.monotonic() - silent_from >= 0.9
+        sock.close()
+    finally:
+        assert gateway.stop() == 0, gateway.log()
+
+
 def test_a_client_that_never_reads_is_closed_after_the_write_timeout(hashserv, broker, tmp_path):
     gateway = Gateway(tmp_path, broker.address, "--write-timeout", "1")
     try:

@@ -423,7 +423,7 @@ class Client:
             yield p.GET, body, _list_decoder(p.unpack_unihashes, [len(c) for _, c in chunks])
 
     def _exists_requests(self, unihashes):
-        for chunks in self._chunked((None, u) for u in unihashes):
+        for chunks in self._grouped([(None, list(unihashes))]):
             body = [p.pack_items(items) for _, items in chunks]
             yield p.EXISTS, body, _list_decoder(p.unpack_flags, [len(c) for _, c in chunks])
 

@@ -65,8 +65,8 @@ def test_silent_and_half_open_connections_are_closed_others_served(hashserv, bro
 
 
 def test_a_connection_that_keeps_talking_outlives_the_idle_timeout(hashserv, broker, tmp_path):
-    """The idle timer counts silence, not age: a client that asks something every 0.3 s stays
-    connected well past a 1 s --idle-timeout, and is closed once it falls silent."""
+    """The idle timer counts silence, not age: a client that keeps asking stays connected
+    well past a 1 s --idle-timeout, and is closed once it falls silent."""
     gateway = Gateway(tmp_path, broker.address, "--idle-timeout", "1")
     try:
         sock = connect(gateway.tcp)
@@ -79,9 +79,7 @@ def test_a_connection_that_keeps_talking_outlives_the_idle_timeout(hashserv, bro
             assert answers.readline() == b'{"alive": true}\n'
             silent_from = time.monotonic()
             assert not closed_by_peer(sock)
-            sock.setblocking(True)
-            sock.settimeout(5)
-            time.sleep(0.3)  # the client's own pace (the gateway's timer is what is tested)
+            sock.settimeout(5)  # blocking again (closed_by_peer looked without blocking)
         wait_for(lambda: closed_by_peer(sock), timeout=5, what="the silent connection to be closed")
         assert time.monotonic() - silent_from >= 0.9
         sock.close()

@@ -8,6 +8,7 @@
     hq-bench compare  [--workloads burst,single,report --bitbake DIR --scale F --gateway]
     hq-bench secure   [--workloads burst,single --scale F]
     hq-bench cold-start [--bitbake DIR --scale F --delay-ms 20]
+    hq-bench floor    [--clients 40 --requests 2000]
     hq-bench summary DIR
 
 Common options: --workers, --transport, --repeats, --json, --quiet, --seed (see --help of
@@ -29,7 +30,7 @@ import hq
 from hq import config, databases, options
 from hq.progress import Progress
 
-from . import coldstart, compare, machine, secure, summary
+from . import coldstart, compare, floor, machine, secure, summary
 from .metrics import summarize
 from .populate import populate
 from .runner import json_safe, run_repeat
@@ -259,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_parser(sub, _common)
     secure.add_parser(sub, _common)
     coldstart.add_parser(sub, _common)
+    floor.add_parser(sub, _common)
 
     p = sub.add_parser("summary", help="one table over every hq-bench JSON result in DIR")
     p.add_argument("directory", metavar="DIR", type=_directory)
@@ -288,10 +290,9 @@ def main(argv=None) -> int:
         return summary.main(opts.directory)
     # hq-server's own parser checks the extra arguments now, not after pre-populating.
     config.parse("hq-server", "", options.SERVER, ["--workers", "1", *opts.server_arg], environ={})
-    if opts.command in ("compare", "secure", "cold-start"):
-        result = {"compare": compare, "secure": secure, "cold-start": coldstart}[opts.command].run(
-            parser, opts
-        )
+    if opts.command in ("compare", "secure", "cold-start", "floor"):
+        modules = {"compare": compare, "secure": secure, "cold-start": coldstart, "floor": floor}
+        result = modules[opts.command].run(parser, opts)
         write_json(opts.json, result)
         return 0 if result["ok"] else 1
     try:

@@ -42,7 +42,7 @@ from hq.sockets import readable, recv_frames, send_frames
 
 from . import machine
 from .metrics import min_median_max
-from .stack import Stack, StackError
+from .stack import Stack, StackError, cpu_seconds
 from .table import grid
 
 SIDES = ("libzmq proxy", "python relay", "hq")
@@ -170,8 +170,6 @@ class BareServer:
         return self
 
     def cpu_seconds(self) -> dict:
-        from .stack import cpu_seconds
-
         return cpu_seconds(self.processes)
 
     def stop(self) -> None:

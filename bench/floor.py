@@ -25,6 +25,7 @@ from __future__ import annotations
 import datetime
 import multiprocessing
 import os
+import queue
 import shutil
 import sys
 import tempfile
@@ -255,8 +256,8 @@ def run_clients(server, opts) -> dict:
         results = [out.get(timeout=max(0.1, deadline - time.monotonic()))[2] for _ in clients]
         wall = time.monotonic() - started
         after = server.cpu_seconds()
-    except Exception as exc:  # queue.Empty at the deadline
-        return {"ok": False, "error": f"clients not done within --run-timeout: {type(exc).__name__}"}
+    except queue.Empty:
+        return {"ok": False, "error": f"clients not done within --run-timeout ({opts.run_timeout:g} s)"}
     finally:
         if release_w is not None:
             os.close(release_w)

@@ -343,6 +343,13 @@ WORKER = (
         attr="stats_rows_interval_s",
     ),
     Option("name", "", "worker name shown in stats and logs (default hq-worker-PID)"),
+    Option(
+        "read-only",
+        False,
+        "serve a --read-only broker: write nothing, and take no lock on the SQLite file, "
+        "which another hq may be writing",
+        BOOL,
+    ),
     LOG_LEVEL,
 )
 

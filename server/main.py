@@ -141,6 +141,13 @@ def prepare_database(opts) -> bool:
     """Open the database once before any worker starts: a path no worker could use is one
     ERROR line now (not a worker pool restarting forever), and the schema is in place before
     the workers open it together."""
+    if not databases.is_postgresql(opts.db) and not opts.read_only:  # a mirror may share it
+        from hq.workers.brokerlock import holder
+
+        refusal = holder(opts.db)  # another stack's workers use the file (hq.workers.brokerlock)
+        if refusal is not None:
+            log.error("%s", refusal)
+            return False
     try:
         databases.hide_unused_drivers(opts.db)
         from hq.workers.schema import open_database
@@ -261,6 +268,7 @@ def main(argv=None) -> int:
             "--name",
             name,
             *worker_curve,
+            *(["--read-only"] if opts.read_only else []),
             *common,
         ]
         children.append(Child(name, _module_argv("hq.workers", worker_args), worker_env))

@@ -69,6 +69,14 @@ RERUNNABLE = frozenset(
 )
 
 
+#: What a ``--read-only`` worker refuses, as a read-only server does: every write but the
+#: admin user a read-only server sets up at start (as the reference's does). Its broker never
+#: sends them; a worker started so under a broker that writes must not store them unseen.
+READ_ONLY_REFUSED = (
+    p.ADMIN_WRITE_COMMANDS | p.USER_WRITE_COMMANDS | frozenset({p.REPORT_EQUIV, p.BACKFILL})
+) - frozenset({p.ADMIN_BOOTSTRAP})
+
+
 class Handlers:
     """Each command is a pair: ``parse`` (one job's body -> arguments, raising ProtocolError)
     and ``run`` (the arguments of every job in a REQUEST -> one reply body per job).
@@ -78,8 +86,9 @@ class Handlers:
     commit: one fsync, one write lock, every reply after the commit).
     """
 
-    def __init__(self, store: Store):
+    def __init__(self, store: Store, read_only: bool = False):
         self.store = store
+        self.read_only = read_only  # hq-worker --read-only: see READ_ONLY_REFUSED
         self.table = {
             p.PING: (lambda body: None, lambda args: [[] for _ in args]),
             p.GET: (self.parse_get, self.run_get),
@@ -138,11 +147,16 @@ class Handlers:
         parse, run = entry
         results: dict = {}
         parsed: list = []
+        if self.read_only and command in READ_ONLY_REFUSED:
+            return [(job_id, *self._read_only_refusal(command)) for job_id, _ in jobs]
         if command == p.REPORT:
             try:
-                run = self._reporter(*p.decode_actor(credentials))
+                username, write = p.decode_actor(credentials)
             except p.ProtocolError as exc:
                 return [(job_id, *self._error(command, exc)) for job_id, _ in jobs]
+            if write and self.read_only:
+                return [(job_id, *self._read_only_refusal(command)) for job_id, _ in jobs]
+            run = self._reporter(username, write)
         for job_id, body in jobs:
             try:
                 if command not in p.BROKER_ONLY_COMMANDS:  # the broker's own: no client shape
@@ -177,6 +191,11 @@ class Handlers:
                 command.decode(errors="replace"),
             )
         return run(many)
+
+    @staticmethod
+    def _read_only_refusal(command: bytes) -> tuple:
+        text = f"{command.decode(errors='replace')} is not available on a read-only worker (--read-only)"
+        return p.E_UNKNOWN_COMMAND, [text.encode()]
 
     @staticmethod
     def _error(command: bytes, exc: Exception) -> tuple:

@@ -200,17 +200,30 @@ def main(argv=None) -> int:
     except Exception as exc:  # bad path, not a database, permissions: a configuration error
         log.error("cannot open database %r: %s", databases.redacted(opts.db), exc)
         return 2
+    lock = None
+    if not databases.is_postgresql(opts.db) and not opts.read_only:
+        from .brokerlock import BrokerLock, HeldByAnother, broker_identity
+
+        try:  # one SQLite file, one broker: refused while another broker's workers use it
+            lock = BrokerLock.acquire(opts.db, broker_identity(opts.backend))
+        except HeldByAnother as exc:
+            log.error("%s", exc)
+            db.close()
+            return 2
     info = {"name": name, "pid": os.getpid(), "settings": settings_in_force(db)}
     store = store_for(db, lock_wait_s=opts.lock_wait_s)
     store.reopen = open_db
     stats = WorkerStats(store, rows_interval_s=opts.stats_rows_interval_s)
+    handlers = Handlers(store, read_only=opts.read_only)
     loop = WorkerLoop(
-        opts, Handlers(store), info, stats=stats, maintenance=store.check_file, identity=store.identity
+        opts, handlers, info, stats=stats, maintenance=store.check_file, identity=store.identity
     )
     loop.curve = keys
     store.on_wait = loop.heartbeat_if_due
     loop.serve(stop)
     store.db.close()
+    if lock is not None:
+        lock.release()
     loop.ctx.term()
     return 0
 

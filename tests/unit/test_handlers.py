@@ -101,3 +101,41 @@ def test_a_new_method_rolled_back_is_not_cached(handlers):
     ]
     assert store.get_unihashes("Another", ["9" * 64]) == [U2]
     assert store.get_unihashes("New", ["1" * 64]) == [U1]
+
+
+def test_a_read_only_worker_refuses_every_write_but_the_admin_set_up(db_spec):
+    """hq-worker --read-only (the workers of hq-server --read-only, which share a file another
+    hq writes): a write its broker should never have sent is refused, not stored unseen."""
+    from hq.permissions import hash_token
+    from hq.workers.handlers import Handlers
+    from hq.workers.schema import open_database
+    from hq.workers.store import store_for
+
+    store = store_for(open_database(db_spec))
+    try:
+        writer, mirror = Handlers(store), Handlers(store, read_only=True)
+        assert writer.handle(p.REPORT, b"", report_body("1" * 64, "a" * 64, U1)) == (p.OK, [U1.encode()])
+        refused = [
+            (p.REPORT, b"", report_body("2" * 64, "b" * 64, U2)),
+            (p.REPORT, p.encode_actor("alice"), report_body("2" * 64, "b" * 64, U2)),
+            (p.REPORT_EQUIV, b"", [M, b"2" * 64, U2.encode()]),
+            (p.REMOVE, b"", [b'{"taskhash": "' + b"1" * 64 + b'"}']),
+            (p.NEW_USER, b"", [b"bob", b'["@read"]']),
+        ]
+        for command, actor, body in refused:
+            status, reply = mirror.handle(command, actor, body)
+            assert (status, reply) == (
+                p.E_UNKNOWN_COMMAND,
+                [command + b" is not available on a read-only worker (--read-only)"],
+            )
+        # What it serves: lookups, and reports answered as lookups (the read-only broker's actor).
+        assert mirror.handle(p.GET, b"", [M, b"1" * 64]) == (p.OK, [U1.encode()])
+        as_lookup = p.encode_actor(None, write=False)
+        answer = mirror.handle(p.REPORT, as_lookup, report_body("3" * 64, "a" * 64, U2))
+        assert answer == (p.OK, [U1.encode()])
+        assert writer.handle(p.GET, b"", [M, b"2" * 64 + b"\n" + b"3" * 64]) == (p.OK, [b"\n"])
+        # The admin user a read-only server sets up at start, as the reference's does.
+        status, reply = mirror.handle(p.ADMIN_BOOTSTRAP, b"", [b"admin", hash_token("secret").encode()])
+        assert status == p.OK
+    finally:
+        store.db.close()

@@ -37,7 +37,9 @@ class HeldByAnother(Exception):
 
 
 def lock_path(db_path: str) -> str:
-    return db_path + SUFFIX
+    """Beside the file itself: a symbolic link to it finds the same lock (as SQLite finds the
+    same ``-wal`` file)."""
+    return os.path.realpath(db_path) + SUFFIX
 
 
 def _is_local(ip: str) -> bool:

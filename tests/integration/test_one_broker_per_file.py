@@ -139,6 +139,22 @@ def test_workers_of_two_brokers_starting_at_once_never_both_hold_it(tmp_path):
     assert owner(db)["broker"] == holders.pop()
 
 
+def test_a_link_to_the_file_finds_the_same_lock(tmp_path):
+    db = tmp_path / "hq.db"
+    db.touch()
+    (tmp_path / "elsewhere").mkdir()
+    link = tmp_path / "elsewhere" / "link.db"
+    link.symlink_to(db)
+    lock = BrokerLock.acquire(str(db), "first")
+    try:
+        with pytest.raises(HeldByAnother, match=r"another broker \(first"):
+            BrokerLock.acquire(str(link), "second")
+    finally:
+        lock.release()
+    BrokerLock.acquire(str(link), "second").release()
+    assert owner(db)["broker"] == "second"
+
+
 def test_a_lock_dies_with_its_process(tmp_path):
     db = str(tmp_path / "hq.db")
     ctx = multiprocessing.get_context("fork")

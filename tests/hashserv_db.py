@@ -261,8 +261,9 @@ def make_hq_schema_1(path, reports=()) -> dict:
     from hq.workers import schema
     from hq.workers.store import Store
 
-    db = schema.database
+    db = schema.sqlite_database
     db.init(str(path), pragmas=[("journal_mode", "wal")])
+    schema.database.initialize(db)  # hq's models use the proxy (nothing else may have set it)
     with db.atomic("IMMEDIATE"):  # what open_database did at schema 1
         db.create_tables(schema.MODELS, safe=True)
         schema.Config.insert(name="schema-version", value="1").execute()

@@ -47,6 +47,7 @@ from hq import protocol as p
 from hq.options import SYNCHRONOUS_MODES
 
 from . import errors
+from .filesystem import check_local
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +205,7 @@ def check_path(path: str) -> None:
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise ValueError(f"directory {parent} does not exist")
+    check_local(path)
 
 
 def open_database(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import itertools
 import os
 import random
 import socket
@@ -183,6 +184,9 @@ class PostgresqlServer:
             conn.execute(f"DROP DATABASE IF EXISTS {self.name} WITH (FORCE)")
 
 
+_HOSTS_TAGS = itertools.count()
+
+
 class Hosts:
     """Separate "hosts" on this machine: one network namespace each (``ip netns``), joined
     to this one by a veth pair (host i is 10.X.i.2, this side 10.X.i.1, X a free /16), as
@@ -194,6 +198,7 @@ class Hosts:
 
     def __init__(self, n: int):
         self.names: list = []
+        self.links: list = []
         self.addresses: list = []
         self.why_not = ""
         try:
@@ -216,13 +221,16 @@ class Hosts:
     def _make_locked(self, n: int) -> None:
         used = subprocess.run(["ip", "-4", "addr"], capture_output=True, text=True, check=True).stdout
         second = next(x for x in range(231, 250) if f"10.{x}." not in used)
-        tag = f"{os.getpid() % 100000}"
+        # Unique per instance: a namespace deleted by the last test of this process is torn
+        # down by the kernel later, and its veth's name stays taken until then.
+        tag = f"{os.getpid() % 100000}{next(_HOSTS_TAGS)}"
         for i in range(n):
             name, veth = f"hq{tag}h{i}", f"hq{tag}v{i}"
             run = lambda *argv: subprocess.run(argv, capture_output=True, check=True)  # noqa: E731
             run("ip", "netns", "add", name)
             self.names.append(name)
             run("ip", "link", "add", veth, "type", "veth", "peer", "name", veth + "n")
+            self.links.append(veth)
             run("ip", "link", "set", veth + "n", "netns", name)
             run("ip", "addr", "add", f"10.{second}.{i}.1/30", "dev", veth)
             run("ip", "link", "set", veth, "up")
@@ -257,9 +265,11 @@ class Hosts:
         return None
 
     def close(self) -> None:
+        for link in self.links:  # at once (either end takes the pair with it)
+            subprocess.run(["ip", "link", "del", link], capture_output=True)
         for name in self.names:
             subprocess.run(["ip", "netns", "del", name], capture_output=True)
-        self.names = []
+        self.names, self.links = [], []
 
 
 def seed_known(address: str, n: int, seed: int, method: str = "TestMethod") -> dict:

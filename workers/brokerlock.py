@@ -23,9 +23,12 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import logging
 import os
 import socket
 import time
+
+log = logging.getLogger(__name__)
 
 SUFFIX = "-broker.lock"
 #: How long a worker waits while another holds the lock exclusively (writing its text).
@@ -105,7 +108,8 @@ def _describe(holder: dict, path: str) -> str:
     first = f"; its first worker was pid {pid}" if isinstance(pid, int) else ""
     return (
         f"{path} is in use by the workers of another broker ({broker}{first}): one SQLite file "
-        "serves one broker (stop that stack first; several brokers need PostgreSQL)"
+        "serves one broker (stop that stack first; several brokers need PostgreSQL; a read-only "
+        "mirror's workers take --read-only)"
     )
 
 
@@ -124,7 +128,8 @@ class BrokerLock:
         path = lock_path(db_path)
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError:
+        except OSError as exc:
+            log.warning("cannot make %s (%s): nothing stops another broker's workers", path, exc.strerror)
             return None
         try:
             deadline = time.monotonic() + wait_s

@@ -188,3 +188,12 @@ def test_every_spelling_of_one_broker_names_it_alike(tmp_path, monkeypatch):
     assert broker_identity("tcp://127.0.0.1:5557") != broker_identity("tcp://127.0.0.1:5556")
     assert broker_identity("tcp://192.0.2.7:5556") == "tcp://192.0.2.7:5556"  # not this host's
     assert broker_identity("ipc://@abstract") == "ipc://@abstract"
+
+
+def test_a_lock_file_that_cannot_be_made_is_said_and_not_fatal(tmp_path, caplog):
+    """(As where the directory is not writable: a worker there can only answer lookups.)"""
+    db = str(tmp_path / "hq.db")
+    os.mkdir(lock_path(db))  # in the way: the lock file cannot be opened
+    with caplog.at_level("WARNING", logger="hq.workers.brokerlock"):
+        assert BrokerLock.acquire(db, "x") is None
+    assert "nothing stops another broker's workers" in caplog.text

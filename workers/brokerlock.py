@@ -104,8 +104,9 @@ def _read(fd: int) -> dict:
 
 def _describe(holder: dict, path: str) -> str:
     broker = holder.get("broker", "an unknown broker")
-    pid = holder.get("pid")
+    pid, host = holder.get("pid"), holder.get("host")
     first = f"; its first worker was pid {pid}" if isinstance(pid, int) else ""
+    first += f" on {host}" if first and isinstance(host, str) and host else ""
     return (
         f"{path} is in use by the workers of another broker ({broker}{first}): one SQLite file "
         "serves one broker (stop that stack first; several brokers need PostgreSQL; a read-only "

@@ -9,6 +9,7 @@ PostgreSQL, where writers are serialised per hash instead (:meth:`Store.lock_has
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import pathlib
@@ -41,6 +42,11 @@ def _file_id(path: str):
     except OSError:
         return None
     return st.st_dev, st.st_ino
+
+
+def _companion_ids(path: str) -> dict:
+    """The identities of a database file's ``-wal`` and ``-shm`` (None: absent)."""
+    return {suffix: _file_id(path + suffix) for suffix in ("-wal", "-shm")}
 
 
 #: IN-lists are padded to one of these sizes so SQLite's statement cache holds a handful
@@ -117,6 +123,8 @@ class Store:
         self.on_wait = lambda: None
         self.reopen = None  # callable that opens the database file again (set by the worker)
         self._file_id = _file_id(db.database)
+        # The -wal and -shm files of the open database, to tell them from a new file's.
+        self._companions = _companion_ids(db.database)
         self.file_problem = ""  # why writes are refused, or "" when the file is fine
         self._reopen_when_writable = False
         self.counters: dict = {}  # cumulative, never reset: the broker keeps reset baselines
@@ -203,8 +211,10 @@ class Store:
             return
         if now_id != self._file_id:
             log.warning("database file %s was replaced; opening it again", path)
-            self._reopen()
+            self._reopen(replaced=True)
             return
+        if None in self._companions.values():  # made since the last look (a WAL at first use)
+            self._companions = _companion_ids(path)
         if not os.access(path, os.W_OK):
             if not self.file_problem.startswith("database file is read-only"):
                 log.error("database file %s is read-only; refusing writes", path)
@@ -217,11 +227,13 @@ class Store:
         if self._reopen_when_writable:
             self._reopen()
 
-    def _reopen(self) -> None:
+    def _reopen(self, replaced: bool = False) -> None:
         self.file_problem = "database file changed; reopening"
         if self.reopen is None:
             return
         self.db.close()
+        if replaced:
+            self._set_aside_companions()
         try:
             self.reopen()
         except Exception as exc:  # the file now at the path is not one hq can use
@@ -233,9 +245,36 @@ class Store:
             return
         self._method_ids.clear()
         self._file_id = _file_id(self.db.database)
+        self._companions = _companion_ids(self.db.database)
         self.opened += 1
         self._reopen_when_writable = False
         self.file_problem = ""
+
+    def _set_aside_companions(self) -> None:
+        """The file at the path was replaced (a backup moved over the live one, say), but the
+        ``-wal`` and ``-shm`` there are still the old file's: SQLite would read the old file's
+        pages from that WAL into the new file, and checkpoint them into it (measured: "database
+        disk image is malformed" at the next report). They are renamed aside (``.replaced-TIME``,
+        to go with the old file if it was kept) before the new file is opened. The worker that
+        closes the old file last neither checkpoints nor deletes them: SQLite sees it moved.
+        One worker at a time (a lock on the directory), each checking again what is there."""
+        path = self.db.database
+        old = {suffix: ids for suffix, ids in self._companions.items() if ids is not None}
+        if not old:
+            return
+        directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            fcntl.flock(directory, fcntl.LOCK_EX)
+            stamp = time.strftime("%Y%m%dT%H%M%S")
+            for suffix, ids in old.items():
+                if _file_id(path + suffix) == ids:
+                    aside = f"{path}{suffix}.replaced-{stamp}"
+                    os.rename(path + suffix, aside)
+                    log.warning("the replaced file's %s set aside as %s", path + suffix, aside)
+        except OSError as exc:
+            log.error("cannot set the replaced file's WAL aside: %s", exc)
+        finally:
+            os.close(directory)  # and its lock
 
     def identity(self) -> str:
         """Which database this worker answers from: the open file's device and inode, and

@@ -145,6 +145,49 @@ def test_database_replaced_is_reopened(tmp_path):
         stack.stop()
 
 
+def test_a_backup_moved_over_the_live_file_is_served_whole(tmp_path):
+    """The natural restore: `mv backup.db hq.db` while hq runs, the live file's -wal and
+    -shm left in place. A new connection would read the old file's WAL into the backup and
+    corrupt it ("database disk image is malformed"); the workers set those aside first."""
+    import sqlite3
+
+    stack = Stack(tmp_path, workers=2).start()
+    try:
+        with create_client(stack.address, timeout=10) as c:
+            batch = [fresh(i) for i in range(100)]
+            for t, o, u in batch:
+                assert c.report_unihash(t, M, o, u)["unihash"] == u
+            backup = str(tmp_path / "backup.db")
+            with sqlite3.connect(stack.db) as reader:  # an online backup, as README says
+                reader.execute("VACUUM INTO ?", (backup,))
+            later = [fresh(i) for i in range(100, 200)]  # only in the live file, in its WAL
+            for t, o, u in later:
+                assert c.report_unihash(t, M, o, u)["unihash"] == u
+            assert os.path.getsize(stack.db + "-wal") > 0
+            os.rename(backup, stack.db)
+            wait_for(
+                lambda: all(c.get_unihash(M, later[0][0]) is None for _ in range(6)),
+                5,
+                0.05,
+                "every worker on the restored file",
+            )
+            assert c.get_unihash_batch([(M, t) for t, _, _ in batch]) == [u for _, _, u in batch]
+            assert c.get_unihash_batch([(M, t) for t, _, _ in later]) == [None] * len(later)
+            after = [fresh(i) for i in range(200, 300)]
+            for t, o, u in after:
+                assert c.report_unihash(t, M, o, u)["unihash"] == u
+            aside = sorted(f for f in os.listdir(tmp_path) if ".replaced-" in f)
+            assert [f.split(".replaced-")[0] for f in aside] == ["hq.db-shm", "hq.db-wal"]
+        assert stack.stop() == 0
+        with sqlite3.connect(stack.db) as check:
+            assert check.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        with Stack(tmp_path, workers=1) as again, create_client(again.address, timeout=10) as c:
+            wanted = batch + after
+            assert c.get_unihash_batch([(M, t) for t, _, _ in wanted]) == [u for _, _, u in wanted]
+    finally:
+        stack.stop()
+
+
 def without_root_override(stack):
     """Make file modes bind the stack: as root, run it without CAP_DAC_OVERRIDE."""
     if os.geteuid() == 0:

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from helpers import REPO, script
+from helpers import REPO, script, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
 
@@ -84,3 +84,36 @@ def test_the_farm_recipe_of_securing_hq(tmp_path):
             [script("hq-admin"), "user", "list"], capture_output=True, text=True, timeout=30, env=anonymous
         )
         assert refused.returncode == 1 and "Anonymous user is not allowed" in refused.stderr
+
+
+def test_the_backup_and_restore_lines_of_operating_hq(stack, tmp_path):
+    """ "Backing up and restoring": the backup line while the stack serves, then the restore
+    line: what was reported before the backup is served again, what came after is not."""
+    from hq.client import create_client
+
+    section = README[README.index("**Backing up and restoring") :]
+    lines = re.search(r"```sh\n(.*?)```", section, re.S).group(1).strip().splitlines()
+    assert len(lines) == 2
+    live, backup = "/var/lib/hq/hq.db", "/var/backups/hq-1.db"
+    assert all(live in line for line in lines) and all(backup in line for line in lines)
+
+    def run(line):
+        line = line.replace(live, stack.db).replace(backup, str(tmp_path / "hq-1.db"))
+        result = subprocess.run(["sh", "-c", line], capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0, f"{line}: {result.stderr}"
+
+    before = [("%064x" % i, "%064x" % (i + 1000), "%064x" % (i + 2000)) for i in range(20)]
+    after = [("%064x" % i, "%064x" % (i + 1000), "%064x" % (i + 2000)) for i in range(20, 40)]
+    with create_client(stack.address, timeout=10) as client:
+        for t, o, u in before:
+            client.report_unihash(t, "M", o, u)
+        run(lines[0])
+        for t, o, u in after:
+            client.report_unihash(t, "M", o, u)
+        run(lines[1])
+        keys = [("M", t) for t, _, _ in before + after]
+        expected = [u for _, _, u in before] + [None] * len(after)
+        wait_for(lambda: client.get_unihash_batch(keys) == expected, 10, 0.05, "the restored file served")
+        t, o, u = "%064x" % 99, "%064x" % 1099, "%064x" % 2099
+        assert client.report_unihash(t, "M", o, u)["unihash"] == u  # writes go to the restored file
+    assert os.path.exists(str(tmp_path / "hq-1.db"))  # the copy is kept

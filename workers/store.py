@@ -231,9 +231,12 @@ class Store:
         self.file_problem = "database file changed; reopening"
         if self.reopen is None:
             return
+        if replaced and not self._set_aside_companions():
+            # Opening the new file now would corrupt it: stay on the old one (reads go on,
+            # writes are refused) and try again at the next look.
+            self.file_problem = "database file replaced, and its old WAL cannot be set aside; see the log"
+            return
         self.db.close()
-        if replaced:
-            self._set_aside_companions()
         try:
             self.reopen()
         except Exception as exc:  # the file now at the path is not one hq can use
@@ -250,31 +253,38 @@ class Store:
         self._reopen_when_writable = False
         self.file_problem = ""
 
-    def _set_aside_companions(self) -> None:
+    def _set_aside_companions(self) -> bool:
         """The file at the path was replaced (a backup moved over the live one, say), but the
         ``-wal`` and ``-shm`` there are still the old file's: SQLite would read the old file's
         pages from that WAL into the new file, and checkpoint them into it (measured: "database
-        disk image is malformed" at the next report). They are renamed aside (``.replaced-TIME``,
+        disk image is malformed" at the next report). They are renamed aside (``.replaced-TIME-INODE``,
         to go with the old file if it was kept) before the new file is opened. The worker that
         closes the old file last neither checkpoints nor deletes them: SQLite sees it moved.
-        One worker at a time (a lock on the directory), each checking again what is there."""
+        One worker at a time (a lock on the directory), each checking again what is there.
+        False if they could not be moved (the new file must not be opened then)."""
         path = self.db.database
         old = {suffix: ids for suffix, ids in self._companions.items() if ids is not None}
         if not old:
-            return
-        directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+            return True
+        try:
+            directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        except OSError as exc:
+            log.error("cannot set the replaced file's WAL aside: %s", exc)
+            return False
         try:
             fcntl.flock(directory, fcntl.LOCK_EX)
             stamp = time.strftime("%Y%m%dT%H%M%S")
             for suffix, ids in old.items():
                 if _file_id(path + suffix) == ids:
-                    aside = f"{path}{suffix}.replaced-{stamp}"
+                    aside = f"{path}{suffix}.replaced-{stamp}-{ids[1]}"  # the old file's inode
                     os.rename(path + suffix, aside)
                     log.warning("the replaced file's %s set aside as %s", path + suffix, aside)
         except OSError as exc:
             log.error("cannot set the replaced file's WAL aside: %s", exc)
+            return False
         finally:
             os.close(directory)  # and its lock
+        return True
 
     def identity(self) -> str:
         """Which database this worker answers from: the open file's device and inode, and

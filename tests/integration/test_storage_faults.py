@@ -164,13 +164,14 @@ def test_a_backup_moved_over_the_live_file_is_served_whole(tmp_path):
             for t, o, u in later:
                 assert c.report_unihash(t, M, o, u)["unihash"] == u
             assert os.path.getsize(stack.db + "-wal") > 0
+            restored = "%d:%d:" % (os.stat(backup).st_dev, os.stat(backup).st_ino)
             os.rename(backup, stack.db)
-            wait_for(
-                lambda: all(c.get_unihash(M, later[0][0]) is None for _ in range(6)),
-                5,
-                0.05,
-                "every worker on the restored file",
-            )
+
+            def every_worker_on_the_restored_file():  # its identity, in each one's heartbeat
+                workers = c.get_stats()["workers"]
+                return len(workers) == 2 and all(w["db"].get("id", "").startswith(restored) for w in workers)
+
+            wait_for(every_worker_on_the_restored_file, 5, 0.05, "every worker on the restored file")
             assert c.get_unihash_batch([(M, t) for t, _, _ in batch]) == [u for _, _, u in batch]
             assert c.get_unihash_batch([(M, t) for t, _, _ in later]) == [None] * len(later)
             after = [fresh(i) for i in range(200, 300)]
@@ -185,6 +186,42 @@ def test_a_backup_moved_over_the_live_file_is_served_whole(tmp_path):
             wanted = batch + after
             assert c.get_unihash_batch([(M, t) for t, _, _ in wanted]) == [u for _, _, u in wanted]
     finally:
+        stack.stop()
+
+
+def test_a_replaced_file_whose_old_wal_cannot_be_moved_is_not_opened(tmp_path):
+    """The directory is not writable for hq when the backup is moved over the live file: the
+    old WAL cannot be set aside, so the workers stay on the old file (lookups go on, writes
+    are refused) until it can, instead of opening the new file with the old WAL."""
+    import sqlite3
+
+    (tmp_path / "db").mkdir()
+    stack = without_root_override(Stack(tmp_path, workers=2, db=str(tmp_path / "db" / "hq.db"))).start()
+    try:
+        with create_client(stack.address, timeout=10) as c:
+            first, later = fresh(0), fresh(1)
+            assert c.report_unihash(first[0], M, first[1], first[2])["unihash"] == first[2]
+            backup = str(tmp_path / "backup.db")
+            with sqlite3.connect(stack.db) as reader:
+                reader.execute("VACUUM INTO ?", (backup,))
+            assert c.report_unihash(later[0], M, later[1], later[2])["unihash"] == later[2]
+            os.chmod(tmp_path / "db", 0o555)
+            os.rename(backup, stack.db)  # as root: the workers could not have
+            wait_for(
+                lambda: "cannot set the replaced file's WAL aside" in stack.log(), 5, 0.05, "a worker noticed"
+            )
+            for i in range(2, 6):
+                report_fails_fast(c, i, ["cannot be set aside"])
+            assert c.get_unihash(M, later[0]) == later[2]  # still the old file
+            os.chmod(tmp_path / "db", 0o755)  # the fault clears
+            wait_for(lambda: c.get_unihash(M, later[0]) is None, 5, 0.05, "the restored file served")
+            wait_for(lambda: _reports(c, *fresh(10)), 5, 0.05, "writes resume")
+            assert c.get_unihash(M, first[0]) == first[2]
+        assert stack.stop() == 0
+        with sqlite3.connect(stack.db) as check:
+            assert check.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    finally:
+        os.chmod(tmp_path / "db", 0o755)
         stack.stop()
 
 

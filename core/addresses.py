@@ -24,6 +24,13 @@ SCHEMES = ("tcp://", "ipc://", "inproc://")
 _HOST_PORT = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):(?P<port>[^\s:/]+)\Z")
 
 
+def host_port(rest: str):
+    """``(host, port)`` of the part after ``tcp://`` (brackets kept off an IPv6 host), or
+    None when it is not HOST:PORT."""
+    m = _HOST_PORT.match(rest)
+    return (m.group("host").strip("[]"), m.group("port")) if m else None
+
+
 def check(address: str, bind: bool = False) -> str:
     """``address`` if hq can use it; else ``ValueError`` with a one-line reason (which does not
     repeat the address) and, where the intent is clear, the address to write instead.

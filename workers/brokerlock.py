@@ -12,9 +12,10 @@ on one database is what PostgreSQL is for.
 
 The lock needs no gate: the file's text changes only under an exclusive lock (nobody else
 holds it then), and a worker checks the text after it holds its shared lock, so every holder
-agrees with the text. Two brokers' workers starting in the same instant may both be refused
-(the exclusive-to-shared switch is not atomic); supervisord or hq-server starts them again.
-A lock dies with its process, so a crashed stack never leaves a stale one. SQLite in WAL mode
+agrees with the text. A worker that finds another broker's name looks again for a moment
+before it refuses: the name may be a stopped broker's, read while someone held the lock
+exclusively for an instant (hq-server's check, a worker naming its broker). A lock dies
+with its process, so a crashed stack never leaves a stale one. SQLite in WAL mode
 works on one host only, so every worker of a file is on this host, where the lock is seen.
 """
 
@@ -28,11 +29,16 @@ import os
 import socket
 import time
 
+from hq import addresses
+
 log = logging.getLogger(__name__)
 
 SUFFIX = "-broker.lock"
 #: How long a worker waits while another holds the lock exclusively (writing its text).
 WAIT_S = 5.0
+#: How long a worker looks again before it takes another broker's name in the file for a
+#: live broker's (an exclusive lock lasts microseconds: see :meth:`BrokerLock.acquire`).
+SETTLE_S = 0.5
 
 
 class HeldByAnother(Exception):
@@ -58,24 +64,24 @@ def _is_local(ip: str) -> bool:
 
 def broker_identity(backend: str) -> str:
     """The broker a worker serves, named so that every worker of it agrees: an ipc:// path
-    made absolute, a tcp:// host resolved (any address of this host is ``local``, since
-    127.0.0.1 and the host's own address reach the same broker)."""
+    made absolute, a tcp:// host resolved to all its addresses (any address of this host is
+    ``local``, since 127.0.0.1 and the host's own address reach the same broker)."""
     scheme, sep, rest = backend.partition("://")
     if not sep:
         return backend
     if scheme == "ipc" and not rest.startswith("@"):  # @name: Linux's abstract namespace
         return f"ipc://{os.path.realpath(rest)}"
-    if scheme == "tcp":
-        host, colon, port = rest.rpartition(":")
-        host = host.rpartition(";")[2].strip("[]")  # tcp://SOURCE;HOST:PORT
-        if not colon or not host:
-            return backend
-        try:
-            ip = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][4][0]
-        except (OSError, UnicodeError):
-            return backend
-        return f"tcp://{'local' if _is_local(ip) else ip}:{port}"
-    return backend
+    parts = addresses.host_port(rest) if scheme == "tcp" else None
+    if parts is None:
+        return backend
+    host, port = parts[0].rpartition(";")[2], parts[1]  # tcp://SOURCE;HOST:PORT: the host
+    try:
+        ips = sorted({info[4][0] for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)})
+    except (OSError, UnicodeError):
+        return f"tcp://{host.lower()}:{port}"  # as written (a name that does not resolve now)
+    if any(_is_local(ip) for ip in ips):
+        return f"tcp://local:{port}"
+    return f"tcp://{','.join(ips)}:{port}"  # all of a name's addresses: any order DNS gives
 
 
 def _flock(fd: int, operation: int, deadline: float) -> bool:
@@ -134,19 +140,27 @@ class BrokerLock:
             return None
         try:
             deadline = time.monotonic() + wait_s
-            if _flock(fd, fcntl.LOCK_EX, time.monotonic()):  # nobody holds it: name the broker
-                text = json.dumps({"broker": identity, "pid": os.getpid(), "host": socket.gethostname()})
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, text.encode() + b"\n", 0)
-            if not _flock(fd, fcntl.LOCK_SH, deadline):
-                raise HeldByAnother(f"{path}: held exclusively for over {wait_s:g} s; is a worker stuck?")
-            holder = _read(fd)
-            if holder.get("broker") != identity:
-                raise HeldByAnother(_describe(holder, db_path))
+            settle = time.monotonic() + SETTLE_S
+            while True:
+                if _flock(fd, fcntl.LOCK_EX, time.monotonic()):  # nobody holds it: name the broker
+                    text = json.dumps({"broker": identity, "pid": os.getpid(), "host": socket.gethostname()})
+                    os.ftruncate(fd, 0)
+                    os.pwrite(fd, text.encode() + b"\n", 0)
+                if not _flock(fd, fcntl.LOCK_SH, deadline):
+                    raise HeldByAnother(f"{path}: held exclusively for over {wait_s:g} s; is a worker stuck?")
+                holder = _read(fd)
+                if holder.get("broker") == identity:
+                    return cls(fd, path)
+                # Another broker's name: its workers hold the lock, or nobody does and someone
+                # (hq-server's check, another worker switching to shared) held it exclusively
+                # for an instant while the name was a stopped broker's. Look again a moment.
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                if time.monotonic() >= settle:
+                    raise HeldByAnother(_describe(holder, db_path))
+                time.sleep(0.01)
         except BaseException:
             os.close(fd)  # closing drops the lock
             raise
-        return cls(fd, path)
 
     def release(self) -> None:
         if self.fd >= 0:

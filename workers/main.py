@@ -172,7 +172,7 @@ def main(argv=None) -> int:
         log.warning("failpoints active (HQ_FAILPOINTS): %s", ", ".join(failpoints.ACTIVE))
     databases.hide_unused_drivers(opts.db)
     from .handlers import Handlers
-    from .schema import open_database, settings_in_force
+    from .schema import check_path, open_database, settings_in_force
     from .stats import WorkerStats
     from .store import store_for
 
@@ -195,21 +195,26 @@ def main(argv=None) -> int:
         except curve.BadKey as exc:
             log.error("%s", exc)
             return 2
+    lock = None
+    if not databases.is_postgresql(opts.db) and not opts.read_only:
+        from .brokerlock import BrokerLock, HeldByAnother, broker_identity
+
+        # One SQLite file, one broker: refused while another broker's workers use it, before
+        # anything is written into it (a schema created or migrated).
+        try:
+            check_path(opts.db)
+            lock = BrokerLock.acquire(opts.db, broker_identity(opts.backend))
+        except ValueError as exc:  # a path no worker can use: said once, as open_db says it
+            log.error("cannot open database %r: %s", opts.db, exc)
+            return 2
+        except HeldByAnother as exc:
+            log.error("%s", exc)
+            return 2
     try:
         db = open_db()
     except Exception as exc:  # bad path, not a database, permissions: a configuration error
         log.error("cannot open database %r: %s", databases.redacted(opts.db), exc)
         return 2
-    lock = None
-    if not databases.is_postgresql(opts.db) and not opts.read_only:
-        from .brokerlock import BrokerLock, HeldByAnother, broker_identity
-
-        try:  # one SQLite file, one broker: refused while another broker's workers use it
-            lock = BrokerLock.acquire(opts.db, broker_identity(opts.backend))
-        except HeldByAnother as exc:
-            log.error("%s", exc)
-            db.close()
-            return 2
     info = {"name": name, "pid": os.getpid(), "settings": settings_in_force(db)}
     store = store_for(db, lock_wait_s=opts.lock_wait_s)
     store.reopen = open_db

@@ -36,6 +36,17 @@ def refused_in_one_line(result, owner_backend: str) -> str:
     return lines[0]
 
 
+def files(db) -> dict:
+    """What a writer would change: each file's size, time and (the lock's) text."""
+    out = {}
+    for suffix in ("", "-wal", "-broker.lock"):  # (-shm changes with every read)
+        st = os.stat(db + suffix)
+        out[suffix] = (st.st_size, st.st_mtime_ns)
+    with open(lock_path(db)) as fh:
+        out["text"] = fh.read()
+    return out
+
+
 def owner(db) -> dict:
     with open(lock_path(str(db))) as fh:
         return json.load(fh)
@@ -49,10 +60,10 @@ def test_a_second_stack_on_a_live_file_is_refused_and_starts_once_it_is_free(tmp
             client.report_unihash(T, M, O, U)
         held = owner(first.db)["broker"]
         assert held.startswith("ipc://") and held.endswith("backend.ipc")
-        before = os.stat(first.db).st_mtime_ns
+        before = files(first.db)
         second = run([script("hq-server"), "--db", first.db, "--bind", "tcp://127.0.0.1:*"])
         refused_in_one_line(second, held)
-        assert os.stat(first.db).st_mtime_ns == before  # nothing written by the refused one
+        assert files(first.db) == before  # nothing written by the refused one
         with create_client(first.address, timeout=10) as client:
             assert client.get_unihash(M, T) == U  # the first stack is untouched
     with Stack(tmp_path / "b", db=first.db) as again:  # free now: it starts, and has it all
@@ -65,8 +76,10 @@ def test_workers_of_one_broker_share_the_file_and_another_brokers_are_refused(tm
     backend = tmp_path / "backend.ipc"
     with Stack(tmp_path, args=["--backend", f"ipc://{backend}"]) as stack:
         # Another broker's worker: refused in one line, before it registers anywhere.
+        before = files(stack.db)
         other = run([script("hq-worker"), "--db", stack.db, "--backend", f"ipc://{tmp_path}/other.ipc"])
         refused_in_one_line(other, f"ipc://{backend}")
+        assert files(stack.db)["text"] == before["text"]
         # The same broker, its address spelled relative to another directory: it joins.
         (tmp_path / "elsewhere").mkdir()
         argv = [script("hq-worker"), "--db", stack.db, "--backend", "ipc://../backend.ipc", "--name", "third"]
@@ -155,6 +168,31 @@ def test_a_link_to_the_file_finds_the_same_lock(tmp_path):
     assert owner(db)["broker"] == "second"
 
 
+def _check_until(db: str, stop):
+    while not stop.is_set():
+        holder(db)
+
+
+def test_a_stopped_brokers_name_read_during_a_check_does_not_refuse(tmp_path):
+    """hq-server's check takes the lock exclusively for an instant; a worker starting then
+    reads the last (stopped) broker's name under its shared lock. It must look again, not
+    refuse. (Refusing at once, 16 of 2,000 starts here were refused.)"""
+    db = str(tmp_path / "hq.db")
+    BrokerLock.acquire(db, "stopped-stack").release()
+    ctx = multiprocessing.get_context("fork")
+    stop = ctx.Event()
+    checker = ctx.Process(target=_check_until, args=(db, stop))
+    checker.start()
+    try:
+        for i in range(2000):
+            lock = BrokerLock.acquire(db, f"stack-{i}")  # each a new broker on a free file
+            assert owner(db)["broker"] == f"stack-{i}"
+            lock.release()
+    finally:
+        stop.set()
+        checker.join(timeout=30)
+
+
 def test_a_lock_dies_with_its_process(tmp_path):
     db = str(tmp_path / "hq.db")
     ctx = multiprocessing.get_context("fork")
@@ -187,6 +225,7 @@ def test_every_spelling_of_one_broker_names_it_alike(tmp_path, monkeypatch):
     )
     assert broker_identity("tcp://127.0.0.1:5557") != broker_identity("tcp://127.0.0.1:5556")
     assert broker_identity("tcp://192.0.2.7:5556") == "tcp://192.0.2.7:5556"  # not this host's
+    assert broker_identity("tcp://eth0;localhost:5556") == "tcp://local:5556"  # a source address
     assert broker_identity("ipc://@abstract") == "ipc://@abstract"
 
 

@@ -11,6 +11,8 @@ import peewee
 import psutil
 import zmq
 
+from hq.workers.filesystem import filesystem_type
+
 
 def cpu_model() -> str:
     try:
@@ -23,15 +25,9 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def filesystem_of(path: str) -> str:
-    """Type of the filesystem holding ``path`` (ext4, tmpfs, ...): it decides fsync cost."""
-    path = os.path.realpath(path)
-    best = ("", "unknown")
-    for part in psutil.disk_partitions(all=True):
-        mount = part.mountpoint
-        if (path == mount or path.startswith(mount.rstrip("/") + "/")) and len(mount) > len(best[0]):
-            best = (mount, part.fstype)
-    return best[1]
+def filesystem_of(directory: str) -> str:
+    """Type of the filesystem holding ``directory`` (ext4, tmpfs, ...): it decides fsync cost."""
+    return filesystem_type(os.path.join(directory, "hq.db")) or "unknown"
 
 
 def describe(db_dir: str) -> dict:

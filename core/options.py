@@ -179,7 +179,11 @@ ANON_PERMS = Option(
     anon_perms,
 )
 READ_ONLY = Option(
-    "read-only", False, "refuse every write: reports are answered as lookups and store nothing", BOOL
+    "read-only",
+    False,
+    "refuse every write (a mirror): reports are answered as lookups and store nothing; workers "
+    "take no lock on the SQLite file, which another hq may be writing",
+    BOOL,
 )
 ADMIN_USER = Option("admin-user", "", "create this user with @all at start (or reset it to @all)")
 ADMIN_PASSWORD = Option(
@@ -343,13 +347,7 @@ WORKER = (
         attr="stats_rows_interval_s",
     ),
     Option("name", "", "worker name shown in stats and logs (default hq-worker-PID)"),
-    Option(
-        "read-only",
-        False,
-        "serve a --read-only broker: write nothing, and take no lock on the SQLite file, "
-        "which another hq may be writing",
-        BOOL,
-    ),
+    READ_ONLY,
     LOG_LEVEL,
 )
 

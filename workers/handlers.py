@@ -12,6 +12,7 @@ import sqlite3
 
 import peewee
 
+from hq import permissions as perms
 from hq import protocol as p
 
 from . import errors
@@ -69,12 +70,12 @@ RERUNNABLE = frozenset(
 )
 
 
-#: What a ``--read-only`` worker refuses, as a read-only server does: every write but the
-#: admin user a read-only server sets up at start (as the reference's does). Its broker never
-#: sends them; a worker started so under a broker that writes must not store them unseen.
-READ_ONLY_REFUSED = (
-    p.ADMIN_WRITE_COMMANDS | p.USER_WRITE_COMMANDS | frozenset({p.REPORT_EQUIV, p.BACKFILL})
-) - frozenset({p.ADMIN_BOOTSTRAP})
+#: What a ``--read-only`` worker refuses: what a read-only server refuses (the permission
+#: table's ``read_only``), and the broker's backfills; a report only when asked to write it.
+#: The admin user a read-only server sets up at start is stored, as the reference's is. Its
+#: broker never sends these; a worker started so under a broker that writes must not store
+#: them unseen.
+READ_ONLY_REFUSED = frozenset(c for c, rule in perms.REQUIRED.items() if not rule.read_only) | {p.BACKFILL}
 
 
 class Handlers:

@@ -46,7 +46,7 @@ from hq import databases
 from hq import protocol as p
 from hq.options import SYNCHRONOUS_MODES
 
-from . import errors
+from . import companions, errors
 from .filesystem import check_local
 
 log = logging.getLogger(__name__)
@@ -243,6 +243,8 @@ def open_database(
     if synchronous not in SYNCHRONOUS_MODES:
         raise ValueError(f"synchronous must be one of {', '.join(SYNCHRONOUS_MODES)}")
     check_path(path)
+    if not companions.set_aside(path):  # a WAL left by a file this one replaced
+        raise ValueError("the WAL beside it is a replaced file's and cannot be set aside (see the log)")
     sqlite_database.init(
         path,
         pragmas=pragmas(synchronous, busy_timeout_ms, cache_size_kib, mmap_size),
@@ -256,6 +258,7 @@ def open_database(
         if not database.is_closed():  # a refused file is not left open (nor its WAL behind)
             database.close()
         raise
+    companions.record(path)
     return sqlite_database
 
 

@@ -9,7 +9,6 @@ PostgreSQL, where writers are serialised per hash instead (:meth:`Store.lock_has
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import pathlib
@@ -22,7 +21,7 @@ from peewee import OperationalError, SqliteDatabase
 from hq import failpoints
 from hq import protocol as p
 
-from . import errors
+from . import companions, errors
 from .schema import TABLE_NAMES, from_key, to_key
 from .timestamps import format_created, now_us
 
@@ -42,11 +41,6 @@ def _file_id(path: str):
     except OSError:
         return None
     return st.st_dev, st.st_ino
-
-
-def _companion_ids(path: str) -> dict:
-    """The identities of a database file's ``-wal`` and ``-shm`` (None: absent)."""
-    return {suffix: _file_id(path + suffix) for suffix in ("-wal", "-shm")}
 
 
 #: IN-lists are padded to one of these sizes so SQLite's statement cache holds a handful
@@ -123,8 +117,9 @@ class Store:
         self.on_wait = lambda: None
         self.reopen = None  # callable that opens the database file again (set by the worker)
         self._file_id = _file_id(db.database)
-        # The -wal and -shm files of the open database, to tell them from a new file's.
-        self._companions = _companion_ids(db.database)
+        # The open file's identity and its -wal's and -shm's, to tell them from a new file's
+        # when there is no record (hq.workers.companions).
+        self._companions = companions.identities(db.database)
         self.file_problem = ""  # why writes are refused, or "" when the file is fine
         self._reopen_when_writable = False
         self.counters: dict = {}  # cumulative, never reset: the broker keeps reset baselines
@@ -214,7 +209,7 @@ class Store:
             self._reopen(replaced=True)
             return
         if None in self._companions.values():  # made since the last look (a WAL at first use)
-            self._companions = _companion_ids(path)
+            self._companions = companions.identities(path)
         if not os.access(path, os.W_OK):
             if not self.file_problem.startswith("database file is read-only"):
                 log.error("database file %s is read-only; refusing writes", path)
@@ -231,7 +226,7 @@ class Store:
         self.file_problem = "database file changed; reopening"
         if self.reopen is None:
             return
-        if replaced and not self._set_aside_companions():
+        if replaced and not companions.set_aside(self.db.database, known=self._companions):
             # Opening the new file now would corrupt it: stay on the old one (reads go on,
             # writes are refused) and try again at the next look.
             self.file_problem = "database file replaced, and its old WAL cannot be set aside; see the log"
@@ -248,43 +243,10 @@ class Store:
             return
         self._method_ids.clear()
         self._file_id = _file_id(self.db.database)
-        self._companions = _companion_ids(self.db.database)
+        self._companions = companions.identities(self.db.database)
         self.opened += 1
         self._reopen_when_writable = False
         self.file_problem = ""
-
-    def _set_aside_companions(self) -> bool:
-        """The file at the path was replaced (a backup moved over the live one, say), but the
-        ``-wal`` and ``-shm`` there are still the old file's: SQLite would read the old file's
-        pages from that WAL into the new file, and checkpoint them into it (measured: "database
-        disk image is malformed" at the next report). They are renamed aside (``.replaced-TIME-INODE``,
-        to go with the old file if it was kept) before the new file is opened. The worker that
-        closes the old file last neither checkpoints nor deletes them: SQLite sees it moved.
-        One worker at a time (a lock on the directory), each checking again what is there.
-        False if they could not be moved (the new file must not be opened then)."""
-        path = self.db.database
-        old = {suffix: ids for suffix, ids in self._companions.items() if ids is not None}
-        if not old:
-            return True
-        try:
-            directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-        except OSError as exc:
-            log.error("cannot set the replaced file's WAL aside: %s", exc)
-            return False
-        try:
-            fcntl.flock(directory, fcntl.LOCK_EX)
-            stamp = time.strftime("%Y%m%dT%H%M%S")
-            for suffix, ids in old.items():
-                if _file_id(path + suffix) == ids:
-                    aside = f"{path}{suffix}.replaced-{stamp}-{ids[1]}"  # the old file's inode
-                    os.rename(path + suffix, aside)
-                    log.warning("the replaced file's %s set aside as %s", path + suffix, aside)
-        except OSError as exc:
-            log.error("cannot set the replaced file's WAL aside: %s", exc)
-            return False
-        finally:
-            os.close(directory)  # and its lock
-        return True
 
     def identity(self) -> str:
         """Which database this worker answers from: the open file's device and inode, and

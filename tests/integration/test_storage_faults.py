@@ -3,6 +3,7 @@ with a clear error, lookups go on, no process dies, and writes resume once the f
 
 import os
 import shutil
+import sqlite3
 import subprocess
 import time
 
@@ -129,8 +130,6 @@ def test_database_replaced_is_reopened(tmp_path):
             for suffix in ("-wal", "-shm"):
                 if os.path.exists(stack.db + suffix):
                     os.rename(stack.db + suffix, stack.db + ".old" + suffix)
-            import sqlite3
-
             sqlite3.connect(stack.db).close()  # a new, empty database file at the path
             wait_for(lambda: _reports(c, *fresh(4)), 5, 0.05, "writes to the new file")
             # Within a heartbeat every worker reads the new file too.
@@ -145,24 +144,28 @@ def test_database_replaced_is_reopened(tmp_path):
         stack.stop()
 
 
+def reports_around_a_backup(client, db: str, backup: str, n: int) -> tuple:
+    """``n`` reports, an online backup of ``db`` into ``backup`` (``VACUUM INTO``, as README
+    says), ``n`` more reports (only in the live file, in its WAL): both lists."""
+    batch, later = [fresh(i) for i in range(n)], [fresh(i) for i in range(n, 2 * n)]
+    for t, o, u in batch:
+        assert client.report_unihash(t, M, o, u)["unihash"] == u
+    with sqlite3.connect(db) as reader:
+        reader.execute("VACUUM INTO ?", (backup,))
+    for t, o, u in later:
+        assert client.report_unihash(t, M, o, u)["unihash"] == u
+    return batch, later
+
+
 def test_a_backup_moved_over_the_live_file_is_served_whole(tmp_path):
     """The natural restore: `mv backup.db hq.db` while hq runs, the live file's -wal and
     -shm left in place. A new connection would read the old file's WAL into the backup and
     corrupt it ("database disk image is malformed"); the workers set those aside first."""
-    import sqlite3
-
     stack = Stack(tmp_path, workers=2).start()
     try:
         with create_client(stack.address, timeout=10) as c:
-            batch = [fresh(i) for i in range(100)]
-            for t, o, u in batch:
-                assert c.report_unihash(t, M, o, u)["unihash"] == u
             backup = str(tmp_path / "backup.db")
-            with sqlite3.connect(stack.db) as reader:  # an online backup, as README says
-                reader.execute("VACUUM INTO ?", (backup,))
-            later = [fresh(i) for i in range(100, 200)]  # only in the live file, in its WAL
-            for t, o, u in later:
-                assert c.report_unihash(t, M, o, u)["unihash"] == u
+            batch, later = reports_around_a_backup(c, stack.db, backup, 100)
             assert os.path.getsize(stack.db + "-wal") > 0
             restored = "%d:%d:" % (os.stat(backup).st_dev, os.stat(backup).st_ino)
             os.rename(backup, stack.db)
@@ -189,26 +192,60 @@ def test_a_backup_moved_over_the_live_file_is_served_whole(tmp_path):
         stack.stop()
 
 
+def crash(stack) -> None:
+    """SIGKILL the workers, the broker, then hq-server: the WAL stays, as after a power cut
+    of the processes (hq-server's death would otherwise stop its children cleanly)."""
+    children = stack.children()
+    for name in sorted(children, reverse=True):  # hq-worker-NN first, hq-broker last
+        children[name].kill()
+    for child in children.values():
+        child.wait(timeout=20)
+    stack.proc.kill()
+    stack.proc.wait(timeout=20)
+
+
+@pytest.mark.parametrize("replaced", [False, True], ids=["crashed", "crashed-then-restored"])
+def test_after_a_crash_the_wal_is_recovered_unless_the_file_was_replaced(tmp_path, replaced):
+    """A crash leaves committed reports in the WAL: the next start recovers them. If the file
+    was replaced meanwhile (a backup moved in while hq was down), that WAL is the old file's:
+    the next start sets it aside instead of reading it into the backup."""
+    stack = Stack(tmp_path, workers=2).start()
+    try:
+        with create_client(stack.address, timeout=10) as c:
+            backup = str(tmp_path / "backup.db")
+            batch, later = reports_around_a_backup(c, stack.db, backup, 50)
+        crash(stack)
+        assert os.path.getsize(stack.db + "-wal") > 0  # acknowledged, not yet checkpointed
+        if replaced:
+            os.rename(backup, stack.db)
+        (tmp_path / "again").mkdir()  # (the crashed stack's endpoint file stays in tmp_path)
+        with Stack(tmp_path / "again", db=stack.db) as again, create_client(again.address, timeout=10) as c:
+            wanted = [u for _, _, u in batch] + [None if replaced else u for _, _, u in later]
+            assert c.get_unihash_batch([(M, t) for t, _, _ in batch + later]) == wanted
+            t, o, u = fresh(200)
+            assert c.report_unihash(t, M, o, u)["unihash"] == u
+        with sqlite3.connect(stack.db) as check:
+            assert check.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        aside = sorted(f.split(".replaced-")[0] for f in os.listdir(tmp_path) if ".replaced-" in f)
+        assert aside == (["hq.db-shm", "hq.db-wal"] if replaced else [])
+    finally:
+        stack.stop()
+
+
 def test_a_replaced_file_whose_old_wal_cannot_be_moved_is_not_opened(tmp_path):
     """The directory is not writable for hq when the backup is moved over the live file: the
     old WAL cannot be set aside, so the workers stay on the old file (lookups go on, writes
     are refused) until it can, instead of opening the new file with the old WAL."""
-    import sqlite3
-
     (tmp_path / "db").mkdir()
     stack = without_root_override(Stack(tmp_path, workers=2, db=str(tmp_path / "db" / "hq.db"))).start()
     try:
         with create_client(stack.address, timeout=10) as c:
-            first, later = fresh(0), fresh(1)
-            assert c.report_unihash(first[0], M, first[1], first[2])["unihash"] == first[2]
             backup = str(tmp_path / "backup.db")
-            with sqlite3.connect(stack.db) as reader:
-                reader.execute("VACUUM INTO ?", (backup,))
-            assert c.report_unihash(later[0], M, later[1], later[2])["unihash"] == later[2]
+            [first], [later] = reports_around_a_backup(c, stack.db, backup, 1)
             os.chmod(tmp_path / "db", 0o555)
             os.rename(backup, stack.db)  # as root: the workers could not have
             wait_for(
-                lambda: "cannot set the replaced file's WAL aside" in stack.log(), 5, 0.05, "a worker noticed"
+                lambda: "cannot set aside the replaced file's WAL" in stack.log(), 5, 0.05, "a worker noticed"
             )
             for i in range(2, 6):
                 report_fails_fast(c, i, ["cannot be set aside"])

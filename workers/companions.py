@@ -1,0 +1,108 @@
+"""The ``-wal`` and ``-shm`` beside an SQLite database file, and which file they belong to.
+
+SQLite finds a database's WAL by name: whatever ``hq.db-wal`` is there when a file is
+opened is read into it. After the file was replaced (a backup moved over it, with hq
+running or stopped after a crash), the old file's WAL and index are still there, and SQLite
+would read the old file's pages into the new one and checkpoint them into it ("database disk
+image is malformed", and a corrupted file). SQLite cannot tell whose WAL it is; hq writes it
+down: after every open, ``FILE-hq-wal.json`` records the identities (device, inode) of the
+file and of its ``-wal`` and ``-shm``. Before an open, a ``-wal`` or ``-shm`` still recorded
+for another file is renamed aside (``.replaced-TIME-INODE``, to go with the old file if it
+was kept). The old file's last connection neither checkpoints nor deletes them: SQLite sees
+that file moved. A crash of the file's own processes leaves the record naming this file, so
+its WAL is recovered as SQLite means it to be.
+
+One process at a time (a lock on the directory) looks, moves and records.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import time
+
+log = logging.getLogger(__name__)
+
+SUFFIXES = ("-wal", "-shm")
+RECORD = "-hq-wal.json"
+
+
+def _id(path: str):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_dev, st.st_ino]
+
+
+def _locked(path: str):
+    """The database's directory, opened and locked exclusively; close it to unlock."""
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def set_aside(path: str, known: dict | None = None) -> bool:
+    """Move aside a ``-wal`` or ``-shm`` beside ``path`` that belongs to another file, by the
+    record (or ``known``, the identities a worker saw while the old file was open, when
+    there is no record). False if one could not be moved: the file must not be opened then."""
+    try:
+        directory = _locked(path)
+    except OSError as exc:
+        log.error("cannot look at the WAL beside %s: %s", path, exc)
+        return False
+    try:
+        try:
+            with open(path + RECORD, encoding="utf-8") as fh:
+                record = json.load(fh)
+        except (OSError, ValueError):
+            record = known
+        if not isinstance(record, dict) or record.get("db") in (None, _id(path)):
+            return True  # nothing recorded, or recorded for this very file
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        for suffix in SUFFIXES:
+            old = record.get(suffix)
+            if old is not None and _id(path + suffix) == list(old):
+                aside = f"{path}{suffix}.replaced-{stamp}-{record['db'][1]}"
+                os.rename(path + suffix, aside)
+                log.warning("%s belongs to the file %s replaced: set aside as %s", path + suffix, path, aside)
+        return True
+    except OSError as exc:
+        log.error("cannot set aside the replaced file's WAL beside %s: %s", path, exc)
+        return False
+    finally:
+        os.close(directory)
+
+
+def identities(path: str) -> dict:
+    """What :func:`record` writes: the file's identity and its companions'."""
+    return {"db": _id(path), **{suffix: _id(path + suffix) for suffix in SUFFIXES}}
+
+
+def record(path: str) -> dict:
+    """Write down which file the companions beside ``path`` belong to (after an open);
+    returns it. A directory hq cannot write to keeps no record (and gets no WAL either)."""
+    ids = identities(path)
+    try:
+        directory = _locked(path)
+    except OSError:
+        return ids
+    try:
+        current = None
+        try:
+            with open(path + RECORD, encoding="utf-8") as fh:
+                current = json.load(fh)
+        except (OSError, ValueError):
+            pass
+        if current != ids:
+            temporary = f"{path}{RECORD}.{os.getpid()}"
+            with open(temporary, "w", encoding="utf-8") as fh:
+                json.dump(ids, fh)
+            os.replace(temporary, path + RECORD)
+    except OSError as exc:
+        log.warning("cannot record the WAL beside %s: %s", path, exc)
+    finally:
+        os.close(directory)
+    return ids

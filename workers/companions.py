@@ -44,6 +44,25 @@ def _locked(path: str):
     return fd
 
 
+def _read(path: str):
+    try:
+        with open(path + RECORD, encoding="utf-8") as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return None
+
+
+def _valid(record) -> bool:
+    """A record as :func:`identities` makes it (one edited by hand counts as none)."""
+
+    def identity(value) -> bool:
+        return value is None or (
+            isinstance(value, list) and len(value) == 2 and all(isinstance(n, int) for n in value)
+        )
+
+    return isinstance(record, dict) and all(identity(record.get(key)) for key in ("db", *SUFFIXES))
+
+
 def set_aside(path: str, known: dict | None = None) -> bool:
     """Move aside a ``-wal`` or ``-shm`` beside ``path`` that belongs to another file, by the
     record (or ``known``, the identities a worker saw while the old file was open, when
@@ -54,12 +73,10 @@ def set_aside(path: str, known: dict | None = None) -> bool:
         log.error("cannot look at the WAL beside %s: %s", path, exc)
         return False
     try:
-        try:
-            with open(path + RECORD, encoding="utf-8") as fh:
-                record = json.load(fh)
-        except (OSError, ValueError):
+        record = _read(path)
+        if record is None:
             record = known
-        if not isinstance(record, dict) or record.get("db") in (None, _id(path)):
+        if not _valid(record) or record["db"] in (None, _id(path)):
             return True  # nothing recorded, or recorded for this very file
         stamp = time.strftime("%Y%m%dT%H%M%S")
         for suffix in SUFFIXES:
@@ -90,13 +107,7 @@ def record(path: str) -> dict:
     except OSError:
         return ids
     try:
-        current = None
-        try:
-            with open(path + RECORD, encoding="utf-8") as fh:
-                current = json.load(fh)
-        except (OSError, ValueError):
-            pass
-        if current != ids:
+        if _read(path) != ids:
             temporary = f"{path}{RECORD}.{os.getpid()}"
             with open(temporary, "w", encoding="utf-8") as fh:
                 json.dump(ids, fh)

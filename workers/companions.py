@@ -29,7 +29,8 @@ SUFFIXES = ("-wal", "-shm")
 RECORD = "-hq-wal.json"
 
 
-def _id(path: str):
+def file_id(path: str):
+    """``[device, inode]`` of the file at ``path``, or None when there is none."""
     try:
         st = os.stat(path)
     except OSError:
@@ -76,12 +77,12 @@ def set_aside(path: str, known: dict | None = None) -> bool:
         record = _read(path)
         if record is None:
             record = known
-        if not _valid(record) or record["db"] in (None, _id(path)):
+        if not _valid(record) or record["db"] in (None, file_id(path)):
             return True  # nothing recorded, or recorded for this very file
         stamp = time.strftime("%Y%m%dT%H%M%S")
         for suffix in SUFFIXES:
             old = record.get(suffix)
-            if old is not None and _id(path + suffix) == list(old):
+            if old is not None and file_id(path + suffix) == old:
                 aside = f"{path}{suffix}.replaced-{stamp}-{record['db'][1]}"
                 os.rename(path + suffix, aside)
                 log.warning("%s belongs to the file %s replaced: set aside as %s", path + suffix, path, aside)
@@ -95,7 +96,7 @@ def set_aside(path: str, known: dict | None = None) -> bool:
 
 def identities(path: str) -> dict:
     """What :func:`record` writes: the file's identity and its companions'."""
-    return {"db": _id(path), **{suffix: _id(path + suffix) for suffix in SUFFIXES}}
+    return {"db": file_id(path), **{suffix: file_id(path + suffix) for suffix in SUFFIXES}}
 
 
 def record(path: str) -> dict:

@@ -35,14 +35,6 @@ def _size(path: str):
         return None
 
 
-def _file_id(path: str):
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
-
-
 #: IN-lists are padded to one of these sizes so SQLite's statement cache holds a handful
 #: of statements instead of one per distinct chunk length.
 _IN_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -116,7 +108,7 @@ class Store:
         self.lock_wait_s = lock_wait_s
         self.on_wait = lambda: None
         self.reopen = None  # callable that opens the database file again (set by the worker)
-        self._file_id = _file_id(db.database)
+        self._file_id = companions.file_id(db.database)
         # The open file's identity and its -wal's and -shm's, to tell them from a new file's
         # when there is no record (hq.workers.companions).
         self._companions = companions.identities(db.database)
@@ -198,7 +190,7 @@ class Store:
         connection is opened again, since SQLite keeps a connection it opened read-only so.
         """
         path = self.db.database
-        now_id = _file_id(path)
+        now_id = companions.file_id(path)
         if now_id is None:
             if not self.file_problem.startswith("database file was removed"):
                 log.error("database file %s was removed; refusing writes", path)
@@ -239,10 +231,10 @@ class Store:
             self.file_problem = (
                 f"database file changed and cannot be opened ({exc}); restore it or restart hq"
             )
-            self._file_id = _file_id(self.db.database)  # not again every heartbeat
+            self._file_id = companions.file_id(self.db.database)  # not again every heartbeat
             return
         self._method_ids.clear()
-        self._file_id = _file_id(self.db.database)
+        self._file_id = companions.file_id(self.db.database)
         self._companions = companions.identities(self.db.database)
         self.opened += 1
         self._reopen_when_writable = False

@@ -238,7 +238,7 @@ def worker_rows(data: dict) -> list:
         s = w.get("settings") or {}
         rows.append(
             (
-                w["name"],
+                f"{w['name']} (read-only)" if w.get("read_only") else w["name"],
                 w.get("pid"),
                 "-" if w.get("uptime_s") is None else f"{w['uptime_s']:.0f} s",
                 w.get("restarts", 0),

@@ -33,6 +33,7 @@ from itertools import compress
 
 from hq import addresses, options
 from hq import protocol as p
+from hq.permissions import READ_ONLY_REFUSED
 
 from .access import Access
 from .cache import MAX_ITEMS as CACHE_MAX_ITEMS
@@ -54,6 +55,9 @@ MERGE_COMMANDS = frozenset({p.GET, p.EXISTS, p.REPORT, p.REPORT_EQUIV})
 INSERT_COMMANDS = frozenset({p.REPORT, p.REPORT_EQUIV, p.BACKFILL})
 #: Commands that write: at most one REQUEST of them is in flight at a time (see dispatch).
 WRITE_COMMANDS = INSERT_COMMANDS | p.ADMIN_WRITE_COMMANDS | p.USER_WRITE_COMMANDS
+#: Kept off a --read-only worker while one that writes is registered: what it refuses, and
+#: every report (it refuses those that write).
+KEPT_OFF_READ_ONLY = READ_ONLY_REFUSED | {p.REPORT}
 #: How a worker's database identity (``Store.identity``) starts when it is a database server.
 SHARED_DB_PREFIX = "postgresql:"
 #: Lookups whose local misses are asked of the upstream (--upstream) before the answer.
@@ -186,6 +190,7 @@ class Worker:
         "registered",
         "long_until",
         "db_id",
+        "read_only",
     )
 
     def __init__(self, worker_id, info, credit, now, expiry):
@@ -201,6 +206,7 @@ class Worker:
         self.registered = now
         self.long_until = 0.0  # holding a LONG_COMMANDS job: not expired before this
         self.db_id = info.get("db_id")  # which database it answers from (Store.identity)
+        self.read_only = info.get("read_only") is True  # hq-worker --read-only: it writes nothing
 
     @property
     def name(self) -> str:
@@ -262,6 +268,10 @@ class Scheduler:
         self._cache_entries = 0 if settings.read_only else settings.cache_entries
         self.cache = MappingCache(self._cache_entries)
         self.shared_db = False  # the workers answer from a database server other brokers may use
+        # A --read-only worker under this (writing) broker: it takes no lock on the file, so
+        # another broker may be writing it, unseen; no cache while one is registered.
+        self.read_only_workers = 0
+        self.writable_workers = 0
         # --upstream: lookups' misses go on to the upstream agent, reports ask it first. A
         # miss is then never cached: the upstream may learn that mapping any time.
         self.upstream = None
@@ -655,6 +665,13 @@ class Scheduler:
         self.count("workers.registered")
         self._run_bootstrap(now)
         pid = info.get("pid")
+        if worker.read_only and not self.settings.read_only and worker.name not in self.registrations:
+            log.warning(
+                "worker %s runs --read-only under a broker that writes: it is given no writes "
+                "while a worker that writes is registered (with none, they are refused), and "
+                "the broker cache is off while it is registered",
+                worker.name,
+            )
         last = self.registrations.get(worker.name)
         if last is None:
             self.registrations[worker.name] = (pid, 0)
@@ -684,14 +701,18 @@ class Scheduler:
         shared = any(str(i).startswith(SHARED_DB_PREFIX) for i in ids)
         if shared != self.shared_db:
             self.shared_db = shared
-            self.cache.invalidate()
-            self.cache.max_entries = 0 if shared else self._cache_entries
             log.info(
                 "workers answer from %s: %s",
                 "a database server" if shared else "a database file",
-                "writes in parallel, no broker cache" if shared else "one writer, broker cache on",
+                "writes in parallel, no broker cache" if shared else "one writer",
             )
-        self.max_writers = max(1, len(self.workers)) if shared else 1
+        self.read_only_workers = sum(w.read_only for w in self.workers.values())
+        self.writable_workers = len(self.workers) - self.read_only_workers
+        cache_off = shared or self.read_only_workers > 0
+        if cache_off != (self.cache.max_entries == 0) and self._cache_entries:
+            self.cache.invalidate()
+            self.cache.max_entries = 0 if cache_off else self._cache_entries
+        self.max_writers = max(1, self.writable_workers) if shared else 1
 
     def _write_ended(self, worker_id) -> None:
         held = self.writers.get(worker_id, 0)
@@ -1046,14 +1067,20 @@ class Scheduler:
         report with 2 workers: 2.7k -> 3.4k reports/s, p99 11 -> 9.4 ms).
         """
         free, queue = self.free_slots, self.queue
+        passed = []  # slots of read-only workers with only writes queued
         while free and len(queue):
             worker = self.workers.get(free[0])
             if worker is None or worker.busy >= worker.credit:
                 free.popleft()  # slot of a dropped worker
                 continue
             free.popleft()
-            batch = queue.take(_mergeable, self.settings.merge_items, self._eligible)
+            spare = worker.read_only and self.writable_workers
+            eligible = self._eligible_read_only if spare else self._eligible
+            batch = queue.take(_mergeable, self.settings.merge_items, eligible)
             if not batch:
+                if spare:  # a worker that writes may take what is queued
+                    passed.append(worker.worker_id)
+                    continue
                 free.appendleft(worker.worker_id)  # only writes are queued, and one is in flight
                 break
             job = batch[0]
@@ -1096,9 +1123,13 @@ class Scheduler:
                     *p.encode_jobs(job.command, job.credentials, [(j.job_id, j.body) for j in batch]),
                 ]
             )
+        free.extendleft(reversed(passed))
 
     def _eligible(self, job: Job) -> bool:
         return job.command not in WRITE_COMMANDS or self.writing < self.max_writers
+
+    def _eligible_read_only(self, job: Job) -> bool:
+        return job.command not in KEPT_OFF_READ_ONLY and self._eligible(job)
 
     def tick(self, now: float):
         """Heartbeats, worker expiry and request timeouts. Call at least every interval."""
@@ -1196,6 +1227,7 @@ class Scheduler:
         return {
             "name": w.name,
             "pid": w.info.get("pid"),
+            "read_only": w.read_only,
             "inflight": len(w.jobs),
             "busy": w.busy,
             "served": w.served,

@@ -80,6 +80,11 @@ REQUIRED = {
 }
 #: ``import`` of the users table: it can create users with any permission.
 IMPORT_USERS_PERMS = (DB_ADMIN, USER_ADMIN)
+#: What a ``--read-only`` worker refuses: what a read-only server refuses, and the broker's
+#: backfills; a report only when asked to write it. A broker that writes gives none of these
+#: to such a worker while one that writes is registered. The admin user a read-only server
+#: sets up at start is stored, as the reference's is.
+READ_ONLY_REFUSED = frozenset(c for c, rule in REQUIRED.items() if not rule.read_only) | {p.BACKFILL}
 
 
 class BadPermissions(ValueError):

@@ -70,12 +70,10 @@ RERUNNABLE = frozenset(
 )
 
 
-#: What a ``--read-only`` worker refuses: what a read-only server refuses (the permission
-#: table's ``read_only``), and the broker's backfills; a report only when asked to write it.
-#: The admin user a read-only server sets up at start is stored, as the reference's is. Its
-#: broker never sends these; a worker started so under a broker that writes must not store
-#: them unseen.
-READ_ONLY_REFUSED = frozenset(c for c, rule in perms.REQUIRED.items() if not rule.read_only) | {p.BACKFILL}
+#: What a ``--read-only`` worker refuses (its broker, if it writes, sends it none of these
+#: while a worker that writes is registered; with none, they are refused here, not stored
+#: unseen).
+READ_ONLY_REFUSED = perms.READ_ONLY_REFUSED
 
 
 class Handlers:

@@ -216,6 +216,8 @@ def main(argv=None) -> int:
         log.error("cannot open database %r: %s", databases.redacted(opts.db), exc)
         return 2
     info = {"name": name, "pid": os.getpid(), "settings": settings_in_force(db)}
+    if opts.read_only:  # the broker keeps writes off it and its cache off (it takes no lock)
+        info["read_only"] = True
     store = store_for(db, lock_wait_s=opts.lock_wait_s)
     store.reopen = open_db
     stats = WorkerStats(store, rows_interval_s=opts.stats_rows_interval_s)

@@ -124,6 +124,50 @@ def test_a_read_only_mirror_takes_no_lock_and_refuses_nothing_it_should_serve(tm
                 assert worker.wait(timeout=20) == 0, log.read_text()
 
 
+def test_a_read_only_worker_under_a_writing_broker_is_given_no_writes(tmp_path):
+    """hq-worker --read-only joined to a stack that writes (a unit file gone wrong): it says
+    so in READY, the broker logs it, shows it, and every report goes to the worker that
+    writes, while lookups are still answered."""
+    db = str(tmp_path / "hq.db")
+    with Stack(tmp_path, db=db, workers=1) as live:
+        log = tmp_path / "ro-worker.log"
+        argv = [script("hq-worker"), "--db", db, "--backend", owner(db)["broker"], "--read-only"]
+        argv += ["--name", "mirror", "--heartbeat-interval", "0.2"]
+        with open(log, "w") as err:
+            worker = subprocess.Popen(argv, stderr=err)
+        try:
+            with create_client(live.address, timeout=10) as client:
+                workers = wait_for(
+                    lambda: [w for w in client.get_stats()["workers"] if w["name"] == "mirror"],
+                    timeout=20,
+                    what="the read-only worker registered",
+                )
+                assert workers[0]["read_only"] is True
+                # Reports from several clients at once: without the routing, the read-only
+                # worker would get (and refuse) some of them.
+                clients = [create_client(live.address, timeout=10) for _ in range(4)]
+                try:
+                    for n in range(25):
+                        for i, c in enumerate(clients):
+                            c.report_unihash(f"{n:04x}{i:04x}" + T[8:], M, O, U)
+                finally:
+                    for c in clients:
+                        c.close()
+                assert client.get_unihash(M, "0018" + "0003" + T[8:]) == U
+                mirror = {w["name"]: w["counters"] for w in client.get_stats()["workers"]}["mirror"]
+                assert not [k for k in mirror if k.startswith(("reports.", "errors."))], mirror
+            shown = run([script("hq-admin"), "workers", "--address", live.address])
+            assert "mirror (read-only)" in shown.stdout, shown.stdout + shown.stderr
+            wait_for(
+                lambda: "mirror runs --read-only under a broker that writes" in live.log(),
+                timeout=10,
+                what="the broker's warning",
+            )
+        finally:
+            worker.terminate()
+            assert worker.wait(timeout=20) == 0, log.read_text()
+
+
 def _take(db: str, identity: str, start, results, hold):
     start.wait()
     try:

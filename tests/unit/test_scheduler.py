@@ -611,6 +611,58 @@ def test_workers_on_a_file_keep_one_writer_and_the_cache():
     assert not s.shared_db and s.cache.max_entries == 100 and s.max_writers == 1
 
 
+def ready_read_only(s, worker_id, now=0.0):
+    info = {"name": worker_id.decode(), "pid": 2, "read_only": True}
+    s.on_worker([worker_id, *p.encode_ready(info)], now)
+
+
+def test_a_read_only_worker_is_given_no_writes_while_one_that_writes_is_there(caplog):
+    """hq-worker --read-only under a broker that writes: reports skip it, even when its slot
+    is the first free one, and lookups still go to it."""
+    s = make(cache_entries=100)
+    ready_read_only(s, b"ro")
+    ready(s, b"rw")
+    assert "runs --read-only under a broker that writes" in caplog.text
+    for client in (b"a", b"b"):
+        s.on_client(get_request(client, b"g", [["x"]]), 0.0)
+    assert sorted(w for w, cmd, _ in take_messages(s)) == [b"ro", b"rw"]  # both serve lookups
+    s = make(cache_entries=100)
+    ready_read_only(s, b"ro")
+    ready(s, b"rw")
+    s.on_client(report_request(b"a", b"r"), 0.0)  # "ro" holds the first free slot
+    ((writer, command, ((job_id, _),)),) = take_messages(s)
+    assert (writer, command) == (b"rw", p.REPORT)
+    s.on_client(get_request(b"b", b"g", [["x"]]), 0.0)  # the passed slot is still free
+    assert [(w, cmd) for w, cmd, _ in take_messages(s)] == [(b"ro", p.GET)]
+    answer(s, b"rw", job_id, [b"3" * 64])
+    s.on_client(report_request(b"c", b"r"), 0.0)
+    assert [(w, cmd) for w, cmd, _ in take_messages(s)] == [(b"rw", p.REPORT)]
+    stats = s.stats(0.0)["workers"]
+    assert sorted((w["name"], w["read_only"]) for w in stats) == [("ro", True), ("rw", False)]
+
+
+def test_with_only_read_only_workers_writes_still_go_to_them():
+    """None writes: the write is not held forever; the worker answers it with its refusal."""
+    s = make()
+    ready_read_only(s, b"ro")
+    s.on_client(report_request(b"a", b"r"), 0.0)
+    assert [(w, cmd) for w, cmd, _ in take_messages(s)] == [(b"ro", p.REPORT)]
+
+
+def test_the_cache_is_off_while_a_read_only_worker_is_registered():
+    """It takes no lock on the file: another broker may be writing it, unseen."""
+    s = make(cache_entries=100)
+    ready(s, b"rw")
+    assert s.cache.max_entries == 100
+    ready_read_only(s, b"ro")
+    assert s.cache.max_entries == 0 and s.max_writers == 1
+    s.on_worker([b"ro", *p.DISCONNECT_MESSAGE], 0.1)
+    assert s.cache.max_entries == 100
+    ro_broker = make(cache_entries=100, read_only=True)  # a mirror: no cache anyway
+    ready_read_only(ro_broker, b"ro")
+    assert ro_broker.cache.max_entries == 0
+
+
 # --- identical lookups of several clients: one job (Scheduler._collapse) -----------------------
 WAVE = ["%064x" % i for i in range(5)]
 

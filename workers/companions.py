@@ -10,7 +10,8 @@ file and of its ``-wal`` and ``-shm``. Before an open, a ``-wal`` or ``-shm`` st
 for another file is renamed aside (``.replaced-TIME-INODE``, to go with the old file if it
 was kept). The old file's last connection neither checkpoints nor deletes them: SQLite sees
 that file moved. A crash of the file's own processes leaves the record naming this file, so
-its WAL is recovered as SQLite means it to be.
+its WAL is recovered as SQLite means it to be; a clean stop, which leaves no WAL, removes the
+record.
 
 One process at a time (a lock on the directory) looks, moves and records.
 """
@@ -90,6 +91,24 @@ def set_aside(path: str, known: dict | None = None) -> bool:
     except OSError as exc:
         log.error("cannot set aside the replaced file's WAL beside %s: %s", path, exc)
         return False
+    finally:
+        os.close(directory)
+
+
+def forget(path: str) -> None:
+    """After a clean close: once SQLite has removed the ``-wal`` and ``-shm`` (the last
+    connection closed), the record names files that are gone. It goes too, so that a later
+    file's companions given the same inode numbers (another program's crash after a restore)
+    are never taken for the old file's."""
+    try:
+        directory = _locked(path)
+    except OSError:
+        return
+    try:
+        if all(file_id(path + suffix) is None for suffix in SUFFIXES):
+            os.remove(path + RECORD)
+    except OSError:
+        pass  # none written (a directory hq cannot write to), or gone already
     finally:
         os.close(directory)
 

@@ -228,7 +228,7 @@ def main(argv=None) -> int:
     loop.curve = keys
     store.on_wait = loop.heartbeat_if_due
     loop.serve(stop)
-    store.db.close()
+    store.close()
     if lock is not None:
         lock.release()
     loop.ctx.term()

@@ -240,6 +240,13 @@ class Store:
         self._reopen_when_writable = False
         self.file_problem = ""
 
+    def close(self) -> None:
+        """The worker stops: close the connection, and forget whose companions were there
+        if SQLite removed them (hq.workers.companions.forget)."""
+        self.db.close()
+        if isinstance(self.db, SqliteDatabase):
+            companions.forget(self.db.database)
+
     def identity(self) -> str:
         """Which database this worker answers from: the open file's device and inode, and
         how often it was opened. The broker's cache learns only while every worker reports

@@ -183,6 +183,9 @@ def test_a_backup_moved_over_the_live_file_is_served_whole(tmp_path):
             aside = sorted(f for f in os.listdir(tmp_path) if ".replaced-" in f)
             assert [f.split(".replaced-")[0] for f in aside] == ["hq.db-shm", "hq.db-wal"]
         assert stack.stop() == 0
+        # A clean stop: SQLite removed the WAL, and the record of whose it was went with it.
+        left = [f for f in os.listdir(tmp_path) if f.startswith("hq.db-") and ".replaced-" not in f]
+        assert left == ["hq.db-broker.lock"]  # (the lock's file stays; its lock died)
         with sqlite3.connect(stack.db) as check:
             assert check.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
         with Stack(tmp_path, workers=1) as again, create_client(again.address, timeout=10) as c:

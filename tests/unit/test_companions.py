@@ -50,3 +50,34 @@ def test_without_a_record_what_the_worker_saw_decides(tmp_path):
     os.replace(another_file(tmp_path), db)
     assert companions.set_aside(db, known=seen)
     assert not os.path.exists(db + "-wal")
+
+
+def wal_connection(db: str):
+    import sqlite3
+
+    conn = sqlite3.connect(db)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("CREATE TABLE IF NOT EXISTS t (x)")
+    conn.execute("INSERT INTO t VALUES (1)")
+    conn.commit()
+    return conn
+
+
+def test_a_clean_stop_removes_the_record_a_later_file_cannot_be_taken_for_it(tmp_path):
+    """The last connection closed: SQLite removed the -wal and -shm, and the record goes.
+    Another program's WAL made after a restore is then never set aside, whatever inode
+    numbers it was given."""
+    db = str(tmp_path / "hq.db")
+    first, second = wal_connection(db), wal_connection(db)
+    companions.record(db)
+    first.close()
+    companions.forget(db)  # one worker stopped, another still has the file: kept
+    assert os.path.exists(db + companions.RECORD) and os.path.exists(db + "-wal")
+    second.close()
+    assert not os.path.exists(db + "-wal")
+    companions.forget(db)
+    assert not os.path.exists(db + companions.RECORD)
+    os.replace(another_file(tmp_path), db)  # a backup moved in, another program crashed on it
+    files(tmp_path, "hq.db-wal")
+    assert companions.set_aside(db)
+    assert sorted(os.listdir(tmp_path)) == ["hq.db", "hq.db-wal"]

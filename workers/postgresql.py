@@ -219,10 +219,11 @@ def _lock_key(method: str, value: str) -> int:
 
 
 #: One report as one statement (the two of :meth:`Store._report` joined, PostgreSQL's
-#: data-modifying WITH): insert the outhash row unless present; only if it was inserted,
-#: map the taskhash (the oldest equivalent report's unihash, else the submitted one; the
-#: first mapping wins); answer what was mapped now, whether the row was new, and the
-#: mapping there was before. The equivalence subquery runs on the statement's snapshot,
+#: data-modifying WITH): insert the outhash row unless present; unless the taskhash has a
+#: mapping, map it (the oldest equivalent report's unihash, else the submitted one; the
+#: first mapping wins), also when the outhash row was there already, as bitbake-hashserv
+#: 2.19 does; answer what was mapped now, whether the row was new, and the mapping there
+#: was before. The equivalence subquery runs on the statement's snapshot,
 #: which does not hold the row inserted here: it is excluded anyway (other taskhashes only).
 _REPORT = (
     "WITH o AS (INSERT INTO outhashes (method, taskhash, outhash, created, owner, PN, PV, PR, task, "
@@ -235,7 +236,8 @@ _REPORT = (
     "ON u.method = x.method AND u.taskhash = x.taskhash "
     "WHERE x.method = %(m)s AND substr(x.outhash, 1, 8) = substr(%(o)s, 1, 8) "
     "AND x.outhash = %(o)s AND x.taskhash != %(t)s ORDER BY x.created, x.id LIMIT 1), %(u)s), "
-    "coalesce((SELECT value FROM config WHERE name = 'gc-mark'), '') WHERE EXISTS (SELECT 1 FROM o) "
+    "coalesce((SELECT value FROM config WHERE name = 'gc-mark'), '') WHERE NOT EXISTS (SELECT 1 FROM "
+    "unihashes WHERE method = %(m)s AND taskhash = %(t)s) "
     "ON CONFLICT DO NOTHING RETURNING unihash) "
     "SELECT (SELECT unihash FROM u), EXISTS (SELECT 1 FROM o), "
     "(SELECT unihash FROM unihashes WHERE method = %(m)s AND taskhash = %(t)s)"

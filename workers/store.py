@@ -464,11 +464,15 @@ class Store:
     def _report(self, mark: str, method: str, taskhash: str, outhash: str, unihash: str, extra=None) -> str:
         """Record an output hash; return the unihash now mapped to (method, taskhash).
 
-        §7.2: a new report of a taskhash takes the unihash of the oldest other report with
+        §7.2: a taskhash without a mapping takes the unihash of the oldest other report with
         the same (method, outhash) and a different taskhash that has a mapping; else the
-        submitted one. The first mapping of a taskhash wins and never changes. A new report
-        is two statements: the existence check and the equivalence lookup live inside the
-        INSERTs, and RETURNING gives the mapping (SQLite 3.35 or newer).
+        submitted one. The first mapping of a taskhash wins and never changes. As in
+        bitbake-hashserv 2.19 (not as its documentation says), that holds even when this very
+        (method, taskhash, outhash) was reported before: a mapping deleted since (``remove``,
+        ``gc-sweep``) while the output row stayed is made again. A new report is two
+        statements: the existence check and the equivalence lookup live inside the INSERTs,
+        and RETURNING gives the mapping (SQLite 3.35 or newer); a report already made, one
+        or two lookups.
         """
         extra = extra or {}
         tkey, okey = self.key(taskhash), self.key(outhash)
@@ -491,7 +495,8 @@ class Store:
                 okey,
             ),
         ).rowcount
-        if inserted:
+        mapped = None if inserted else self._mapping(mid, tkey)
+        if mapped is None:
             row = sql(
                 "INSERT INTO unihashes (method, taskhash, unihash, gc_mark) VALUES (?, ?, "
                 "coalesce((SELECT u.unihash FROM outhashes o JOIN unihashes u "
@@ -505,8 +510,9 @@ class Store:
                 mapped = row[0].hex()
                 self._count("reports.new" if mapped == unihash else "reports.equivalent")
                 return mapped
+            mapped = self._mapping(mid, tkey)  # mapped before, by another report of the taskhash
         self._count("reports.existing")
-        return self._mapping(mid, tkey) or unihash
+        return mapped or unihash
 
     def _report_equiv(self, mark: str, method: str, taskhash: str, unihash: str) -> str:
         """§7.3: map (method, taskhash) to unihash unless mapped already; return the mapping."""

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import os
 import re
@@ -136,10 +137,37 @@ HASHCLIENT_SESSION = [
 ]
 
 
-def test_bitbake_hashclient_session_same_output_as_the_reference(bitbake, hashserv, tmp_path):
-    """Every bitbake-hashclient command against bitbake-hashserv and against hq through the
-    gateway, on the same data: the same output, line for line (tokens, times and timestamps
-    aside), and the same exit codes. gc-mark-stream is served, not fallen back from."""
+def _reports_around_removals(client) -> list:
+    """Reports of taskhashes whose mappings ``remove`` and ``gc-sweep`` deleted while their
+    output rows stayed, and what each side then answers."""
+    u = ["%064x" % (0xA0 + i) for i in range(8)]
+    out = [
+        client.report_unihash(T1, M, O1, u[0])["unihash"],
+        client.report_unihash(T2, M, O1, u[1])["unihash"],  # equivalent: u0
+        client.remove({"unihash": u[0]}),  # both mappings gone, both output rows stay
+        client.report_unihash(T2, M, O1, u[2])["unihash"],  # no mapped equivalent: its own
+        client.report_unihash(T1, M, O1, u[3])["unihash"],  # equivalent to T2 now
+        client.get_unihash_batch([(M, T1), (M, T2)]),
+        client.report_unihash(T3, M, O3, u[4])["unihash"],
+        client.gc_mark("m1", {"taskhash": T1}),
+        client.gc_sweep("m1"),  # T2's and T3's mappings go
+        client.get_unihash_batch([(M, T1), (M, T2), (M, T3)]),
+        client.report_unihash(T3, M, O3, u[5])["unihash"],
+        client.report_unihash(T2, M, O1, u[6])["unihash"],  # equivalent to T1
+        client.report_unihash(T2, M, O1, u[7])["unihash"],  # mapped: kept
+        client.get_unihash_batch([(M, T1), (M, T2), (M, T3)]),
+        client.report_unihash_equiv(T3, M, u[7]),  # mapped: kept
+    ]
+    for taskhash in (T1, T2, T3):
+        row = client.get_taskhash(M, taskhash, True)
+        out.append({k: row[k] for k in ("taskhash", "outhash", "unihash", "gc_mark")})
+    return out
+
+
+@contextlib.contextmanager
+def side_by_side(bitbake, tmp_path):
+    """bitbake-hashserv and hq (through a gateway), each with the user admin: their
+    OEHASHEQUIV addresses, ``{"reference": ..., "hq": ...}``, and the gateway."""
     from hq.bench.reference import ReferenceServer
 
     (tmp_path / "ref").mkdir()
@@ -152,7 +180,33 @@ def test_bitbake_hashclient_session_same_output_as_the_reference(bitbake, hashse
     try:
         stack.start()
         gateway = Gateway(tmp_path, stack.address)
-        sides = {"reference": reference.address, "hq": gateway.tcp}
+        yield {"reference": reference.address, "hq": gateway.tcp}, gateway
+    finally:
+        if gateway is not None and gateway.proc.poll() is None:
+            gateway.stop()
+        reference.stop()
+        stack.stop()
+
+
+def test_reports_after_removals_get_the_references_answers(bitbake, hashserv, tmp_path):
+    """bitbake-hashserv 2.19 maps a taskhash again when its own output was reported before
+    and its mapping has been deleted since (its documentation says it stores nothing): a
+    build re-reporting tasks after a gc-sweep gets its mappings back. hq, through the
+    gateway, answers each step as the reference does."""
+    answers = {}
+    with side_by_side(bitbake, tmp_path) as (sides, _):
+        for side, address in sides.items():
+            with hashserv.create_client(address, username="admin", password=ADMIN_PASSWORD) as client:
+                answers[side] = _reports_around_removals(client)
+    assert answers["hq"] == answers["reference"]
+    assert answers["hq"][4] == answers["hq"][3]  # (the case itself: T1 mapped again, to T2's)
+
+
+def test_bitbake_hashclient_session_same_output_as_the_reference(bitbake, hashserv, tmp_path):
+    """Every bitbake-hashclient command against bitbake-hashserv and against hq through the
+    gateway, on the same data: the same output, line for line (tokens, times and timestamps
+    aside), and the same exit codes. gc-mark-stream is served, not fallen back from."""
+    with side_by_side(bitbake, tmp_path) as (sides, gateway):
         for address in sides.values():
             with hashserv.create_client(address) as client:
                 client.report_unihash(T1, M, O1, U1)
@@ -191,11 +245,6 @@ def test_bitbake_hashclient_session_same_output_as_the_reference(bitbake, hashse
         assert "Average request time" in stress.stdout or "Requests" in stress.stdout, stress.stdout
         assert gateway.stop() == 0, gateway.log()
         assert "Traceback" not in gateway.log()
-    finally:
-        if gateway is not None and gateway.proc.poll() is None:
-            gateway.stop()
-        reference.stop()
-        stack.stop()
 
 
 def _comparable(args, out: str) -> str:

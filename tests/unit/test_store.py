@@ -76,8 +76,19 @@ def test_equivalence_needs_a_mapping(store):
     store.report(M, T1, O1, U1)
     store._sql("DELETE FROM unihashes")  # T1's report has no mapping now
     assert store.report(M, T2, O1, U2) == U2
-    # Reference §13.6: an existing triple whose mapping was removed answers the submitted unihash.
-    assert store.report(M, T1, O1, U3) == U3
+    # An existing triple whose mapping was removed is mapped again, as bitbake-hashserv 2.19
+    # does (its documentation, §13.6, says it stores nothing): here to T2's, equivalent.
+    assert store.report(M, T1, O1, U3) == U2
+    assert store.get_unihashes(M, [T1, T2]) == [U2, U2]
+
+
+def test_a_report_made_again_after_its_mapping_went_is_mapped_again(store):
+    assert store.report(M, T1, O1, U1) == U1
+    store._sql("DELETE FROM unihashes")  # remove, or a gc-sweep: the output row stays
+    assert store.get_unihashes(M, [T1]) == [None]
+    assert store.report(M, T1, O1, U2) == U2  # no equivalent mapped: the submitted one
+    assert store.get_unihashes(M, [T1]) == [U2]
+    assert store.report(M, T1, O1, U3) == U2  # mapped now: the first mapping wins
 
 
 def test_method_is_part_of_every_key(store):

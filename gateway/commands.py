@@ -10,7 +10,9 @@ does for a missing field, a wrong type or an unknown command.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
+import math
 import time
 
 from hq import protocol as p
@@ -143,10 +145,16 @@ async def remove(link, args):
 
 
 async def clean_unused(link, args):
-    _field(args, "max_age_seconds", int)  # required, as by the reference, then not used:
-    # the reference deletes every unused row whatever the age (its cutoff is now + age,
-    # PROTOCOL.md §3.7), so a BitBake client must see hq do the same: age 0.
-    return _json(await ask(link, p.CLEAN_UNUSED, [b"0"]))
+    """The reference's cutoff is now + age (PROTOCOL.md §3.7): a positive age deletes every
+    unused row, a negative one those older than its size, which hq's age (now - age) gives.
+    A cutoff past what a date can hold closes the connection, as there."""
+    age = _field(args, "max_age_seconds", (int, float))
+    try:
+        datetime.datetime.now() + datetime.timedelta(seconds=age)
+    except (OverflowError, ValueError):
+        raise Drop("max_age_seconds out of range") from None
+    hq_age = math.ceil(-age) if age < 0 else 0  # (a fraction of a second: rounded to keep)
+    return _json(await ask(link, p.CLEAN_UNUSED, [b"%d" % hq_age]))
 
 
 async def gc_mark(link, args):

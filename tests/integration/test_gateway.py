@@ -202,6 +202,33 @@ def test_reports_after_removals_get_the_references_answers(bitbake, hashserv, tm
     assert answers["hq"][4] == answers["hq"][3]  # (the case itself: T1 mapped again, to T2's)
 
 
+def _clean_unused_ages(client) -> list:
+    """An unused output row (its mapping removed) made before each clean-unused."""
+    out = []
+    for n, age in enumerate([-3600, 1.5, 0, -(10**6), 3600]):
+        taskhash, unihash = "%040x" % (0xC0 + n), "%064x" % (0xC0 + n)
+        client.report_unihash(taskhash, M, O3, unihash)
+        client.remove({"unihash": unihash})
+        out.append((age, client.clean_unused(age)))
+    try:  # a cutoff past what a date holds: the reference closes the connection
+        out.append(client.clean_unused(10**12))
+    except ConnectionError:
+        out.append("closed")
+    return out
+
+
+def test_clean_unused_ages_as_the_reference(bitbake, hashserv, tmp_path):
+    """The reference's cutoff is now + age: a positive age deletes every unused row, a
+    negative one only those older than its size; hq, through the gateway, deletes the same."""
+    answers = {}
+    with side_by_side(bitbake, tmp_path) as (sides, _):
+        for side, address in sides.items():
+            with hashserv.create_client(address, username="admin", password=ADMIN_PASSWORD) as client:
+                answers[side] = _clean_unused_ages(client)
+    assert answers["hq"] == answers["reference"]
+    assert answers["hq"][0] == (-3600, {"count": 0}) and answers["hq"][1] == (1.5, {"count": 2})
+
+
 def test_bitbake_hashclient_session_same_output_as_the_reference(bitbake, hashserv, tmp_path):
     """Every bitbake-hashclient command against bitbake-hashserv and against hq through the
     gateway, on the same data: the same output, line for line (tokens, times and timestamps

@@ -101,7 +101,9 @@ def decode(line: str):
 
 
 def is_chunk_start(value) -> bool:
-    return isinstance(value, dict) and CHUNK_STREAM in value
+    """As BitBake tests it, ``"chunk-stream" in value``: a key, an item of a list, or part
+    of a string."""
+    return isinstance(value, (dict, list, str)) and CHUNK_STREAM in value
 
 
 def split_address(address: str) -> tuple:

@@ -78,8 +78,18 @@ async def ping(link, args):
     return {"alive": True}
 
 
+def storable(text: str) -> bool:
+    """Could hq hold this method or hash (PROTOCOL.md §3.2)? A lookup of one it could not is
+    answered as a miss, as the reference answers it, instead of an error."""
+    return (
+        bool(text) and text.isprintable() and len(text.encode("utf-8", "surrogatepass")) <= p.MAX_HASH_BYTES
+    )
+
+
 async def get(link, args):
     method, taskhash = _field(args, "method"), _field(args, "taskhash")
+    if not (storable(method) and storable(taskhash)):
+        return None
     if args.get("all", False):
         return _json(await ask(link, p.GET_FULL, [_enc(method), _enc(taskhash)]))
     (frame,) = await ask(link, p.GET, [_enc(method), _enc(taskhash)])
@@ -89,6 +99,8 @@ async def get(link, args):
 
 async def get_outhash(link, args):
     method, outhash, taskhash = _field(args, "method"), _field(args, "outhash"), _field(args, "taskhash")
+    if not (storable(method) and storable(outhash)):
+        return None
     flag = p.encode_flag(bool(args.get("with_unihash", True)))
     return _json(await ask(link, p.GET_OUTHASH, [_enc(method), _enc(outhash), _enc(taskhash), flag]))
 

@@ -188,7 +188,7 @@ class Connection:
             part = await self._line()
             if part is None:
                 raise Drop("EOF in a chunk stream")
-            if not part:
+            if not part.rstrip():  # the end, as for BitBake's reader (a blank line)
                 break
             parts.append(part)
         return decode("".join(parts))
@@ -307,16 +307,19 @@ class Connection:
         pairs, asked = [], []
         for n, line in enumerate(lines):
             fields = line.split()
-            if len(fields) != 2:
-                return _failed(Drop("a get-stream line without exactly two fields"))
-            if _storable(fields[0]) and _storable(fields[1]):  # else no mapping can exist
+            if len(fields) != 2:  # the lines before it are answered, then the close
+                bad = Drop("a get-stream line without exactly two fields")
+                if not n:
+                    return _failed(bad)
+                return _cut(self._get_batch(lines[:n]), bad)
+            if commands.storable(fields[0]) and commands.storable(fields[1]):  # else no mapping can exist
                 pairs.append(fields)
                 asked.append(n)
         return _spread(self._batcher().get(pairs), asked, len(lines), "")
 
     def _exists_batch(self, lines: list) -> asyncio.Future:
-        unihashes = [line.strip() for line in lines]
-        asked = [n for n, u in enumerate(unihashes) if _storable(u)]  # else never stored
+        unihashes = [line.rstrip() for line in lines]  # (BitBake's reader strips the end only)
+        asked = [n for n, u in enumerate(unihashes) if commands.storable(u)]  # else never stored
         return _spread(self._batcher().exists([unihashes[n] for n in asked]), asked, len(lines), "false")
 
     def _gc_mark_batch(self, lines: list) -> asyncio.Task:
@@ -346,6 +349,9 @@ class Connection:
             if not isinstance(request["where"], dict):
                 error = Drop("a gc-mark-stream where that is not an object")
                 break
+            if any(v is not None and not isinstance(v, str) for v in request["where"].values()):
+                error = Drop("a gc-mark-stream where with a value that is not text")
+                break
             where = p.encode_json(request["where"]).decode("utf-8")
             body += [commands._enc(request["mark"]), p.pack_items([where])]
         counts: list = []
@@ -371,10 +377,22 @@ class Partial(Exception):
 MAX_INFLIGHT = 4
 
 
-def _storable(text: str) -> bool:
-    """Could hq hold this method or hash (PROTOCOL.md §3.2)? A line with one it could not is
-    answered as a miss, as the reference answers it, instead of failing the batch."""
-    return text.isprintable() and len(text.encode("utf-8", "surrogatepass")) <= p.MAX_HASH_BYTES
+def _cut(answers: asyncio.Future, error: Exception) -> asyncio.Future:
+    """The answers of the lines before a bad one, then its error (:class:`Partial`)."""
+    out = asyncio.get_running_loop().create_future()
+
+    def fill(done: asyncio.Future) -> None:
+        if out.done():
+            return
+        if done.cancelled():
+            out.cancel()
+        elif done.exception() is not None:
+            out.set_exception(done.exception())
+        else:
+            out.set_exception(Partial(done.result(), error))
+
+    answers.add_done_callback(fill)
+    return out
 
 
 def _failed(error: Exception) -> asyncio.Future:

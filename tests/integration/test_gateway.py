@@ -229,6 +229,36 @@ def test_clean_unused_ages_as_the_reference(bitbake, hashserv, tmp_path):
     assert answers["hq"][0] == (-3600, {"count": 0}) and answers["hq"][1] == (1.5, {"count": 2})
 
 
+#: Exchanges no BitBake client makes, where hq once answered otherwise (found by a
+#: differential fuzz): each is sent whole, after a log-in, to both servers.
+ODD_EXCHANGES = [
+    # a bad line in a get-stream read: the lines before it answered, then the close
+    b'{"get-stream": null}\nTestMethod ' + T1.encode() + b"\nTestMethod " + T2.encode() + b"\nbad\n",
+    # exists-stream strips a line's end only, as BitBake's reader does
+    b'{"exists-stream": null}\n ' + U1.encode() + b"\n" + U1.encode() + b" \nEND\n",
+    # a whitespace-only line ends a chunk stream; "chunk-stream" in a string starts one
+    b'{"chunk-stream": null}\n{"ping": \n{}}\n   \n"chunk-stream"\n{"ping": {}}\n\n',
+    # a lookup of a method or hash hq could not hold is a miss, not an error
+    b'{"get": {"method": "", "taskhash": "' + T1.encode() + b'"}}\n',
+    b'{"get": {"method": "TestMethod", "taskhash": "' + b"x" * 300 + b'", "all": true}}\n',
+    b'{"get-outhash": {"method": "TestMethod", "outhash": "\\t", "taskhash": "t"}}\n',
+    # a gc-mark-stream line whose where holds a list: the lines before it answered
+    b'{"gc-mark-stream": null}\n{"mark": "m", "where": {"method": "TestMethod"}}\n'
+    b'{"mark": "m", "where": {"method": [1]}}\n',
+]
+
+
+def test_odd_exchanges_get_the_references_bytes(bitbake, hashserv, tmp_path):
+    login = b'OEHASHEQUIV 1.1\n\n{"auth": {"username": "admin", "token": "%s"}}\n' % ADMIN_PASSWORD.encode()
+    with side_by_side(bitbake, tmp_path) as (sides, _):
+        for address in sides.values():
+            with hashserv.create_client(address) as client:
+                client.report_unihash(T1, M, O1, U1)
+        for exchange in ODD_EXCHANGES:
+            answers = {side: raw(address, login + exchange) for side, address in sides.items()}
+            assert answers["hq"] == answers["reference"], exchange
+
+
 def test_bitbake_hashclient_session_same_output_as_the_reference(bitbake, hashserv, tmp_path):
     """Every bitbake-hashclient command against bitbake-hashserv and against hq through the
     gateway, on the same data: the same output, line for line (tokens, times and timestamps

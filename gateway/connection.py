@@ -377,8 +377,9 @@ class Partial(Exception):
 MAX_INFLIGHT = 4
 
 
-def _cut(answers: asyncio.Future, error: Exception) -> asyncio.Future:
-    """The answers of the lines before a bad one, then its error (:class:`Partial`)."""
+def _then(source: asyncio.Future, convert) -> asyncio.Future:
+    """A future of ``convert(result)`` once ``source`` is done (what ``convert`` raises is its
+    error); ``source``'s cancellation and error pass through."""
     out = asyncio.get_running_loop().create_future()
 
     def fill(done: asyncio.Future) -> None:
@@ -389,10 +390,22 @@ def _cut(answers: asyncio.Future, error: Exception) -> asyncio.Future:
         elif done.exception() is not None:
             out.set_exception(done.exception())
         else:
-            out.set_exception(Partial(done.result(), error))
+            try:
+                out.set_result(convert(done.result()))
+            except Exception as exc:
+                out.set_exception(exc)
 
-    answers.add_done_callback(fill)
+    source.add_done_callback(fill)
     return out
+
+
+def _cut(answers: asyncio.Future, error: Exception) -> asyncio.Future:
+    """The answers of the lines before a bad one, then its error (:class:`Partial`)."""
+
+    def partial(result):
+        raise Partial(result, error)
+
+    return _then(answers, partial)
 
 
 def _failed(error: Exception) -> asyncio.Future:
@@ -406,20 +419,11 @@ def _spread(asked: asyncio.Future, positions: list, n: int, default: str) -> asy
     get ``default``): ``asked`` itself when that is all of them."""
     if len(positions) == n:
         return asked
-    out = asyncio.get_running_loop().create_future()
 
-    def fill(done: asyncio.Future) -> None:
-        if out.done():
-            return
-        if done.cancelled():
-            out.cancel()
-        elif done.exception() is not None:
-            out.set_exception(done.exception())
-        else:
-            answers = [default] * n
-            for position, answer in zip(positions, done.result()):
-                answers[position] = answer
-            out.set_result(answers)
+    def placed(result):
+        answers = [default] * n
+        for position, answer in zip(positions, result):
+            answers[position] = answer
+        return answers
 
-    asked.add_done_callback(fill)
-    return out
+    return _then(asked, placed)

@@ -72,11 +72,13 @@ def check_protocol_line(line: str) -> None:
 
 
 def header(line: str) -> tuple:
-    """A ``Tag: value`` line -> (lower-cased tag, stripped value); no ``:`` is dropped."""
+    """A ``Tag: value`` line -> (lower-cased tag, stripped value); no ``:`` is dropped. The
+    tag keeps any whitespace around it, as BitBake's server keeps it (`` needs-headers`` is
+    another tag)."""
     tag, sep, value = line.partition(":")
     if not sep:
         raise Drop("a header line without ':'")
-    return tag.strip().lower(), value.strip()
+    return tag.lower(), value.strip()
 
 
 def encode(value, chunked: bool = True) -> bytes:

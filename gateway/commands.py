@@ -106,7 +106,9 @@ async def get_outhash(link, args):
 
 
 def _unihash(args) -> bytes:
-    value = args.get("unihash") if isinstance(args, dict) else None
+    if not isinstance(args, dict):  # the reference fails on it and closes, without a reply
+        raise Drop("an argument that is not an object")
+    value = args.get("unihash")
     if not p.is_unihash(value):
         raise Invoke("Invalid unihash")
     return value.encode("ascii")

@@ -242,6 +242,9 @@ ODD_EXCHANGES = [
     b'{"get": {"method": "", "taskhash": "' + T1.encode() + b'"}}\n',
     b'{"get": {"method": "TestMethod", "taskhash": "' + b"x" * 300 + b'", "all": true}}\n',
     b'{"get-outhash": {"method": "TestMethod", "outhash": "\\t", "taskhash": "t"}}\n',
+    # a report whose argument is not an object closes with no reply
+    b'{"report": null}\n{"ping": {}}\n',
+    b'{"report-equiv": ["x"]}\n',
     # a gc-mark-stream line whose where holds a list: the lines before it answered
     b'{"gc-mark-stream": null}\n{"mark": "m", "where": {"method": "TestMethod"}}\n'
     b'{"mark": "m", "where": {"method": [1]}}\n',
@@ -254,6 +257,11 @@ def test_odd_exchanges_get_the_references_bytes(bitbake, hashserv, tmp_path):
         for address in sides.values():
             with hashserv.create_client(address) as client:
                 client.report_unihash(T1, M, O1, U1)
+        for spelling in (b" needs-headers: true", b"needs-headers : true", b"Needs-Headers:  true "):
+            # the tag as BitBake's server reads it: whitespace around it makes another tag
+            hello = b"OEHASHEQUIV 1.1\n" + spelling + b'\n\n{"ping": {}}\n'
+            answers = {side: raw(address, hello) for side, address in sides.items()}
+            assert answers["hq"] == answers["reference"], spelling
         for exchange in ODD_EXCHANGES:
             answers = {side: raw(address, login + exchange) for side, address in sides.items()}
             assert answers["hq"] == answers["reference"], exchange

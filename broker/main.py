@@ -17,7 +17,7 @@ import time
 
 import zmq
 
-from hq import addresses, config, curve, extras, logs, options, permissions, proctitle
+from hq import addresses, config, curve, extras, logs, options, permissions, proctitle, unixsockets
 from hq import protocol as p
 from hq.notify import notify
 from hq.signals import StopFlag
@@ -56,7 +56,12 @@ class BindError(Exception):
 
 
 def bind(sock: zmq.Socket, address: str, what: str) -> str:
-    """Bind ``sock`` to ``address``; return the endpoint bound (the real port for ``:*``)."""
+    """Bind ``sock`` to ``address``; return the endpoint bound (the real port for ``:*``).
+    An ``ipc://`` path another process listens on is refused, as a TCP port in use is:
+    libzmq would remove its socket file and take the path over."""
+    path = address[len("ipc://") :] if address.startswith("ipc://") else ""
+    if path and path != "*" and unixsockets.is_listening(path):
+        raise BindError(f"cannot bind the {what} endpoint {address}: another process listens there")
     try:
         sock.bind(address)
     except zmq.ZMQError as exc:

@@ -15,12 +15,11 @@ import logging
 import os
 import signal
 import socket
-import stat
 import sys
 
 import zmq
 
-from hq import config, curve, extras, logs, options, proctitle
+from hq import config, curve, extras, logs, options, proctitle, unixsockets
 from hq.notify import notify
 
 from .connection import Connection
@@ -73,7 +72,7 @@ class Gateway:
             self.endpoints.append(f"ws://{host}:{bound[1]}")
         elif address.startswith("unix://"):
             path = address[len("unix://") :]
-            if _is_socket(path) and _is_stale_socket(path):  # never anything but a socket
+            if unixsockets.is_socket(path) and not unixsockets.is_listening(path):  # a stale one
                 os.unlink(path)
             server = await asyncio.start_unix_server(self._serve, sock=_unix_listener(path), backlog=BACKLOG)
             self.unix_paths.append(path)  # to remove on the way out: this gateway's own
@@ -130,49 +129,14 @@ class ListenError(Exception):
     """An address the gateway cannot listen on, and why (one line)."""
 
 
-def _in_directory_of(path: str, call):
-    """``call(name)`` with the working directory at ``path``'s folder: a unix socket's path
-    may be longer than sun_path's 108 bytes, as BitBake's client also allows (it connects the
-    same way). The gateway is single-threaded and does this only while starting."""
-    folder, name = os.path.split(os.path.abspath(path))
-    cwd = os.open(".", os.O_RDONLY)
-    try:
-        os.chdir(folder)
-        return call(name)
-    finally:
-        os.fchdir(cwd)
-        os.close(cwd)
-
-
 def _unix_listener(path: str) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        _in_directory_of(path, sock.bind)
+        unixsockets.in_directory_of(path, sock.bind)
     except OSError:
         sock.close()
         raise
     return sock
-
-
-def _is_socket(path: str) -> bool:
-    try:
-        return stat.S_ISSOCK(os.stat(path).st_mode)
-    except OSError:
-        return False
-
-
-def _is_stale_socket(path: str) -> bool:
-    """A socket file nobody listens on (a gateway that was killed): safe to replace."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        _in_directory_of(path, probe.connect)
-    except ConnectionRefusedError:
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.close()
-    return False
 
 
 async def serve(opts) -> int:

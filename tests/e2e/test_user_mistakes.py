@@ -213,6 +213,7 @@ START_FAILURES = [
     ("db-random-bytes", "not an SQLite database"),
     ("db-empty", "no database file given"),
     ("port-in-use", "Address already in use"),
+    ("ipc-in-use", "another process listens there"),  # libzmq would take the path over
     ("bind-without-scheme", "did you mean tcp://127.0.0.1:"),
 ]
 
@@ -225,6 +226,13 @@ def test_hq_server_ends_on_a_start_up_error_with_one_line(kind, reason, tmp_path
         args = ["--db", str(tmp_path / "hq.db"), "--bind", f"tcp://127.0.0.1:{port}"]
         if kind.startswith("db-"):
             args = ["--db", _bad_database(kind[3:], tmp_path), "--bind", "tcp://127.0.0.1:*"]
+        elif kind == "ipc-in-use":
+            live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            live.bind(str(tmp_path / "live.ipc"))
+            live.listen()
+            holder.close()
+            holder = live
+            args = ["--db", str(tmp_path / "hq.db"), "--bind", f"ipc://{tmp_path}/live.ipc"]
         elif kind == "bind-without-scheme":
             args = ["--db", str(tmp_path / "hq.db"), "--bind", f"127.0.0.1:{port}"]
         started = time.monotonic()

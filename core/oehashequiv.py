@@ -17,6 +17,10 @@ MAX_VERSION = (1, 1)
 MAX_CHUNK = 32 * 1024
 #: BitBake reads with asyncio's default 64 KiB line limit: a longer line is an error there.
 MAX_LINE = 64 * 1024
+#: The most a chunked message may hold, all its lines together: room for the largest report
+#: hq takes (an extra of protocol.MAX_EXTRA_BYTES) written with JSON escapes; a client that
+#: sends more is closed on, so one connection cannot fill the gateway's memory.
+MAX_CHUNKED = 16 * 1024 * 1024
 CHUNK_STREAM = "chunk-stream"
 
 

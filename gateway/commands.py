@@ -35,7 +35,10 @@ def _field(args, name: str, kind=str):
 
 
 def _enc(value) -> bytes:
-    return str(value).encode("utf-8", "surrogateescape")
+    try:
+        return str(value).encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate ("\ud800" in the JSON): the reference's
+        raise Drop("a value that is not valid Unicode") from None  # database fails on it too
 
 
 async def ask(link, command: bytes, body=(), deadline: float | None = None) -> list:
@@ -88,21 +91,23 @@ def storable(text: str) -> bool:
 
 async def get(link, args):
     method, taskhash = _field(args, "method"), _field(args, "taskhash")
+    body = [_enc(method), _enc(taskhash)]  # (a lone surrogate closes, as there)
     if not (storable(method) and storable(taskhash)):
         return None
     if args.get("all", False):
-        return _json(await ask(link, p.GET_FULL, [_enc(method), _enc(taskhash)]))
-    (frame,) = await ask(link, p.GET, [_enc(method), _enc(taskhash)])
+        return _json(await ask(link, p.GET_FULL, body))
+    (frame,) = await ask(link, p.GET, body)
     unihash = bytes(frame).decode("ascii")
     return {"taskhash": taskhash, "method": method, "unihash": unihash} if unihash else None
 
 
 async def get_outhash(link, args):
     method, outhash, taskhash = _field(args, "method"), _field(args, "outhash"), _field(args, "taskhash")
+    body = [_enc(method), _enc(outhash), _enc(taskhash)]  # (a lone surrogate closes, as there)
     if not (storable(method) and storable(outhash)):
         return None
     flag = p.encode_flag(bool(args.get("with_unihash", True)))
-    return _json(await ask(link, p.GET_OUTHASH, [_enc(method), _enc(outhash), _enc(taskhash), flag]))
+    return _json(await ask(link, p.GET_OUTHASH, [*body, flag]))
 
 
 def _unihash(args) -> bytes:

@@ -16,6 +16,7 @@ import logging
 
 from hq import protocol as p
 from hq.oehashequiv import (
+    MAX_CHUNKED,
     MAX_LINE,
     Drop,
     LineBuffer,
@@ -183,13 +184,16 @@ class Connection:
         value = decode(line.rstrip())
         if not value or not is_chunk_start(value):
             return value
-        parts = []
+        parts, size = [], 0
         while True:
             part = await self._line()
             if part is None:
                 raise Drop("EOF in a chunk stream")
             if not part.rstrip():  # the end, as for BitBake's reader (a blank line)
                 break
+            size += len(part)
+            if size > MAX_CHUNKED:
+                raise Drop(f"a chunked message over {MAX_CHUNKED} characters")
             parts.append(part)
         return decode("".join(parts))
 

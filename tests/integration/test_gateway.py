@@ -242,6 +242,9 @@ ODD_EXCHANGES = [
     b'{"get": {"method": "", "taskhash": "' + T1.encode() + b'"}}\n',
     b'{"get": {"method": "TestMethod", "taskhash": "' + b"x" * 300 + b'", "all": true}}\n',
     b'{"get-outhash": {"method": "TestMethod", "outhash": "\\t", "taskhash": "t"}}\n',
+    # a lone surrogate, which no database takes: a close, and no traceback in hq's log
+    b'{"get": {"method": "\\ud800", "taskhash": "a"}}\n',
+    b'{"get-outhash": {"method": "TestMethod", "outhash": "\\udfff", "taskhash": "a"}}\n',
     # a report whose argument is not an object closes with no reply
     b'{"report": null}\n{"ping": {}}\n',
     b'{"report-equiv": ["x"]}\n',
@@ -253,7 +256,7 @@ ODD_EXCHANGES = [
 
 def test_odd_exchanges_get_the_references_bytes(bitbake, hashserv, tmp_path):
     login = b'OEHASHEQUIV 1.1\n\n{"auth": {"username": "admin", "token": "%s"}}\n' % ADMIN_PASSWORD.encode()
-    with side_by_side(bitbake, tmp_path) as (sides, _):
+    with side_by_side(bitbake, tmp_path) as (sides, gateway):
         for address in sides.values():
             with hashserv.create_client(address) as client:
                 client.report_unihash(T1, M, O1, U1)
@@ -265,6 +268,7 @@ def test_odd_exchanges_get_the_references_bytes(bitbake, hashserv, tmp_path):
         for exchange in ODD_EXCHANGES:
             answers = {side: raw(address, login + exchange) for side, address in sides.items()}
             assert answers["hq"] == answers["reference"], exchange
+        assert gateway.stop() == 0 and "Traceback" not in gateway.log(), gateway.log()
 
 
 def test_bitbake_hashclient_session_same_output_as_the_reference(bitbake, hashserv, tmp_path):

@@ -189,3 +189,26 @@ def test_a_unix_path_that_is_a_file_is_refused_not_replaced(broker, tmp_path):
     assert run.returncode == 2, run.stderr
     assert run.stderr.count("\n") == 1 and f"cannot listen on unix://{victim}" in run.stderr
     assert victim.read_text() == "keep me"
+
+
+def test_a_chunk_stream_that_never_ends_is_closed_at_its_limit(hashserv, broker, tmp_path):
+    """{"chunk-stream": null} then line after line and never the blank one: the gateway
+    closes at MAX_CHUNKED, its memory bounded, and others are served meanwhile."""
+    from hq.oehashequiv import MAX_CHUNKED
+
+    gateway = Gateway(tmp_path, broker.address)
+    try:
+        before = psutil.Process(gateway.proc.pid).memory_info().rss
+        sock = connect(gateway.tcp)
+        sock.sendall(HELLO + b'{"chunk-stream": null}\n')
+        line, sent = b"x" * 60000 + b"\n", 0
+        with pytest.raises(OSError):  # reset or broken pipe: the gateway closed it
+            while sent < 4 * MAX_CHUNKED:
+                sock.sendall(line)
+                sent += len(line)
+        sock.close()
+        assert sent <= MAX_CHUNKED + (8 << 20), sent  # (what the socket buffers held besides)
+        assert psutil.Process(gateway.proc.pid).memory_info().rss - before < 3 * MAX_CHUNKED
+        assert pings(hashserv, gateway.tcp)
+    finally:
+        assert gateway.stop() == 0, gateway.log()

@@ -200,15 +200,17 @@ def main(argv=None) -> int:
     broker_args.append(f"--anon-perms={opts.anon_perms}")
     if opts.read_only:
         broker_args.append("--read-only")
+    broker_env = {}
     if opts.upstream:
+        # In the broker's environment, not its command line: the URL may hold a password
+        # (ws://user:password@host), and a command line is anyone's to read in ps.
+        broker_env[options.UPSTREAM.env] = opts.upstream
         broker_args += [
-            f"--upstream={opts.upstream}",
             f"--upstream-timeout={opts.upstream_timeout_s}",
             f"--upstream-negative-ttl={opts.upstream_negative_ttl_s}",
         ]
         if opts.upstream_username:
             broker_args.append(f"--upstream-username={opts.upstream_username}")
-    broker_env = {}
     ready_keys: dict = {}
     worker_curve: list = []
     if opts.curve_secret_key:

@@ -41,6 +41,7 @@ from itertools import chain, compress, islice, repeat
 
 import zmq
 
+from hq import addresses
 from hq import protocol as p
 
 from .oehashequiv import Upstream, UpstreamError, UpstreamTimeout
@@ -80,6 +81,7 @@ class Agent:
     def __init__(self, ctx, endpoint: str, address: str, timeout_s: float, negative_ttl_s: float, login=()):
         self.ctx, self.endpoint = ctx, endpoint
         self.address, self.timeout_s, self.negative_ttl_s = address, timeout_s, negative_ttl_s
+        self.shown = addresses.redacted(address)  # in log lines and errors
         self.credentials = tuple(login) or (None, None)  # (username, token) for the upstream
         self.thread = threading.Thread(target=self._run, name="hq-upstream", daemon=True)
         self.failed_until = 0.0  # after a failure: fail at once until then
@@ -175,13 +177,13 @@ class Agent:
     # --- questions ------------------------------------------------------------------------
     def _check_up(self) -> None:
         if time.monotonic() < self.failed_until:
-            raise Backoff(f"{self.address} failed {self.failures} time(s) in a row; not asked for now")
+            raise Backoff(f"{self.shown} failed {self.failures} time(s) in a row; not asked for now")
 
     def _failed(self, exc: Exception) -> None:
         backoff = min(RETRY_S * 2**self.failures, RETRY_MAX_S)
         self.failures += 1
         self.failed_until = time.monotonic() + backoff
-        log.warning("upstream %s: %s (not asked for %g s)", self.address, exc, backoff)
+        log.warning("upstream %s: %s (not asked for %g s)", self.shown, exc, backoff)
 
     def _succeeded(self) -> None:
         self.failures = 0
@@ -293,7 +295,7 @@ class Agent:
                 unihashes = list(chain.from_iterable(keys for _, keys in part))
                 got = [True if a else None for a in await client.exists(unihashes)]
             if len(got) != asked:
-                raise UpstreamError(f"{self.address} answered {len(got)} of {asked}")
+                raise UpstreamError(f"{self.shown} answered {len(got)} of {asked}")
             flat += got
         out, start = [], 0
         for _, keys in groups:  # a group split over two calls is whole again
@@ -335,7 +337,7 @@ class Agent:
         try:
             row = await fetch(client)
             if row is not None and not (isinstance(row, dict) and p.is_unihash(row.get("unihash"))):
-                raise UpstreamError(f"{self.address} answered a row without a valid unihash")
+                raise UpstreamError(f"{self.shown} answered a row without a valid unihash")
             self._succeeded()
             if row is None:
                 self._remember(kind, None, [key])

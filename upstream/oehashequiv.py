@@ -16,6 +16,7 @@ import asyncio
 import json
 import time
 
+from hq import addresses
 from hq import oehashequiv as wire
 from hq import protocol as p
 
@@ -35,7 +36,7 @@ class UpstreamTimeout(UpstreamError):
 class Upstream:
     def __init__(self, address: str, timeout_s: float, username: str | None = None, token: str | None = None):
         self.kind, self.target = wire.split_address(address)
-        self.address = address
+        self.address = addresses.redacted(address)  # what errors say: never a password in a URL
         self.timeout_s = timeout_s
         self.login = (username, token) if username else None
         self._lock = asyncio.Lock()  # one call at a time on the connection

@@ -10,6 +10,8 @@ import time
 import websockets.asyncio.client
 import websockets.exceptions
 
+from hq import addresses
+
 from .oehashequiv import UpstreamError, UpstreamTimeout
 
 #: websockets' default message size, as the reference's server has it.
@@ -17,11 +19,12 @@ MAX_MESSAGE = 2**20
 
 
 async def open_websocket(address: str):
+    shown = addresses.redacted(address)  # a ws://user:password@ URL: the password in no error
     try:
         ws = await websockets.asyncio.client.connect(address, max_size=MAX_MESSAGE, ping_interval=None)
     except (OSError, websockets.exceptions.WebSocketException) as exc:
-        raise UpstreamError(f"cannot reach {address}: {exc}") from None
-    return _Messages(ws, address)
+        raise UpstreamError(f"cannot reach {shown}: {str(exc).replace(address, shown)}") from None
+    return _Messages(ws, shown)
 
 
 class _Messages:

@@ -18,6 +18,7 @@ import urllib.request
 import pytest
 
 from helpers import Gateway, LineServer, Stack, script, wait_for
+from hq.bench.stack import free_port
 from hq.client import create_client
 
 M = "TestMethod"
@@ -318,6 +319,21 @@ def test_it_logs_in_to_an_upstream_that_wants_it_and_never_shows_the_token(hashs
         upstream.stop()
     for stack in stacks:
         assert token not in stack.log()
+
+
+def test_a_password_in_the_upstream_url_is_on_no_command_line_and_in_no_log(tmp_path):
+    """``ws://user:password@host``: hq-server hands the URL to its broker in the environment,
+    so ``ps`` shows the password nowhere (the upstream here is down: a miss costs nothing)."""
+    secret = "UPSECRET42"
+    url = f"ws://bob:{secret}@127.0.0.1:{free_port()}"
+    with Stack(tmp_path, args=["--upstream", url]) as stack:
+        with create_client(stack.address) as client:
+            assert client.get_unihash_batch([(M, T1)]) == [None]
+        children = stack.children()
+        assert "hq-broker" in children
+        for child in children.values():
+            assert not [a for a in child.cmdline() if secret in a], child.cmdline()
+    assert secret not in stack.log()
 
 
 @pytest.mark.parametrize("program", ["hq-server", "hq-broker"])

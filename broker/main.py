@@ -293,8 +293,9 @@ def main(argv=None) -> int:
     opts = config.parse("hq-broker", "The hq broker: clients in front, workers behind.", options.BROKER, argv)
     logs.setup("hq-broker", opts.log_level)
     proctitle.set_title("hq-broker", " ".join(opts.bind))
-    if opts.upstream and opts.read_only:  # as bitbake-hashserv refuses it
-        log.error("--upstream and --read-only together: a read-only server cannot store what it learns")
+    wrong = options.conflict(opts)
+    if wrong:
+        log.error("%s", wrong)
         return 2
     if opts.upstream.startswith(("ws://", "wss://")) and importlib.util.find_spec("websockets") is None:
         log.error(
@@ -310,9 +311,6 @@ def main(argv=None) -> int:
         log.error("%s", exc)
         return 2
     if opts.admin_user:
-        if not opts.admin_password:
-            log.error("--admin-user needs a password: set HQ_ADMIN_PASSWORD (or --admin-password)")
-            return 2
         # Only the salted hash is kept, as for every token.
         broker.scheduler.bootstrap_admin(opts.admin_user, permissions.hash_token(opts.admin_password))
     log.info(

@@ -59,6 +59,8 @@ class Client:
         # As BitBake: the arguments, else BB_HASHSERVE_USERNAME/_PASSWORD, else ~/.netrc.
         self.username, self.password = perms.find_credentials(self.addresses[0], username, password)
         self.timeout = float(timeout)
+        if not 0 < self.timeout <= p.MAX_SECONDS:  # (also nan and inf)
+            raise ValueError(f"timeout must be more than 0 and at most {p.MAX_SECONDS} seconds")
         self.chunk_items = chunk_items
         self.request_items = max(chunk_items, min(request_items, p.MAX_BATCH_ITEMS))
         self.window = window
@@ -67,6 +69,10 @@ class Client:
         server_key = server_key if server_key is not None else os.environ.get(curve.SERVER_KEY_ENV, "")
         client_key = client_key if client_key is not None else os.environ.get(curve.CLIENT_KEY_ENV, "")
         self._curve = None
+        if client_key and not server_key:  # CURVE needs the broker's key; never plain text unsaid
+            raise ValueError(
+                "a client key needs the broker's public key (--server-key, server_key= or HQ_SERVER_KEY)"
+            )
         if server_key:
             self._curve = (curve.load_public(server_key), client_key or None)
             if client_key:

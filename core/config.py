@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import configparser
 import os
+import stat
 import sys
 from typing import Callable
 
@@ -168,8 +169,12 @@ def read_file(prog: str, path: str, options: list, parser: argparse.ArgumentPars
     """
     cp = configparser.ConfigParser(interpolation=None, default_section="hq:no-default-section")
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # /dev/zero, a FIFO: never a wait forever
+            parser.error(f"cannot read config file {path}: not a regular file")
         with open(path, encoding="utf-8") as fh:
             cp.read_file(fh)
+    except UnicodeDecodeError as exc:
+        parser.error(f"cannot read config file {path}: not UTF-8 text (byte {exc.start})")
     except (OSError, configparser.Error) as exc:
         parser.error(f"cannot read config file {path}: {exc}")
     unknown_sections = [s for s in cp.sections() if s != SHARED_SECTION and s not in PROGRAMS]

@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 from hq import addresses, databases, oehashequiv
 from hq import permissions as perms
+from hq import protocol as p
 from hq.logs import LEVELS
 
 
@@ -46,14 +47,16 @@ class Option:
 # --- value types: each raises ValueError with the rule in its text ---------------------------
 
 
-def at_least(kind: Callable, minimum, inclusive: bool = True) -> Callable:
+def at_least(kind: Callable, minimum, inclusive: bool = True, maximum=None) -> Callable:
     """A finite ``kind`` (int or float) not below ``minimum`` (above it when ``inclusive`` is
-    false)."""
+    false), nor above ``maximum`` if given."""
 
     def convert(text):
         value = kind(text)
         if not math.isfinite(value) or value < minimum or (not inclusive and value == minimum):
             raise ValueError(f"must be {'at least' if inclusive else 'more than'} {minimum}")
+        if maximum is not None and value > maximum:
+            raise ValueError(f"must be at most {maximum:g}")
         return value
 
     convert.__name__ = kind.__name__
@@ -74,8 +77,9 @@ def BOOL(text) -> bool:  # noqa: N802 (an option type, named like the others)
 
 POSITIVE_INT = at_least(int, 1)
 NON_NEGATIVE_INT = at_least(int, 0)
-POSITIVE_FLOAT = at_least(float, 0, inclusive=False)
-NON_NEGATIVE_FLOAT = at_least(float, 0.0)
+MAX_SECONDS = p.MAX_SECONDS
+POSITIVE_FLOAT = at_least(float, 0, inclusive=False, maximum=MAX_SECONDS)
+NON_NEGATIVE_FLOAT = at_least(float, 0.0, maximum=MAX_SECONDS)
 
 
 def writable_file(text: str) -> str:
@@ -453,3 +457,23 @@ def namespace(options, **values) -> argparse.Namespace:
     for name, value in values.items():
         setattr(out, name, value)
     return out
+
+
+def conflict(opts) -> str | None:
+    """What is wrong with these settings together (hq-broker's and hq-server's), in one
+    line, or None. A setting that would be silently ignored, or silently open a broker, is
+    refused rather than run."""
+    if getattr(opts, "upstream", "") and opts.read_only:  # as bitbake-hashserv refuses it
+        return "--upstream and --read-only together: a read-only server cannot store what it learns"
+    if opts.admin_user and not opts.admin_password:
+        return "--admin-user needs a password: set HQ_ADMIN_PASSWORD (or --admin-password)"
+    if opts.admin_password and not opts.admin_user:
+        return "an admin password (HQ_ADMIN_PASSWORD or --admin-password) needs --admin-user: whose is it?"
+    if not opts.curve_secret_key:
+        given = [o for o in ("curve_clients", "curve_workers") if getattr(opts, o, None)]
+        if given:
+            flag = "--" + given[0].replace("_", "-")
+            return (
+                f"{flag} needs --curve-secret-key: without CURVE the broker lets every client in, unencrypted"
+            )
+    return None

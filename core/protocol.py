@@ -193,6 +193,9 @@ MAX_METHOD_BYTES = 256
 MAX_HASH_BYTES = 256  # taskhash / outhash, UTF-8 bytes
 MAX_CHUNK_ITEMS = 1000  # items in one chunk frame
 MAX_BATCH_ITEMS = 65536  # items in one request
+#: The longest time any hq setting or deadline may be, in seconds (about 11.6 days): a wait
+#: of it in milliseconds still fits the 32 bits poll(2) takes.
+MAX_SECONDS = 1_000_000
 MAX_EXTRA_BYTES = 4 * 1024 * 1024  # report extra JSON (outhash_siginfo can be large)
 MAX_ERROR_BYTES = 1024  # error message text in a reply
 MAX_IMPORT_SOURCE_BYTES = 256  # the source name of an import

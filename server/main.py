@@ -168,14 +168,12 @@ def main(argv=None) -> int:
     )
     logs.setup("hq-server", opts.log_level)
     proctitle.set_title("hq-server", databases.redacted(opts.db))
-    if opts.upstream and opts.read_only:  # as bitbake-hashserv refuses it
-        log.error("--upstream and --read-only together: a read-only server cannot store what it learns")
+    wrong = options.conflict(opts)
+    if wrong:
+        log.error("%s", wrong)
         return 2
     stop = StopFlag().install()
     if not prepare_database(opts):
-        return 2
-    if opts.admin_user and not opts.admin_password:
-        log.error("--admin-user needs a password: set HQ_ADMIN_PASSWORD (or --admin-password)")
         return 2
     if opts.curve_secret_key:
         try:

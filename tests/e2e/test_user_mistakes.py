@@ -214,6 +214,8 @@ START_FAILURES = [
     ("db-empty", "no database file given"),
     ("port-in-use", "Address already in use"),
     ("ipc-in-use", "another process listens there"),  # libzmq would take the path over
+    ("curve-clients-without-key", "--curve-clients needs --curve-secret-key"),  # not open to all
+    ("admin-password-without-user", "needs --admin-user"),  # not silently ignored
     ("bind-without-scheme", "did you mean tcp://127.0.0.1:"),
 ]
 
@@ -233,6 +235,11 @@ def test_hq_server_ends_on_a_start_up_error_with_one_line(kind, reason, tmp_path
             holder.close()
             holder = live
             args = ["--db", str(tmp_path / "hq.db"), "--bind", f"ipc://{tmp_path}/live.ipc"]
+        elif kind == "curve-clients-without-key":
+            args = ["--db", str(tmp_path / "hq.db"), "--bind", "tcp://127.0.0.1:*"]
+            args += ["--curve-clients", str(tmp_path)]
+        elif kind == "admin-password-without-user":
+            args = ["--db", str(tmp_path / "hq.db"), "--bind", "tcp://127.0.0.1:*", "--admin-password", "pw"]
         elif kind == "bind-without-scheme":
             args = ["--db", str(tmp_path / "hq.db"), "--bind", f"127.0.0.1:{port}"]
         started = time.monotonic()

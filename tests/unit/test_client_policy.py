@@ -344,3 +344,20 @@ def test_wake_at_is_the_earliest_attempt_end_backoff_or_deadline():
     policy.resend_all(2.9)  # their attempts now end after the deadline of the first
     assert policy.wake_at() == 3.0
     assert policy.due(2.95) == [] and not policy.deadline_passed(2.999)
+
+
+@pytest.mark.parametrize("timeout", [0, -1, float("inf"), float("nan"), 1e12])
+def test_a_deadline_no_wait_can_hold_is_refused_when_the_client_is_made(timeout):
+    from hq.client import create_client
+
+    with pytest.raises(ValueError, match="timeout must be"):
+        create_client("tcp://127.0.0.1:1", timeout=timeout)
+
+
+def test_a_client_key_without_the_brokers_key_is_refused(tmp_path, monkeypatch):
+    """It would otherwise talk in plain text while the user asked for CURVE."""
+    from hq.client import create_client
+
+    monkeypatch.delenv("HQ_SERVER_KEY", raising=False)
+    with pytest.raises(ValueError, match="needs the broker's public key"):
+        create_client("tcp://127.0.0.1:1", client_key=str(tmp_path / "c.key_secret"))

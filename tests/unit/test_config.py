@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from hq import config, options
@@ -214,6 +216,13 @@ def test_missing_config_file_exits_2(tmp_path, capsys):
 def test_unparsable_config_file_exits_2(tmp_path, capsys):
     path = write(tmp_path, "workers = 3\n")  # no section header
     assert path in fails(capsys, ["--config", path])
+
+
+def test_a_config_file_that_is_not_utf8_text_or_not_a_file_exits_2(tmp_path, capsys):
+    (tmp_path / "latin.conf").write_bytes(b"\xff\xfe[hq]\nworkers = 3\n")
+    assert "not UTF-8 text" in fails(capsys, ["--config", str(tmp_path / "latin.conf")])
+    os.mkfifo(tmp_path / "fifo.conf")  # read, it would wait for a writer forever
+    assert "not a regular file" in fails(capsys, [], {"HQ_CONFIG": str(tmp_path / "fifo.conf")})
 
 
 def test_percent_in_a_value_is_literal(tmp_path):

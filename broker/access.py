@@ -32,10 +32,13 @@ log = logging.getLogger(__name__)
 FAILED_LOGIN_DELAY_S = 1.0
 #: Sessions kept; beyond this the oldest is dropped (its client logs in again on 440).
 MAX_SESSIONS = 65536
-#: Log-ins in flight (or held back after a failure) from one peer address; more get 429 at
-#: once, without a worker. With FAILED_LOGIN_DELAY_S that caps wrong guesses from one host,
-#: however many connections it opens, at about 8 a second.
-MAX_LOGINS_PER_PEER = 8
+#: Log-ins in flight (or held back after a failure) as one user from one peer address; more
+#: get 429 at once, without a worker. With FAILED_LOGIN_DELAY_S that caps wrong guesses at one
+#: user's token from one host, however many connections it opens, at about 8 a second, and
+#: leaves other users of that host (a build farm's NAT, every user of a gateway) their turn.
+MAX_LOGINS_PER_USER = 8
+#: And all log-ins from one peer address together, whatever the user names.
+MAX_LOGINS_PER_PEER = 64
 
 _SELF_SERVICE = frozenset(cmd for cmd, rule in perms.REQUIRED.items() if rule.self_service)
 
@@ -129,24 +132,27 @@ class Access:
         return body
 
     # --- log-in --------------------------------------------------------------------------
-    def login_refusal(self, client_id, address: str):
+    def login_refusal(self, client_id, address: str, username: str):
         """Why this log-in may not start now (a 429 text), or None (it is counted in)."""
         if client_id in self.logging_in:
             return "a log-in is already in progress on this connection"
+        counted = (address, (address, username))
+        if self.peer_logins.get(counted[1], 0) >= MAX_LOGINS_PER_USER:
+            return f"too many log-ins as {username} from this address at once; retry later"
         if self.peer_logins.get(address, 0) >= MAX_LOGINS_PER_PEER:
             return "too many log-ins from this address at once; retry later"
-        self.logging_in[client_id] = address
-        self.peer_logins[address] = self.peer_logins.get(address, 0) + 1
+        self.logging_in[client_id] = counted
+        for key in counted:
+            self.peer_logins[key] = self.peer_logins.get(key, 0) + 1
         return None
 
     def login_ended(self, client_id) -> None:
-        address = self.logging_in.pop(client_id, None)
-        if address is not None:
-            left = self.peer_logins.get(address, 1) - 1
+        for key in self.logging_in.pop(client_id, ()):
+            left = self.peer_logins.get(key, 1) - 1
             if left > 0:
-                self.peer_logins[address] = left
+                self.peer_logins[key] = left
             else:
-                self.peer_logins.pop(address, None)
+                self.peer_logins.pop(key, None)
 
     def login_done(self, client_id, status: int, frames: list, username: str, peer: str, now: float):
         """A worker answered ``auth``: open the session (OK), or hold the refusal for

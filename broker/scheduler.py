@@ -400,7 +400,7 @@ class Scheduler:
             self._error(client_id, request.request_id, p.E_UNAVAILABLE, "the admin user is being set up")
             return
         address = _peer_address(peer)
-        busy = access.login_refusal(client_id, address)
+        busy = access.login_refusal(client_id, address, username)
         if busy is not None:
             self.count("auth.throttled")
             self._error(client_id, request.request_id, p.E_BUSY, busy)

@@ -137,3 +137,24 @@ def test_a_report_records_the_logged_in_user_as_owner(world):
     assert call(s, h, b"c1", p.REPORT, [M, T, O1, U1, extra], key=key)[0].status == p.OK
     (row,) = call(s, h, b"c1", p.GET_FULL, [M, T], key=key)
     assert json.loads(row.body[0])["owner"] == "admin"
+
+
+def test_wrong_guesses_at_one_user_do_not_starve_another_users_log_in():
+    """Log-ins in flight are counted per (peer address, user), and per address in all: a
+    flood of wrong tokens for admin from a host (or through a gateway, whose users all come
+    from its host) leaves a builder's log-in from there its turn."""
+    from hq.broker.access import MAX_LOGINS_PER_PEER, MAX_LOGINS_PER_USER, Access
+
+    access = Access(frozenset())
+    for n in range(MAX_LOGINS_PER_USER):
+        assert access.login_refusal(b"flood-%d" % n, "10.0.0.1", "admin") is None
+    assert "as admin" in access.login_refusal(b"flood-x", "10.0.0.1", "admin")
+    assert access.login_refusal(b"other-host", "10.0.0.2", "admin") is None
+    assert access.login_refusal(b"builder", "10.0.0.1", "builder") is None
+    access.login_ended(b"flood-0")  # its refusal was sent: a slot for admin again
+    assert access.login_refusal(b"flood-y", "10.0.0.1", "admin") is None
+    names = [f"user{n}" for n in range(MAX_LOGINS_PER_PEER)]
+    refused = [name for name in names if access.login_refusal(name.encode(), "10.0.0.1", name)]
+    assert len(refused) == MAX_LOGINS_PER_USER + 1 and "from this address" in access.login_refusal(
+        b"late", "10.0.0.1", "late"
+    )

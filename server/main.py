@@ -172,9 +172,15 @@ def main(argv=None) -> int:
     if wrong:
         log.error("%s", wrong)
         return 2
+    # Nothing runs yet: Ctrl-C or SIGTERM during the database's first open (waiting for a
+    # PostgreSQL server that is not up) ends hq-server at once, by the default actions.
+    try:
+        if not prepare_database(opts):
+            return 2
+    except KeyboardInterrupt:
+        log.info("hq-server stopped before it started")
+        return 130
     stop = StopFlag().install()
-    if not prepare_database(opts):
-        return 2
     if opts.curve_secret_key:
         try:
             curve.load_secret(opts.curve_secret_key)

@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from helpers import Stack, script
+from helpers import Stack, script, wait_for
 from hq import options
 from hq.admin import cli as admin_cli
 from hq.bench import cli as bench_cli
@@ -385,3 +385,27 @@ def test_a_bitbake_task_without_network_falls_back_at_once(stack, bitbake):
     assert "Network is unreachable" in message, first
     assert float(took) < 2.0, first
     assert parent == "parent True"  # the parent's connection is untouched
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_hq_server_waiting_for_postgresql_stops_at_once(sig, tmp_path):
+    """Ctrl-C (or SIGTERM) while hq-server waits for a PostgreSQL server that is not up ends
+    it at once, not when its 30 s wait runs out."""
+    import signal
+
+    log = tmp_path / "hq-server.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(
+            [script("hq-server"), "--db", f"postgresql://hq@127.0.0.1:{_closed_port()}/hq"],
+            stderr=err,
+            cwd=tmp_path,
+            env=_env({}),
+        )
+    try:
+        wait_for(lambda: "waiting for PostgreSQL" in log.read_text(), timeout=20, what="the wait")
+        proc.send_signal(getattr(signal, sig))
+        assert proc.wait(timeout=5) != 0
+        assert "Traceback" not in log.read_text()
+    finally:
+        proc.kill()
+        proc.wait()

@@ -373,12 +373,14 @@ class Scheduler:
             actor, refusal = b"", access.refusal(who, command, body)
         if refusal is not None:
             self.count("auth.refused")
-            log.info("%s refused %s", who.who, command.decode())
+            log.debug("%s refused %s", who.who, command.decode())
             self._error(client_id, request.request_id, *refusal)
             return
         if command in p.USER_COMMANDS:
             body = access.self_service_body(who, command, body)
         if command in p.BROKER_COMMANDS:
+            if self._id_in_use(client_id, request.request_id):
+                return
             self._broker_command(client_id, request, now)
             return
         if command == p.REPORT and self.upstream is not None:
@@ -469,9 +471,7 @@ class Scheduler:
     def _submit(self, client_id, request, body, actor, now, dispatch):
         """Queue a permitted request's jobs; return its PendingRequest (None if refused)."""
         command = request.command
-        key = (client_id, request.request_id)
-        if key in self.pending or key in self.slow_pending:
-            self._error(client_id, request.request_id, p.E_BAD_REQUEST, "request id already in use")
+        if self._id_in_use(client_id, request.request_id):
             return None
         group = p.BATCH_GROUP_FRAMES.get(command)
         counts = request.counts  # counted once, while decoding
@@ -505,7 +505,7 @@ class Scheduler:
         pending.slow = slow
         if self.upstream is not None and command in READ_THROUGH and client_id is not None:
             pending.bodies = bodies
-        (self.slow_pending if slow else self.pending)[key] = pending
+        (self.slow_pending if slow else self.pending)[(client_id, request.request_id)] = pending
         jobs = []
         for index, chunk in enumerate(bodies):
             self._next_job += 1
@@ -524,6 +524,14 @@ class Scheduler:
         if dispatch:
             self.dispatch(now)
         return pending
+
+    def _id_in_use(self, client_id, request_id) -> bool:
+        """A request of this client with this id is still pending: answered 400 (§3.1)."""
+        key = (client_id, request_id)
+        if key in self.pending or key in self.slow_pending:
+            self._error(client_id, request_id, p.E_BAD_REQUEST, "request id already in use")
+            return True
+        return False
 
     def _collapse(self, jobs: list) -> list:
         """GET jobs identical to one still queued (same method, chunk and credentials) join

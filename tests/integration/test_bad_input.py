@@ -250,14 +250,16 @@ def test_frame_over_max_size_disconnects_only_that_peer(stack, pids, zsockets):
     assert_serving(stack, pids)
 
 
-def test_replayed_request_id_while_pending(stack, pids, zsockets):
-    """A second request with the id of one still in progress is refused; the first completes."""
+@pytest.mark.parametrize("command", [p.PING, p.STATS], ids=["worker", "broker"])
+def test_replayed_request_id_while_pending(stack, pids, zsockets, command):
+    """A second request with the id of one still in progress is refused, whoever would
+    answer it (a worker, or the broker itself); the first completes."""
     chunks = [[uuid.uuid4().hex for _ in range(p.MAX_CHUNK_ITEMS)] for _ in range(65)]
     body = [x for chunk in chunks for x in (M.encode(), p.pack_items(chunk))]
     sock = zsockets.dealer(stack.address)
     try:
         sock.send_multipart(p.encode_request(b"dup", p.GET, body))
-        sock.send_multipart(p.encode_request(b"dup", p.PING))
+        sock.send_multipart(p.encode_request(b"dup", command))
         first, second = recv_reply(sock, 20.0), recv_reply(sock, 20.0)
         assert (first.request_id, first.status) == (b"dup", p.E_BAD_REQUEST)
         assert "already in use" in p.error_text(first.body)

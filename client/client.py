@@ -287,10 +287,14 @@ class Client:
         Raises InvokeError for a wrong token, ConnectionError when the broker cannot be had."""
         self._logins += 1
         reply = self._login_call(p.AUTH, [_enc(self.username), _enc(self.password)], deadline)
-        if len(reply) < 2:
-            raise ConnectionError("malformed log-in answer from hq")
+        try:
+            user = _json_body(reply)
+            if len(reply) < 2 or user is None:
+                raise ValueError("no user and session key")
+        except (ValueError, IndexError) as exc:
+            raise ConnectionError(f"malformed log-in answer from hq: {exc}") from None
         self._session = bytes(reply[1])
-        self.user = json.loads(bytes(reply[0]))
+        self.user = user
         if self._become is not None:
             self._login_call(p.BECOME_USER, [_enc(self._become)], deadline)
 
@@ -715,7 +719,12 @@ def _enc(value) -> bytes:
 
 
 def _json_body(body: list):
-    return json.loads(bytes(body[0]))
+    """Every JSON answer of hq is an object, or null (no such row): anything else is a
+    malformed reply (ValueError), a ConnectionError for the caller."""
+    value = json.loads(bytes(body[0]))
+    if value is not None and not isinstance(value, dict):
+        raise ValueError(f"a JSON object was expected, not {type(value).__name__}")
+    return value
 
 
 def _unihash_body(body: list) -> str:

@@ -78,13 +78,19 @@ def load_allowed(directory: str) -> frozenset:
 
 
 def create(directory: str, name: str) -> tuple:
-    """Write ``name.key`` and ``name.key_secret`` (mode 0600) in ``directory``; their paths."""
-    os.makedirs(directory, exist_ok=True)
-    for suffix in (".key", ".key_secret"):
-        if os.path.exists(os.path.join(directory, name + suffix)):
-            raise BadKey(f"{os.path.join(directory, name + suffix)} exists; not overwriting it")
-    public_path, secret_path = _certs().create_certificates(directory, name)
-    os.chmod(secret_path, 0o600)
+    """Write ``name.key`` and ``name.key_secret`` (mode 0600) in ``directory``; their paths.
+    A name that is not a plain file name, or a directory that cannot be written, is BadKey."""
+    if not name or name in (".", "..") or os.sep in name or "\0" in name:
+        raise BadKey(f"key name {name!r}: a plain file name is needed, without {os.sep}")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        for suffix in (".key", ".key_secret"):
+            if os.path.exists(os.path.join(directory, name + suffix)):
+                raise BadKey(f"{os.path.join(directory, name + suffix)} exists; not overwriting it")
+        public_path, secret_path = _certs().create_certificates(directory, name)
+        os.chmod(secret_path, 0o600)
+    except OSError as exc:
+        raise BadKey(f"cannot write keys in {directory}: {exc.strerror or exc}") from None
     return public_path, secret_path
 
 

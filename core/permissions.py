@@ -194,7 +194,7 @@ def _netrc_entry(address: str):
         return None
     try:
         return netrc.netrc().authenticators(host)
-    except (OSError, netrc.NetrcParseError):
+    except (OSError, netrc.NetrcParseError, UnicodeDecodeError):  # unreadable, as none
         return None
 
 

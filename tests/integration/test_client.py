@@ -163,6 +163,25 @@ def test_stale_and_garbage_replies_are_discarded(peer_factory):
         assert c.stale_replies == 2
 
 
+@pytest.mark.parametrize("json_text", [b"not json", b"[1, 2]", b'"text"'])
+def test_a_json_answer_that_is_not_an_object_is_a_connection_error(peer_factory, json_text):
+    """Stats, rows and the log-in answer are JSON objects: anything else from a server that
+    is not hq (or is broken) is a ConnectionError, never a JSON or type error."""
+
+    def answer(request, n):
+        yield p.encode_reply(request.request_id, p.OK, [json_text, b"0" * 32])
+
+    peer = peer_factory(answer)
+    with create_client(peer.address, timeout=5) as c:
+        with pytest.raises(ConnectionError):
+            c.get_stats()
+        with pytest.raises(ConnectionError):
+            c.get_db_usage()
+    with create_client(peer.address, "admin", "secret", timeout=5) as c:
+        with pytest.raises(ConnectionError, match="malformed log-in answer"):
+            c.get_unihash(M, "a" * 64)
+
+
 def test_malformed_unihash_in_reply_is_a_connection_error(peer_factory):
     def answer(request, n):
         if request.command == p.GET:

@@ -219,3 +219,19 @@ def test_keygen_never_overwrites_a_key(tmp_path):
     )
     assert again.returncode == 1 and "exists; not overwriting it" in again.stderr
     assert oct(os.stat(tmp_path / "broker.key_secret").st_mode & 0o777) == "0o600"
+
+
+@pytest.mark.parametrize(
+    "where,name,said",
+    [
+        ("/proc", "broker", "cannot write keys in /proc"),
+        ("keys", "../../escape", "a plain file name is needed"),
+    ],
+)
+def test_keygen_where_it_cannot_write_says_so_in_one_line(tmp_path, where, name, said):
+    directory = where if where.startswith("/") else str(tmp_path / where)
+    run = subprocess.run(
+        [script("hq-admin"), "keygen", directory, "--name", name], capture_output=True, text=True, timeout=30
+    )
+    assert run.returncode == 1 and run.stderr.count("\n") == 1 and said in run.stderr, run.stderr
+    assert not (tmp_path.parent / "escape.key").exists()

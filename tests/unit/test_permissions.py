@@ -63,3 +63,5 @@ def test_credentials_from_arguments_then_bitbakes_variables_then_netrc(tmp_path,
     assert perms.find_credentials(address, "me", environ=env) == ("me", "from-env")
     assert perms.find_credentials(address, "farm", environ={}) == ("farm", "from-netrc")
     assert perms.find_credentials(address, "", environ=env) == (None, None)  # explicitly anonymous
+    netrc.write_bytes(b"machine hq.example login \xff\xfe password x\n")  # not UTF-8: as none
+    assert perms.find_credentials(address, environ={}) == (None, None)

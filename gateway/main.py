@@ -81,6 +81,13 @@ class Gateway:
             self.endpoints.append(address)
         else:
             host, _, port = address.rpartition(":")
+            if int(port) and await _someone_listens(host.strip("[]"), int(port)):
+                log.warning(
+                    "another process already listens on %s: this gateway shares the port with it "
+                    "(SO_REUSEPORT), and new connections are spread between them, so both must "
+                    "serve the same hq",
+                    address,
+                )
             server = await asyncio.start_server(
                 self._serve, host=host.strip("[]"), port=int(port), reuse_port=True, backlog=BACKLOG
             )
@@ -127,6 +134,17 @@ class Gateway:
 
 class ListenError(Exception):
     """An address the gateway cannot listen on, and why (one line)."""
+
+
+async def _someone_listens(host: str, port: int) -> bool:
+    """Does a listener already answer on this TCP address (another gateway, sharing it)?"""
+    target = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(target, port), 1.0)
+    except (OSError, asyncio.TimeoutError):
+        return False
+    writer.close()
+    return True
 
 
 def _unix_listener(path: str) -> socket.socket:

@@ -154,6 +154,9 @@ def test_gateways_share_a_port_and_one_going_leaves_the_other(hashserv, broker, 
     second = Gateway(tmp_path, broker.address, tcp=f"127.0.0.1:{port}", name="second")
     try:
         assert first.tcp == second.tcp == f"127.0.0.1:{port}"
+        # The second says it shares (an unrelated hq's gateway there would split the traffic).
+        assert "another process already listens" in second.log()
+        assert "another process already listens" not in first.log()
         socks = [connect(first.tcp) for _ in range(40)]
         for sock in socks:
             sock.sendall(HELLO + b'{"ping": {}}\n')

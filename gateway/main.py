@@ -81,16 +81,17 @@ class Gateway:
             self.endpoints.append(address)
         else:
             host, _, port = address.rpartition(":")
-            if int(port) and await _someone_listens(host.strip("[]"), int(port)):
+            shared = bool(int(port)) and await _someone_listens(host.strip("[]"), int(port))
+            server = await asyncio.start_server(
+                self._serve, host=host.strip("[]"), port=int(port), reuse_port=True, backlog=BACKLOG
+            )
+            if shared:  # (said once the port is ours too: a listener not sharing it refused us)
                 log.warning(
                     "another process already listens on %s: this gateway shares the port with it "
                     "(SO_REUSEPORT), and new connections are spread between them, so both must "
                     "serve the same hq",
                     address,
                 )
-            server = await asyncio.start_server(
-                self._serve, host=host.strip("[]"), port=int(port), reuse_port=True, backlog=BACKLOG
-            )
             bound = server.sockets[0].getsockname()
             self.endpoints.append(f"{host}:{bound[1]}")
         self.servers.append(server)

@@ -80,8 +80,9 @@ class Access:
         self.anonymous = Principal(None, None, (), self.anon_perms, read_only)
         self.sessions: OrderedDict = OrderedDict()  # key -> Principal
         self.by_client: dict = {}  # client_id -> its session key
-        self.logging_in: dict = {}  # client id -> peer address, log-ins in flight or held back
-        self.peer_logins: dict = {}  # peer address -> log-ins of it in flight or held back
+        # client id -> what its log-in in flight (or held back) counts in: (address, (address, user))
+        self.logging_in: dict = {}
+        self.peer_logins: dict = {}  # address, or (address, user) -> log-ins in flight or held back
         self.delayed: list = []  # heap of (due, seq, client_id, frames): failed log-ins
         self._seq = 0
 

@@ -55,9 +55,10 @@ MERGE_COMMANDS = frozenset({p.GET, p.EXISTS, p.REPORT, p.REPORT_EQUIV})
 INSERT_COMMANDS = frozenset({p.REPORT, p.REPORT_EQUIV, p.BACKFILL})
 #: Commands that write: at most one REQUEST of them is in flight at a time (see dispatch).
 WRITE_COMMANDS = INSERT_COMMANDS | p.ADMIN_WRITE_COMMANDS | p.USER_WRITE_COMMANDS
-#: Kept off a --read-only worker while one that writes is registered: what it refuses, and
-#: every report (it refuses those that write).
-KEPT_OFF_READ_ONLY = READ_ONLY_REFUSED | {p.REPORT}
+#: Kept off a --read-only worker while one that writes is registered: what it refuses, every
+#: report (it refuses those that write), and the admin user set up at start (it would store
+#: it, perhaps in another file).
+KEPT_OFF_READ_ONLY = READ_ONLY_REFUSED | {p.REPORT, p.ADMIN_BOOTSTRAP}
 #: How a worker's database identity (``Store.identity``) starts when it is a database server.
 SHARED_DB_PREFIX = "postgresql:"
 #: Lookups whose local misses are asked of the upstream (--upstream) before the answer.
@@ -1131,7 +1132,7 @@ class Scheduler:
                     *p.encode_jobs(job.command, job.credentials, [(j.job_id, j.body) for j in batch]),
                 ]
             )
-        free.extendleft(reversed(passed))
+        free.extend(passed)  # (at the back: the next dispatch tries the others' slots first)
 
     def _eligible(self, job: Job) -> bool:
         return job.command not in WRITE_COMMANDS or self.writing < self.max_writers

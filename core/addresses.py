@@ -122,6 +122,7 @@ def redacted(address: str) -> str:
     """``address`` fit for a log line or statistics: a ``scheme://user:secret@host`` URL's
     user part replaced by ``***`` (a ws:// upstream may carry credentials)."""
     scheme, sep, rest = address.partition("://")
-    if sep and "@" in rest.split("/", 1)[0]:
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    authority, slash, path = rest.partition("/")
+    if sep and "@" in authority:  # the last @ ends the user part (a password may hold one)
+        return f"{scheme}://***@{authority.rpartition('@')[2]}{slash}{path}"
     return address

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 
+from hq import protocol as p
+
 PROTOCOL_NAME = "OEHASHEQUIV"
 #: Versions accepted: above 1.0, up to 1.1 (as integer tuples).
 MIN_VERSION_EXCLUSIVE = (1, 0)
@@ -18,9 +20,10 @@ MAX_CHUNK = 32 * 1024
 #: BitBake reads with asyncio's default 64 KiB line limit: a longer line is an error there.
 MAX_LINE = 64 * 1024
 #: The most a chunked message may hold, all its lines together: room for the largest report
-#: hq takes (an extra of protocol.MAX_EXTRA_BYTES) written with JSON escapes; a client that
-#: sends more is closed on, so one connection cannot fill the gateway's memory.
-MAX_CHUNKED = 16 * 1024 * 1024
+#: hq takes (an extra of protocol.MAX_EXTRA_BYTES) however it is escaped (ASCII JSON: at most
+#: six characters a byte, \u0001); a client that sends more is closed on, so one connection
+#: cannot fill the gateway's memory.
+MAX_CHUNKED = 6 * p.MAX_EXTRA_BYTES + 1024 * 1024
 CHUNK_STREAM = "chunk-stream"
 
 

@@ -56,7 +56,7 @@ def at_least(kind: Callable, minimum, inclusive: bool = True, maximum=None) -> C
         if not math.isfinite(value) or value < minimum or (not inclusive and value == minimum):
             raise ValueError(f"must be {'at least' if inclusive else 'more than'} {minimum}")
         if maximum is not None and value > maximum:
-            raise ValueError(f"must be at most {maximum:g}")
+            raise ValueError(f"must be at most {maximum}")
         return value
 
     convert.__name__ = kind.__name__

@@ -35,8 +35,8 @@ def _field(args, name: str, kind=str):
 
 
 def _enc(value) -> bytes:
-    try:
-        return str(value).encode("utf-8", "surrogateescape")
+    try:  # (lines are strict UTF-8: a surrogate can only come from a JSON \u escape)
+        return str(value).encode("utf-8")
     except UnicodeEncodeError:  # a lone surrogate ("\ud800" in the JSON): the reference's
         raise Drop("a value that is not valid Unicode") from None  # database fails on it too
 
@@ -89,11 +89,18 @@ def storable(text: str) -> bool:
     )
 
 
+async def _miss(link):
+    """A lookup of what hq could not hold: a miss, once the caller may read (a command of the
+    same permission, as for the stream modes: the reference checks @read first)."""
+    await ask(link, p.STATS)
+    return None
+
+
 async def get(link, args):
     method, taskhash = _field(args, "method"), _field(args, "taskhash")
     body = [_enc(method), _enc(taskhash)]  # (a lone surrogate closes, as there)
     if not (storable(method) and storable(taskhash)):
-        return None
+        return await _miss(link)
     if args.get("all", False):
         return _json(await ask(link, p.GET_FULL, body))
     (frame,) = await ask(link, p.GET, body)
@@ -105,7 +112,9 @@ async def get_outhash(link, args):
     method, outhash, taskhash = _field(args, "method"), _field(args, "outhash"), _field(args, "taskhash")
     body = [_enc(method), _enc(outhash), _enc(taskhash)]  # (a lone surrogate closes, as there)
     if not (storable(method) and storable(outhash)):
-        return None
+        return await _miss(link)
+    if not storable(taskhash):  # unused but for an upstream's lookup; the reference ignores it
+        body[2] = b"0"
     flag = p.encode_flag(bool(args.get("with_unihash", True)))
     return _json(await ask(link, p.GET_OUTHASH, [*body, flag]))
 

@@ -353,9 +353,9 @@ class Connection:
             if not isinstance(request["where"], dict):
                 error = Drop("a gc-mark-stream where that is not an object")
                 break
-            if any(v is not None and not isinstance(v, str) for v in request["where"].values()):
-                error = Drop("a gc-mark-stream where with a value that is not text")
-                break
+            if any(isinstance(v, (list, dict)) for v in request["where"].values()):
+                error = Drop("a gc-mark-stream where with a list or object value")  # (the reference's
+                break  # database cannot bind one and closes; other values go on to hq as before)
             where = p.encode_json(request["where"]).decode("utf-8")
             body += [commands._enc(request["mark"]), p.pack_items([where])]
         counts: list = []

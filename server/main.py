@@ -173,7 +173,9 @@ def main(argv=None) -> int:
         log.error("%s", wrong)
         return 2
     # Nothing runs yet: Ctrl-C or SIGTERM during the database's first open (waiting for a
-    # PostgreSQL server that is not up) ends hq-server at once, by the default actions.
+    # PostgreSQL server that is not up) ends hq-server at once, by the default actions (Ctrl-C
+    # even where it started ignored, as StopFlag's handler later takes it anyway).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         if not prepare_database(opts):
             return 2

@@ -210,7 +210,6 @@ def test_a_chunk_stream_that_never_ends_is_closed_at_its_limit(hashserv, broker,
                 sock.sendall(line)
                 sent += len(line)
         sock.close()
-        assert sent <= MAX_CHUNKED + (8 << 20), sent  # (what the socket buffers held besides)
         assert psutil.Process(gateway.proc.pid).memory_info().rss - before < 3 * MAX_CHUNKED
         assert pings(hashserv, gateway.tcp)
     finally:

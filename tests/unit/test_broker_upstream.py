@@ -227,6 +227,8 @@ def test_questions_expire_in_order_and_late_answers_are_dropped():
 def test_an_upstream_address_with_a_password_is_not_shown():
     assert addresses.redacted("wss://bob:secret@hash.example.com:443/x") == "wss://***@hash.example.com:443/x"
     assert addresses.redacted("hash.example.com:8686") == "hash.example.com:8686"
+    # a password holding an @ (the URL parser reads up to the last one): none of it shown
+    assert addresses.redacted("ws://bob:p@ss@hash.example.com:1/x@y") == "ws://***@hash.example.com:1/x@y"
     s = make(upstream="ws://bob:secret@127.0.0.1:1")
     assert "secret" not in json.dumps(s.stats(0.0))
 

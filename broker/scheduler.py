@@ -445,6 +445,8 @@ class Scheduler:
     def _run_bootstrap(self, now: float) -> None:
         if self.admin_bootstrap is None or self._bootstrapping:
             return
+        if not self.settings.read_only and not self.writable_workers:
+            return  # only --read-only workers: it waits for one that writes (see KEPT_OFF_READ_ONLY)
         username, token_hash = self.admin_bootstrap
         request = p.Request(b"admin-bootstrap", p.ADMIN_BOOTSTRAP, b"", [], [1])
         body = [username.encode("utf-8"), token_hash.encode("ascii")]

@@ -641,6 +641,15 @@ def test_a_read_only_worker_is_given_no_writes_while_one_that_writes_is_there(ca
     assert sorted((w["name"], w["read_only"]) for w in stats) == [("ro", True), ("rw", False)]
 
 
+def test_the_admin_user_set_up_at_start_waits_for_a_worker_that_writes():
+    s = make()
+    s.bootstrap_admin("admin", "sha256:x")
+    ready_read_only(s, b"ro")
+    assert take_messages(s) == []  # (it would store it, perhaps in another file)
+    ready(s, b"rw")
+    assert [(w, cmd) for w, cmd, _ in take_messages(s)] == [(b"rw", p.ADMIN_BOOTSTRAP)]
+
+
 def test_with_only_read_only_workers_writes_still_go_to_them():
     """None writes: the write is not held forever; the worker answers it with its refusal."""
     s = make()

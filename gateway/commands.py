@@ -206,15 +206,38 @@ def _perms(args) -> bytes:
     value = args["permissions"]
     if not isinstance(value, list):
         raise Invoke("Unexpected type for permissions")
+    if not all(isinstance(v, str) for v in value):  # the reference fails on it and closes
+        raise Drop("a permission that is not text")
     return p.encode_json(value)
 
 
-def _optional_user(args) -> bytes:
-    return _enc(args["username"]) if isinstance(args, dict) and args.get("username") is not None else b""
+def _optional_user(args):
+    """The user a self-service command names, as the reference reads it: no ``username``
+    key is the caller (b"" to hq); any value is its ``str()`` (``null`` is "None"); ""
+    (which hq, which refuses an empty user name, takes as the caller) is None. An argument
+    that is not an object closes the connection, as there."""
+    if not isinstance(args, dict):
+        raise Drop("an argument that is not an object")
+    if "username" not in args:
+        return b""
+    name = str(args["username"])
+    return _enc(name) if name else None
+
+
+async def _no_such_user(link, missing):
+    """A self-service command naming the user "": no user hq holds, once the caller may act
+    on other users (@user-admin, which get-all-users needs too)."""
+    await ask(link, p.GET_ALL_USERS)
+    if missing is None:
+        return None
+    raise Invoke(missing)
 
 
 async def get_user(link, args):
-    return _json(await ask(link, p.GET_USER, [_optional_user(args)]))
+    name = _optional_user(args)
+    if name is None:
+        return await _no_such_user(link, None)
+    return _json(await ask(link, p.GET_USER, [name]))
 
 
 async def get_all_users(link, args):
@@ -230,11 +253,17 @@ async def set_user_perms(link, args):
 
 
 async def delete_user(link, args):
-    return _json(await ask(link, p.DELETE_USER, [_optional_user(args)]))
+    name = _optional_user(args)
+    if name is None:
+        return await _no_such_user(link, "No user named '' exists")
+    return _json(await ask(link, p.DELETE_USER, [name]))
 
 
 async def refresh_token(link, args):
-    return _json(await ask(link, p.REFRESH_TOKEN, [_optional_user(args)]))
+    name = _optional_user(args)
+    if name is None:
+        return await _no_such_user(link, "No user named '' exists")
+    return _json(await ask(link, p.REFRESH_TOKEN, [name]))
 
 
 #: The reference's dispatch order (§3.3): the first of these names that is a key wins. auth,

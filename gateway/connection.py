@@ -179,6 +179,7 @@ class Connection:
                 needs_headers = value == "true"
         if needs_headers:
             self._write(b"\n")
+            await self._drain()  # (a WebSocket writer sends only here: the client waits for it)
 
     async def _message(self, line: str):
         value = decode(line.rstrip())

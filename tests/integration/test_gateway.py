@@ -80,6 +80,20 @@ def test_bitbakes_client_gets_the_references_answers(hashserv, served, transport
         client.close()
 
 
+def test_a_websocket_client_that_asks_for_headers_gets_them_before_asking_anything(served):
+    """needs-headers over ws: the empty headers message comes at once, as from the reference
+    (a client waiting for it before its first request would otherwise wait forever)."""
+    from websockets.sync.client import connect as ws_connect
+
+    _, gateway = served
+    with ws_connect(gateway.ws) as ws:
+        for message in ("OEHASHEQUIV 1.1", "needs-headers: true", ""):
+            ws.send(message)
+        assert ws.recv(timeout=5) == ""
+        ws.send('{"ping": {}}')
+        assert ws.recv(timeout=5) == '{"alive": true}'
+
+
 def test_users_and_permissions_through_the_gateway(hashserv, served):
     import bb.asyncrpc
 
@@ -246,6 +260,15 @@ ODD_EXCHANGES = [
     b'{"get": {"method": "\\ud800", "taskhash": "a"}}\n',
     b'{"get": {"method": "\\udc80", "taskhash": "a", "all": true}}\n{"ping": {}}\n',
     b'{"get-outhash": {"method": "TestMethod", "outhash": "\\udfff", "taskhash": "a"}}\n',
+    # a user command's username as the reference reads it: absent is the caller, null is
+    # "None", "" is nobody; an argument that is not an object closes (and deletes nothing)
+    b'{"delete-user": null}\n',
+    b'{"refresh-token": null}\n',
+    b'{"get-user": []}\n',
+    b'{"refresh-token": {"username": null}}\n',
+    b'{"get-user": {"username": ""}}\n{"get-user": {"username": null}}\n',
+    b'{"delete-user": {"username": ""}}\n',
+    b'{"new-user": {"username": "x", "permissions": ["@read", 5]}}\n',
     # a report whose argument is not an object closes with no reply
     b'{"report": null}\n{"ping": {}}\n',
     b'{"report-equiv": ["x"]}\n',

@@ -202,16 +202,23 @@ def side_by_side(bitbake, tmp_path):
         stack.stop()
 
 
+def answers_of_both(bitbake, hashserv, tmp_path, session) -> dict:
+    """``session(client)`` run by BitBake's client logged in as admin on each server of
+    :func:`side_by_side`: what it returned, per side."""
+    answers = {}
+    with side_by_side(bitbake, tmp_path) as (sides, _):
+        for side, address in sides.items():
+            with hashserv.create_client(address, username="admin", password=ADMIN_PASSWORD) as client:
+                answers[side] = session(client)
+    return answers
+
+
 def test_reports_after_removals_get_the_references_answers(bitbake, hashserv, tmp_path):
     """bitbake-hashserv 2.19 maps a taskhash again when its own output was reported before
     and its mapping has been deleted since (its documentation says it stores nothing): a
     build re-reporting tasks after a gc-sweep gets its mappings back. hq, through the
     gateway, answers each step as the reference does."""
-    answers = {}
-    with side_by_side(bitbake, tmp_path) as (sides, _):
-        for side, address in sides.items():
-            with hashserv.create_client(address, username="admin", password=ADMIN_PASSWORD) as client:
-                answers[side] = _reports_around_removals(client)
+    answers = answers_of_both(bitbake, hashserv, tmp_path, _reports_around_removals)
     assert answers["hq"] == answers["reference"]
     assert answers["hq"][4] == answers["hq"][3]  # (the case itself: T1 mapped again, to T2's)
 
@@ -234,11 +241,7 @@ def _clean_unused_ages(client) -> list:
 def test_clean_unused_ages_as_the_reference(bitbake, hashserv, tmp_path):
     """The reference's cutoff is now + age: a positive age deletes every unused row, a
     negative one only those older than its size; hq, through the gateway, deletes the same."""
-    answers = {}
-    with side_by_side(bitbake, tmp_path) as (sides, _):
-        for side, address in sides.items():
-            with hashserv.create_client(address, username="admin", password=ADMIN_PASSWORD) as client:
-                answers[side] = _clean_unused_ages(client)
+    answers = answers_of_both(bitbake, hashserv, tmp_path, _clean_unused_ages)
     assert answers["hq"] == answers["reference"]
     assert answers["hq"][0] == (-3600, {"count": 0}) and answers["hq"][1] == (1.5, {"count": 2})
 

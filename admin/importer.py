@@ -120,16 +120,23 @@ def _tables(conn) -> list:
 def read_chunks(conn, table: str, after_id: int, chunk_rows: int):
     """Yield ``(last_id, lines, dropped)`` chunks of ``table`` with ids above ``after_id``:
     at most ``chunk_rows`` rows, each as its JSON line, and about CHUNK_BYTES each;
-    ``dropped`` counts rows too big for a frame, which are not sent."""
+    ``dropped`` counts rows that are not sent: too big for a frame, or not what
+    bitbake-hashserv writes (an id that is not a number, a value that is not text)."""
     columns = p.IMPORT_COLUMNS[table]
     cursor = conn.execute(
         f"SELECT id, {', '.join(columns)} FROM {table} WHERE id > ? ORDER BY id", (after_id,)
     )
     rows, size, dropped, last_id = [], 0, 0, after_id
     for values in cursor:
-        line = encode_import_row(dict(zip(columns, values[1:])))
+        if not isinstance(values[0], int):  # a hand-made table: a text or blob id (SQLite
+            dropped += 1  # sorts it after every number), which no checkpoint can name
+            continue
+        try:
+            line = encode_import_row(dict(zip(columns, values[1:])))
+        except (TypeError, ValueError):  # a blob where bitbake-hashserv keeps text
+            line = ""
         length = len(line) + 1  # ASCII: characters are bytes
-        if length > MAX_ROW_BYTES:
+        if not line or length > MAX_ROW_BYTES:
             dropped += 1
             last_id = values[0]
             continue

@@ -266,3 +266,24 @@ def test_importing_users_needs_user_admin_and_no_users_leaves_them_out(tmp_path,
         done = import_json(anonymous, path, "--no-users", "--quiet")
         assert "users" not in done["tables"] and done["tables"]["unihashes_v3"]["imported"] > 0
         assert hq_state(anonymous.db)["users"] == []
+
+
+def test_rows_bitbake_hashserv_would_not_write_are_counted_invalid_not_a_traceback(stack, source, tmp_path):
+    """A hand-edited file: a blob where text belongs, and (in a table of its own making) a
+    text id. Each such row is counted invalid; the rest are imported."""
+    path = tmp_path / "edited.db"
+    with sqlite3.connect(source[0]) as original, sqlite3.connect(path) as copy:
+        original.backup(copy)
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE outhashes_v2 SET PN = x'ff00fe' WHERE id = (SELECT min(id) FROM outhashes_v2)")
+        db.execute("ALTER TABLE config RENAME TO config_old")
+        db.execute("CREATE TABLE config (id, name TEXT, value TEXT)")
+        db.execute("INSERT INTO config SELECT * FROM config_old")
+        db.execute("INSERT INTO config VALUES ('x', 'odd', 'row')")
+        db.execute("DROP TABLE config_old")
+    done = import_json(stack, path)
+    assert done["complete"]
+    assert done["tables"]["outhashes_v2"]["invalid"] == 1
+    assert done["tables"]["config"]["invalid"] == 1
+    rows = done["tables"]["outhashes_v2"]
+    assert rows["imported"] == rows["rows"] - 1

@@ -9,6 +9,7 @@ With ``--metrics`` the same loop also answers HTTP scrapes on a ZMQ_STREAM socke
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import logging
 import os
@@ -65,7 +66,10 @@ def bind(sock: zmq.Socket, address: str, what: str) -> str:
     try:
         sock.bind(address)
     except zmq.ZMQError as exc:
-        raise BindError(f"cannot bind the {what} endpoint {address}: {zmq.strerror(exc.errno)}") from None
+        reason = zmq.strerror(exc.errno)
+        if exc.errno == errno.ENODEV:  # libzmq's word for a host that is none of this one's
+            reason = "not an address, name or interface of this host"
+        raise BindError(f"cannot bind the {what} endpoint {address}: {reason}") from None
     return sock.last_endpoint.decode()
 
 

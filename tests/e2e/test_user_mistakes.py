@@ -216,6 +216,7 @@ START_FAILURES = [
     ("ipc-in-use", "another process listens there"),  # libzmq would take the path over
     ("curve-clients-without-key", "--curve-clients needs --curve-secret-key"),  # not open to all
     ("admin-password-without-user", "needs --admin-user"),  # not silently ignored
+    ("bind-unknown-host", "not an address, name or interface of this host"),  # not "No such device"
     ("bind-without-scheme", "did you mean tcp://127.0.0.1:"),
 ]
 
@@ -238,6 +239,8 @@ def test_hq_server_ends_on_a_start_up_error_with_one_line(kind, reason, tmp_path
         elif kind == "curve-clients-without-key":
             args = ["--db", str(tmp_path / "hq.db"), "--bind", "tcp://127.0.0.1:*"]
             args += ["--curve-clients", str(tmp_path)]
+        elif kind == "bind-unknown-host":
+            args = ["--db", str(tmp_path / "hq.db"), "--bind", "tcp://no-such-host.invalid:5555"]
         elif kind == "admin-password-without-user":
             args = ["--db", str(tmp_path / "hq.db"), "--bind", "tcp://127.0.0.1:*", "--admin-password", "pw"]
         elif kind == "bind-without-scheme":

@@ -269,9 +269,8 @@ class Scheduler:
         self._cache_entries = 0 if settings.read_only else settings.cache_entries
         self.cache = MappingCache(self._cache_entries)
         self.shared_db = False  # the workers answer from a database server other brokers may use
-        # A --read-only worker under this (writing) broker: it takes no lock on the file, so
-        # another broker may be writing it, unseen; no cache while one is registered.
-        self.read_only_workers = 0
+        # Workers without --read-only (see _databases_changed: a read-only one takes no lock on
+        # the file, so another broker may be writing it, unseen; no cache while one is there).
         self.writable_workers = 0
         # --upstream: lookups' misses go on to the upstream agent, reports ask it first. A
         # miss is then never cached: the upstream may learn that mapping any time.
@@ -717,9 +716,8 @@ class Scheduler:
                 "a database server" if shared else "a database file",
                 "writes in parallel, no broker cache" if shared else "one writer",
             )
-        self.read_only_workers = sum(w.read_only for w in self.workers.values())
-        self.writable_workers = len(self.workers) - self.read_only_workers
-        cache_off = shared or self.read_only_workers > 0
+        self.writable_workers = sum(not w.read_only for w in self.workers.values())
+        cache_off = shared or self.writable_workers < len(self.workers)
         if cache_off != (self.cache.max_entries == 0) and self._cache_entries:
             self.cache.invalidate()
             self.cache.max_entries = 0 if cache_off else self._cache_entries

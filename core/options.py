@@ -77,9 +77,8 @@ def BOOL(text) -> bool:  # noqa: N802 (an option type, named like the others)
 
 POSITIVE_INT = at_least(int, 1)
 NON_NEGATIVE_INT = at_least(int, 0)
-MAX_SECONDS = p.MAX_SECONDS
-POSITIVE_FLOAT = at_least(float, 0, inclusive=False, maximum=MAX_SECONDS)
-NON_NEGATIVE_FLOAT = at_least(float, 0.0, maximum=MAX_SECONDS)
+POSITIVE_FLOAT = at_least(float, 0, inclusive=False, maximum=p.MAX_SECONDS)
+NON_NEGATIVE_FLOAT = at_least(float, 0.0, maximum=p.MAX_SECONDS)
 
 
 def writable_file(text: str) -> str:

@@ -70,12 +70,6 @@ RERUNNABLE = frozenset(
 )
 
 
-#: What a ``--read-only`` worker refuses (its broker, if it writes, sends it none of these
-#: while a worker that writes is registered; with none, they are refused here, not stored
-#: unseen).
-READ_ONLY_REFUSED = perms.READ_ONLY_REFUSED
-
-
 class Handlers:
     """Each command is a pair: ``parse`` (one job's body -> arguments, raising ProtocolError)
     and ``run`` (the arguments of every job in a REQUEST -> one reply body per job).
@@ -87,7 +81,7 @@ class Handlers:
 
     def __init__(self, store: Store, read_only: bool = False):
         self.store = store
-        self.read_only = read_only  # hq-worker --read-only: see READ_ONLY_REFUSED
+        self.read_only = read_only  # hq-worker --read-only: see permissions.READ_ONLY_REFUSED
         self.table = {
             p.PING: (lambda body: None, lambda args: [[] for _ in args]),
             p.GET: (self.parse_get, self.run_get),
@@ -146,7 +140,8 @@ class Handlers:
         parse, run = entry
         results: dict = {}
         parsed: list = []
-        if self.read_only and command in READ_ONLY_REFUSED:
+        if self.read_only and command in perms.READ_ONLY_REFUSED:  # (a writing broker sends
+            # none while a worker that writes is registered; with none, refused, not stored)
             return [(job_id, *self._read_only_refusal(command)) for job_id, _ in jobs]
         if command == p.REPORT:
             try:
